@@ -1,0 +1,25 @@
+# The README's two commands. Each creates .venv if missing and installs the project into it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench chaos down clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cicd-heal needs Python 3.11 or newer; found " + sys.version.split()[0])'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)  ## start the embedded stack, run the end-to-end demo, print the summary
+	$(BIN)/cicd demo
+
+test: $(STAMP)  ## the whole test suite: unit, then integration (real Redis, real workers)
+	$(BIN)/python -m pytest
+
+down: $(STAMP)  ## stop the stack and the demo app
+	$(BIN)/cicd down --apps
+
+clean:
+	rm -rf $(VENV) var logs apps/registry *.egg-info

@@ -1,0 +1,73 @@
+"""Celery configuration: the agents and their queues, task routes, and every reliability setting.
+
+Queue and task names are contracts. Each agent is a queue named {env}.{agent}; a task's agent is
+the second part of its name (cicd.<agent>.<verb>), and its environment is the `env` argument
+every task takes, so a message always lands in the queue of the environment it belongs to.
+"""
+from cicd.config import AGENTS, Settings
+
+import beat_schedule
+
+_settings = Settings.load()
+
+# -- broker and results ------------------------------------------------------------------------
+broker_url = _settings.broker_url
+# Results are off by default: the chain passes values along itself, and nothing reads them.
+# Only tasks a command waits on (onboarding) turn them on.
+result_backend = _settings.broker_url
+task_ignore_result = True
+result_expires = 3600
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]  # never pickle: a message must not be able to run code
+timezone = "UTC"
+enable_utc = True
+
+
+# -- routing: one place maps tasks to agents ---------------------------------------------------
+def agent_of(task_name: str) -> str | None:
+    parts = task_name.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "cicd" and parts[1] in AGENTS else None
+
+
+def route_task(name, args, kwargs, options, task=None, **kw):
+    agent = agent_of(name)
+    if agent is None:
+        return None
+    env = (kwargs or {}).get("env") or _settings.env
+    return {"queue": f"{env}.{agent}"}
+
+
+task_routes = (route_task,)
+task_create_missing_queues = True
+# A task without a route would land in a queue nobody consumes; make that queue's name say so.
+task_default_queue = "unrouted"
+
+imports = ("workers.onboard", "workers.deploy", "workers.detect", "workers.decide",
+           "workers.orchestrate", "workers.monitor")
+
+# -- reliability (each line: why) --------------------------------------------------------------
+# Ack after the task ran, not before: a worker that dies mid-task leaves the message to be redone.
+task_acks_late = True
+# ...and when a pool child is killed, requeue its message instead of marking it failed.
+task_reject_on_worker_lost = True
+# Take one message at a time: a busy agent must not hoard work another replica could do now.
+worker_prefetch_multiplier = 1
+# Redis re-delivers an unacked message after this long; longer than any task (time limit below)
+# and any countdown we use (under a second), so a slow task is never run twice concurrently.
+broker_transport_options = {"visibility_timeout": 900}
+task_time_limit = 600
+task_soft_time_limit = 540
+# The broker may come up after the workers (compose, restarts): keep trying, loudly, at start-up.
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+# On connection loss, late-acked tasks will be redelivered anyway: stop them rather than finish twice.
+worker_cancel_long_running_tasks_on_connection_loss = True
+# Publishing retries, then raises: a send that cannot be done fails the task that made it.
+task_publish_retry = True
+task_publish_retry_policy = {"max_retries": 5, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2.0}
+
+# -- beat --------------------------------------------------------------------------------------
+beat_schedule = beat_schedule.build(_settings)
+beat_max_loop_interval = 1.0

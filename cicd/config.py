@@ -1,0 +1,214 @@
+"""Settings, read from environment variables, each with an embedded default.
+
+Every process of one environment (dev, stage, prod) reads the same variables, so a worker
+started by `cicd up` and a `cicd` command typed in another shell agree on where things are.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ENVIRONMENTS = ("dev", "stage", "prod")
+AGENTS = ("onboard", "deploy", "detect", "decide", "orchestrate", "monitor")
+
+# The policy mode of each environment: stage is deterministic (greedy, frozen), dev explores
+# and learns, prod learns with little exploration (and needs approval for risky actions).
+POLICY_MODES = {"dev": "explore", "stage": "greedy", "prod": "cautious"}
+
+
+class ConfigError(ValueError):
+    """A setting has a value the tool cannot use; the message names the variable and the rule."""
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: must be a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: must be a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: must be true or false")
+
+
+def check_env_name(env: str) -> str:
+    if env not in ENVIRONMENTS:
+        raise ConfigError(f"environment {env!r}: must be one of {', '.join(ENVIRONMENTS)}")
+    return env
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str = "stage"
+    home: Path = field(default_factory=Path.cwd)
+    broker_url_override: str | None = None
+    database_url_override: str | None = None
+    demo_mode: bool = False
+    # Probing and detection.
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 0.5
+    overload_threshold: float = 0.75
+    overload_probes: int = 3
+    unhealthy_probes: int = 3
+    start_grace_s: float = 10.0
+    # Verification.
+    verify_interval_s: float = 0.2
+    verify_timeout_s: float = 20.0
+    stable_checks: int = 2
+    max_attempts: int = 3
+    # Orchestrator gates.
+    decision_max_age_s: float = 300.0
+    budget_window_s: float = 600.0
+    restart_budget: int = 6
+    scale_budget: int = 6
+    # Deploys.
+    health_gate_timeout_s: float = 30.0
+
+    @classmethod
+    def load(cls, env: str | None = None) -> "Settings":
+        env = check_env_name(env or os.environ.get("CICD_ENV") or "stage")
+        home = Path(os.environ.get("CICD_HOME") or Path.cwd()).resolve()
+        return cls(
+            env=env,
+            home=home,
+            broker_url_override=os.environ.get("CICD_BROKER_URL") or None,
+            database_url_override=os.environ.get("CICD_DATABASE_URL") or None,
+            demo_mode=_env_bool("CICD_DEMO_MODE", False),
+            probe_interval_s=_env_float("CICD_PROBE_INTERVAL", 1.0, 0.05),
+            probe_timeout_s=_env_float("CICD_PROBE_TIMEOUT", 0.5, 0.05),
+            overload_threshold=_env_float("CICD_OVERLOAD_THRESHOLD", 0.75, 0.05),
+            overload_probes=_env_int("CICD_OVERLOAD_PROBES", 3, 1),
+            unhealthy_probes=_env_int("CICD_UNHEALTHY_PROBES", 3, 1),
+            start_grace_s=_env_float("CICD_START_GRACE", 10.0, 0.0),
+            verify_interval_s=_env_float("CICD_VERIFY_INTERVAL", 0.2, 0.02),
+            verify_timeout_s=_env_float("CICD_VERIFY_TIMEOUT", 20.0, 1.0),
+            stable_checks=_env_int("CICD_STABLE_CHECKS", 2, 1),
+            max_attempts=_env_int("CICD_MAX_ATTEMPTS", 3, 1),
+            decision_max_age_s=_env_float("CICD_DECISION_MAX_AGE", 300.0, 1.0),
+            budget_window_s=_env_float("CICD_BUDGET_WINDOW", 600.0, 1.0),
+            restart_budget=_env_int("CICD_RESTART_BUDGET", 6, 0),
+            scale_budget=_env_int("CICD_SCALE_BUDGET", 6, 0),
+            health_gate_timeout_s=_env_float("CICD_HEALTH_GATE_TIMEOUT", 30.0, 1.0),
+        )
+
+    def for_env(self, env: str) -> "Settings":
+        return replace(self, env=check_env_name(env))
+
+    # Where things live. Everything an environment owns sits under its own directory.
+    @property
+    def var_dir(self) -> Path:
+        return self.home / "var"
+
+    @property
+    def env_dir(self) -> Path:
+        return self.var_dir / self.env
+
+    @property
+    def apps_dir(self) -> Path:
+        return self.env_dir / "apps"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs" / self.env
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.home / "apps" / "registry" / self.env
+
+    @property
+    def proof_mirror_path(self) -> Path:
+        return self.logs_dir / "proof.jsonl"
+
+    @property
+    def stack_file(self) -> Path:
+        return self.var_dir / "stack.json"
+
+    @property
+    def database_url(self) -> str:
+        if self.database_url_override:
+            # One server can hold every environment: "{env}" picks a database per environment.
+            return self.database_url_override.replace("{env}", self.env)
+        return f"sqlite:///{self.env_dir / 'cicd.db'}"
+
+    @property
+    def policy_mode(self) -> str:
+        return POLICY_MODES[self.env]
+
+    @property
+    def broker_url(self) -> str:
+        """CICD_BROKER_URL if set, else the broker that `cicd up` started (var/stack.json)."""
+        if self.broker_url_override:
+            return self.broker_url_override
+        try:
+            return json.loads(self.stack_file.read_text())["broker_url"]
+        except (OSError, ValueError, KeyError):
+            return "redis://127.0.0.1:6379/0"
+
+    def queue(self, agent: str) -> str:
+        if agent not in AGENTS:
+            raise ConfigError(f"agent {agent!r}: must be one of {', '.join(AGENTS)}")
+        return f"{self.env}.{agent}"
+
+
+def signing_key(settings: Settings, create: bool = False) -> bytes:
+    """The environment's HMAC key: CICD_SECRET_KEY_<ENV>, else var/<env>/secret.key (0600).
+
+    Never from code, never printed. `cicd up` creates the file on first start.
+    """
+    from_env = os.environ.get(f"CICD_SECRET_KEY_{settings.env.upper()}")
+    if from_env:
+        if len(from_env) < 32:
+            raise ConfigError(f"CICD_SECRET_KEY_{settings.env.upper()}: must be at least 32 characters")
+        return from_env.encode()
+    path = settings.env_dir / "secret.key"
+    if not path.exists():
+        if not create:
+            raise ConfigError(f"no signing key for {settings.env}: run `cicd up --env {settings.env}` "
+                              f"or set CICD_SECRET_KEY_{settings.env.upper()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written to a private temporary name, then linked into place: a reader never sees a
+        # half-written key, and of two racing creators exactly one wins.
+        tmp = path.with_name(f".secret.key.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"{path}: permissions {oct(mode)} are too open; the key file must be 0600")
+    return path.read_text().strip().encode()

@@ -1,0 +1,120 @@
+"""Run the gates on a decision and execute the allowed action exactly once, or refuse.
+
+Exactly once: (incident id, attempt) is the execution's key, claimed with a unique constraint
+before acting, and passed to the runtime as the op key. A redelivered or replayed decision finds
+the key and does nothing twice. A refusal is a noop: logged, never retried.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from . import actions, gates, proof
+from .config import Settings, signing_key
+from .events import OPEN, Decision, utcnow
+from .runtime.base import Runtime, RuntimeFailure
+from .store import Execution, Incident, get_app, session_scope
+
+GATE_NAMES = ("intake", "blocklist", "allowlist", "environment", "budget")
+
+
+def summary(ex: Execution, **extra) -> dict:
+    return {"env": ex.env, "incident_id": ex.incident_id, "attempt": ex.attempt, "app": ex.app,
+            "action": ex.action, "params": ex.params, "status": ex.status, "gate": ex.gate,
+            "reason": ex.reason, "result": ex.result or {}, **extra}
+
+
+def _field(raw, name: str, kind: type):
+    value = raw.get(name) if isinstance(raw, dict) else None
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _done_recently(session, env: str, app: str, action: str, since) -> int:
+    return session.scalar(select(func.count()).select_from(Execution).where(
+        Execution.env == env, Execution.app == app, Execution.action == action,
+        Execution.status == "done", Execution.started_at >= since)) or 0
+
+
+def _gate_context(settings: Settings, session, runtime: Runtime, app_name: str | None) -> gates.GateContext:
+    now = utcnow()
+    app = get_app(session, settings.env, app_name) if app_name else None
+    spec = app.spec if app else {}
+    since = now - timedelta(seconds=settings.budget_window_s)
+    return gates.GateContext(
+        env=settings.env, key=signing_key(settings), now=now, demo_mode=settings.demo_mode,
+        max_age_s=settings.decision_max_age_s,
+        restarts_in_window=_done_recently(session, settings.env, app_name, "restart_service", since) if app else 0,
+        scales_in_window=_done_recently(session, settings.env, app_name, "scale_workers", since) if app else 0,
+        restart_budget=settings.restart_budget, scale_budget=settings.scale_budget,
+        current_replicas=runtime.replica_count(app_name) if app else 0,
+        min_replicas=spec.get("min_replicas", 1), max_replicas=spec.get("max_replicas", 1),
+    )
+
+
+def _refuse(session, settings: Settings, verdict: gates.Verdict, raw, decision: Decision | None,
+            incident: Incident | None) -> dict:
+    """Log the refusal (ORCH_REFUSE, the gate's own event, REFUSAL_EMIT_SUCCESS) and return a noop."""
+    env = settings.env
+    refusal = {"gate": verdict.gate, "reason": verdict.reason,
+               "action": (_field(raw, "action", str) or "")[:80], "attempt": _field(raw, "attempt", int)}
+    owner, app = (incident.id, incident.app) if incident else (None, None)
+    proof.append(session, env, "ORCH_REFUSE", incident_id=owner, app=app, payload=refusal)
+    proof.append(session, env, verdict.event, incident_id=owner, app=app, payload=refusal)
+    # Only an authentic decision may take the execution key: a forged one must not be able to
+    # block the real decision for the same attempt.
+    if verdict.gate != "intake" and decision is not None:
+        session.add(Execution(env=env, app=decision.app, incident_id=decision.incident_id, attempt=decision.attempt,
+                              action=decision.action, params=decision.params, status="refused", gate=verdict.gate,
+                              reason=verdict.reason, nonce=decision.nonce))
+    proof.append(session, env, "REFUSAL_EMIT_SUCCESS", incident_id=owner, app=app, payload={"gate": verdict.gate})
+    return {"env": env, "incident_id": owner, "attempt": refusal["attempt"], "app": app,
+            "action": refusal["action"], "params": {}, "status": "refused", "gate": verdict.gate,
+            "reason": verdict.reason, "result": {}}
+
+
+def execute(settings: Settings, runtime: Runtime, raw: dict) -> dict:
+    env = settings.env
+    incident_id, attempt = _field(raw, "incident_id", str), _field(raw, "attempt", int)
+    with session_scope(settings) as session:
+        incident = session.get(Incident, incident_id) if incident_id else None
+        if incident is not None and incident.env != env:
+            incident = None
+        claim = None
+        if incident is not None and attempt is not None:
+            claim = session.scalar(select(Execution).where(Execution.incident_id == incident_id,
+                                                           Execution.attempt == attempt))
+        if claim is not None and claim.status != "started":
+            proof.append(session, env, "EXECUTION_DEDUPLICATED", incident_id=incident_id, app=claim.app,
+                         payload={"attempt": attempt, "status": claim.status})
+            return summary(claim, deduplicated=True)
+
+        verdict, decision = gates.evaluate(raw, _gate_context(settings, session, runtime, _field(raw, "app", str)))
+        if verdict.allowed and (incident is None or incident.app != decision.app or incident.status != OPEN):
+            verdict = gates.Verdict(False, "intake", "INTAKE_REFUSED", "decision names no open incident of that app")
+        if not verdict.allowed:
+            return _refuse(session, settings, verdict, raw, decision, incident)
+
+        proof.append(session, env, "RL_INTAKE_VALIDATED", incident_id=incident_id, app=decision.app,
+                     payload={"attempt": attempt, "nonce": decision.nonce})
+        proof.append(session, env, "EXECUTION_GATE_PASSED", incident_id=incident_id, app=decision.app,
+                     payload={"attempt": attempt, "action": decision.action, "params": decision.params,
+                              "gates": list(GATE_NAMES)})
+        if claim is None:
+            claim = Execution(env=env, app=decision.app, incident_id=incident_id, attempt=attempt,
+                              action=decision.action, params=decision.params, status="started", nonce=decision.nonce)
+            session.add(claim)
+    # The claim is committed. A redelivery from here on resumes it, and the runtime's op key
+    # keeps the effect single even if we die between acting and recording.
+    try:
+        result = actions.perform(runtime, decision.app, decision.action, decision.params, f"{incident_id}/{attempt}")
+        status = "done"
+    except RuntimeFailure as exc:
+        result, status = {"error": str(exc)}, "failed"
+    with session_scope(settings) as session:
+        execution = session.get(Execution, claim.id)
+        execution.status, execution.result, execution.finished_at = status, result, utcnow()
+        proof.append(session, env, "ORCH_EXEC", incident_id=incident_id, app=decision.app,
+                     payload={"attempt": attempt, "action": decision.action, "params": decision.params,
+                              "status": status, "result": result})
+        return summary(execution)

@@ -1,0 +1,198 @@
+"""The recovery policy: tabular Q-learning on numpy over (fault kind, severity, attempt).
+
+Priors encode the playbook an operator would write (crash -> restart, overload -> scale,
+false alarm -> do nothing); learning moves away from them only on evidence. Modes, per
+environment: stage is greedy and frozen (the same incident always gets the same decision),
+dev explores and learns, prod learns with little exploration among safe actions only.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from . import actions, proof, signing
+from .config import Settings, signing_key
+from .events import INCIDENT_KINDS, OPEN, SEVERITIES, Decision, iso, utcnow
+from .store import Incident, PolicyValue, session_scope
+
+MAX_ATTEMPT = 3            # attempts 3, 4, ... share one state: "still failing after two tries"
+ALPHA, GAMMA = 0.2, 0.9
+EPSILON = {"explore": 0.10, "cautious": 0.02, "greedy": 0.0}
+SAFE_ACTIONS = ("noop", "restart_service", "scale_workers")
+TARGET_UTILIZATION = 0.6   # what a scale-up aims for, comfortably under the overload threshold
+ACTION_COST = {"noop": 0.0, "restart_service": 0.1, "scale_workers": 0.2}
+
+# Priors per kind and attempt: (noop, restart_service, scale_workers).
+_PRIORS = {
+    "crash":       {1: (-0.6, 0.9, 0.3), 2: (-0.6, 0.7, 0.5), 3: (-0.6, 0.4, 0.6)},
+    "overload":    {1: (-0.3, 0.1, 0.9), 2: (-0.3, 0.1, 0.8), 3: (-0.3, 0.2, 0.7)},
+    "false_alarm": {1: (0.8, 0.2, 0.0), 2: (0.3, 0.6, 0.2), 3: (0.0, 0.6, 0.4)},
+}
+
+
+@dataclass(frozen=True)
+class State:
+    kind: str
+    severity: str
+    attempt: int
+
+    @classmethod
+    def of(cls, kind: str, severity: str, attempt: int) -> "State":
+        return cls(kind, severity, min(max(attempt, 1), MAX_ATTEMPT))
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}|{self.severity}|{self.attempt}"
+
+    @property
+    def index(self) -> tuple[int, int, int]:
+        return INCIDENT_KINDS.index(self.kind), SEVERITIES.index(self.severity), self.attempt - 1
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "severity": self.severity, "attempt": self.attempt}
+
+
+def prior_table() -> np.ndarray:
+    table = np.zeros((len(INCIDENT_KINDS), len(SEVERITIES), MAX_ATTEMPT, len(actions.ACTIONS)))
+    for k, kind in enumerate(INCIDENT_KINDS):
+        for attempt, values in _PRIORS[kind].items():
+            table[k, :, attempt - 1, :] = values
+    return table
+
+
+def load_table(session: Session, env: str) -> np.ndarray:
+    """Priors overlaid with what this environment has learned."""
+    table = prior_table()
+    for row in session.scalars(select(PolicyValue).where(PolicyValue.env == env)):
+        kind, severity, attempt = row.state.split("|")
+        if kind in INCIDENT_KINDS and severity in SEVERITIES and row.action in actions.ACTIONS:
+            table[State.of(kind, severity, int(attempt)).index + (actions.ACTIONS.index(row.action),)] = row.q
+    return table
+
+
+def choose(table: np.ndarray, state: State, mode: str, allowed: tuple[str, ...], rng: np.random.Generator):
+    """(action, q_values, reason). Greedy ties go to the earliest action in the catalogue."""
+    q = table[state.index]
+    q_values = {a: round(float(q[i]), 6) for i, a in enumerate(actions.ACTIONS)}
+    candidates = [a for a in actions.ACTIONS if a in allowed]
+    if mode == "cautious":
+        candidates = [a for a in candidates if a in SAFE_ACTIONS]
+    if not candidates:
+        raise ValueError(f"no action is allowed for {state.key}")
+    best = max(candidates, key=lambda a: (q_values[a], -actions.ACTIONS.index(a)))
+    epsilon = EPSILON[mode]
+    if epsilon and len(candidates) > 1 and rng.random() < epsilon:
+        action = candidates[int(rng.integers(len(candidates)))]
+        return action, q_values, f"explored (epsilon {epsilon}): random pick; greedy would be {best}"
+    others = sorted((q_values[a], a) for a in candidates if a != best)
+    margin = f", ahead of {others[-1][1]} ({others[-1][0]:+.3f})" if others else ""
+    return best, q_values, f"greedy: highest Q {q_values[best]:+.3f}{margin}"
+
+
+def rng_for(incident_id: str, attempt: int) -> np.random.Generator:
+    """Exploration is random per incident but repeatable: the same incident explores the same way."""
+    seed = int.from_bytes(hashlib.sha256(f"{incident_id}/{attempt}".encode()).digest()[:8], "big")
+    return np.random.default_rng(seed)
+
+
+def action_params(action: str, incident: Incident) -> dict:
+    signal = incident.signal
+    current = max(int(signal.get("replicas_total", 1)), 1)
+    if action == "restart_service":
+        return {"slots": sorted(set(signal.get("slots") or [incident.slot]))}
+    if action == "scale_workers":
+        utilization = float(signal.get("utilization", 0.0))
+        wanted = math.ceil(current * utilization / TARGET_UTILIZATION) if utilization else current + 1
+        return {"replicas": max(current + 1, wanted)}
+    return {}
+
+
+def allowed_actions(settings: Settings) -> tuple[str, ...]:
+    """Shielding: the policy only picks what the gates could allow here."""
+    allowed = [a for a in actions.ACTIONS if not actions.is_blocklisted(a)]
+    if settings.env == "prod":
+        allowed = [a for a in allowed if a in SAFE_ACTIONS]
+    return tuple(allowed)
+
+
+def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
+    """Choose and sign an action for the incident's attempt; None if the incident is closed.
+
+    The decision is stored on the incident, so a redelivered decide task returns the same
+    decision (same nonce) instead of deciding twice.
+    """
+    env = settings.env
+    with session_scope(settings) as session:
+        incident = session.get(Incident, incident_id)
+        if incident is None or incident.env != env or incident.status != OPEN or incident.attempt != attempt:
+            return None
+        stored = incident.decision or {}
+        if stored.get("attempt") == attempt:
+            return stored
+        proof.append(session, env, "RL_CONSUME", incident_id=incident_id, app=incident.app,
+                     payload={"attempt": attempt, "kind": incident.kind, "severity": incident.severity})
+        state = State.of(incident.kind, incident.severity, attempt)
+        table = load_table(session, env)
+        action, q_values, reason = choose(table, state, settings.policy_mode, allowed_actions(settings),
+                                          rng_for(incident_id, attempt))
+        decision = Decision(env=env, incident_id=incident_id, attempt=attempt, app=incident.app, action=action,
+                            params=action_params(action, incident), issued_at=iso(utcnow()),
+                            nonce=secrets.token_hex(16), mode=settings.policy_mode,
+                            state=state.to_dict(), q_values=q_values, reason=reason)
+        signed = {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), signing_key(settings))}
+        incident.decision = signed
+        proof.append(session, env, "RL_DECISION", incident_id=incident_id, app=incident.app,
+                     payload={k: signed[k] for k in ("attempt", "action", "params", "mode", "state", "q_values",
+                                                      "reason", "issued_at", "nonce")})
+        return signed
+
+
+def reward(result: str, action: str, time_to_recover_s: float | None, timeout_s: float) -> float:
+    cost = ACTION_COST.get(action, 0.5)
+    if result == "stable":
+        slowness = min(1.0, (time_to_recover_s or 0.0) / timeout_s)
+        return round(1.0 - 0.5 * slowness - cost, 6)
+    return round(-1.0 - cost, 6)
+
+
+def learn(settings: Settings, session: Session, state: State, action: str, r: float,
+          next_state: State | None) -> dict:
+    """One Q update, read-modify-write under the row lock, so concurrent learners lose nothing."""
+    if settings.policy_mode == "greedy":
+        return {"applied": False, "why": "stage policy is frozen (deterministic)"}
+    env = settings.env
+    row = session.get(PolicyValue, (env, state.key, action), with_for_update=True)
+    old = row.q if row else float(prior_table()[state.index + (actions.ACTIONS.index(action),)])
+    future = 0.0
+    if next_state is not None:
+        future = float(np.max(load_table(session, env)[next_state.index]))
+    new = old + ALPHA * (r + GAMMA * future - old)
+    if row is None:
+        session.add(PolicyValue(env=env, state=state.key, action=action, q=new, updates=1, updated_at=utcnow()))
+    else:
+        row.q, row.updates, row.updated_at = new, row.updates + 1, utcnow()
+    session.flush()
+    return {"applied": True, "old_q": round(old, 6), "new_q": round(new, 6), "target": round(r + GAMMA * future, 6)}
+
+
+
+def learn_from_outcome(settings: Settings, outcome: dict) -> dict:
+    """RL_UPDATE from a verified outcome (applied unless the environment's policy is frozen)."""
+    state = State.of(outcome["kind"], outcome["severity"], outcome["attempt"])
+    next_state = (State.of(outcome["kind"], outcome["severity"], outcome["next_attempt"])
+                  if outcome.get("next_attempt") else None)
+    r = reward(outcome["result"], outcome["action"], outcome.get("time_to_recover_s"), settings.verify_timeout_s)
+    with session_scope(settings) as session:
+        update = {"applied": False, "why": f"{outcome['action']!r} is not a catalogued action"}
+        if outcome["action"] in actions.ACTIONS:
+            update = learn(settings, session, state, outcome["action"], r, next_state)
+        proof.append(session, settings.env, "RL_UPDATE", incident_id=outcome["incident_id"], app=outcome["app"],
+                     payload={"state": state.to_dict(), "action": outcome["action"], "result": outcome["result"],
+                              "reward": r, "mode": settings.policy_mode, **update})
+    return update

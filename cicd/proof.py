@@ -1,0 +1,216 @@
+"""The tamper-evident proof log: a hash chain per environment.
+
+Each record's hash is sha256 over the canonical JSON of every other field, prev_hash included,
+so any edit, deletion, insertion or reordering breaks the chain at that record; the head row
+(last seq and hash) catches a truncated tail. Appends happen inside the caller's transaction:
+the incident and its proof event commit together or not at all.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .config import Settings
+from .events import PROOF_EVENTS, canonical, iso, utcnow
+from .store import ProofHead, ProofRecord, session_scope
+
+GENESIS = "0" * 64
+EXPORT_COLUMNS = ("seq", "ts", "env", "event_name", "incident_id", "app", "payload", "prev_hash", "hash")
+
+
+class ProofError(RuntimeError):
+    pass
+
+
+def record_hash(seq: int, ts: str, env: str, event_name: str, incident_id, app, payload: str,
+                prev_hash: str) -> str:
+    body = {"seq": seq, "ts": ts, "env": env, "event_name": event_name, "incident_id": incident_id,
+            "app": app, "payload": json.loads(payload), "prev_hash": prev_hash}
+    return hashlib.sha256(canonical(body).encode()).hexdigest()
+
+
+def append(session: Session, env: str, event_name: str, *, incident_id: str | None = None,
+           app: str | None = None, payload: dict | None = None) -> ProofRecord:
+    """Add one record to the chain inside the session's transaction."""
+    if event_name not in PROOF_EVENTS:
+        raise ProofError(f"unknown proof event {event_name!r}")
+    head = session.get(ProofHead, env, with_for_update=True)
+    if head is None:
+        head = ProofHead(env=env, seq=0, hash=GENESIS)
+        session.add(head)
+    payload_text = canonical(payload or {})
+    seq = head.seq + 1
+    ts = iso(utcnow())
+    digest = record_hash(seq, ts, env, event_name, incident_id, app, payload_text, head.hash)
+    record = ProofRecord(env=env, seq=seq, ts=ts, event_name=event_name, incident_id=incident_id,
+                         app=app, payload=payload_text, prev_hash=head.hash, hash=digest)
+    session.add(record)
+    head.seq, head.hash = seq, digest
+    session.flush()
+    session.info["proof_appended"] = True
+    return record
+
+
+def as_dict(record: ProofRecord) -> dict:
+    return {"seq": record.seq, "ts": record.ts, "env": record.env, "event_name": record.event_name,
+            "incident_id": record.incident_id, "app": record.app, "payload": json.loads(record.payload),
+            "prev_hash": record.prev_hash, "hash": record.hash}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    first_bad_seq: int | None = None
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"OK: {self.records} records, chain intact"
+        return f"BROKEN at record {self.first_bad_seq}: {self.reason} ({self.records} records checked)"
+
+
+def verify_records(rows: Iterable[dict], head: tuple[int, str] | None = None) -> VerifyResult:
+    """Walk the chain in order; the first record that does not fit is named."""
+    expected_seq, prev, count = 1, GENESIS, 0
+    for row in rows:
+        seq = row.get("seq")
+        if seq != expected_seq:
+            return VerifyResult(False, count, expected_seq,
+                                f"expected seq {expected_seq}, found {seq!r} (deleted, inserted or reordered?)")
+        if row.get("prev_hash") != prev:
+            return VerifyResult(False, count, seq, "prev_hash does not match the previous record's hash")
+        payload = row.get("payload")
+        payload_text = payload if isinstance(payload, str) else canonical(payload)
+        try:
+            digest = record_hash(seq, row.get("ts"), row.get("env"), row.get("event_name"),
+                                 row.get("incident_id"), row.get("app"), payload_text, prev)
+        except (TypeError, ValueError):
+            return VerifyResult(False, count, seq, "payload is not valid JSON")
+        if digest != row.get("hash"):
+            return VerifyResult(False, count, seq, "hash does not match the record's contents (edited?)")
+        prev, expected_seq, count = row["hash"], expected_seq + 1, count + 1
+    if head is not None and (head[0] != count or head[1] != prev):
+        return VerifyResult(False, count, count + 1 if head[0] > count else head[0],
+                            f"chain head says {head[0]} records but {count} were found (truncated?)")
+    return VerifyResult(True, count)
+
+
+def _db_rows(session: Session, env: str, after_seq: int = 0, batch: int = 2000) -> Iterator[ProofRecord]:
+    last = after_seq
+    while True:
+        rows = session.scalars(select(ProofRecord).where(ProofRecord.env == env, ProofRecord.seq > last)
+                               .order_by(ProofRecord.seq).limit(batch)).all()
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].seq
+
+
+def verify(settings: Settings) -> VerifyResult:
+    with session_scope(settings) as session:
+        head = session.get(ProofHead, settings.env)
+        rows = ({"seq": r.seq, "ts": r.ts, "env": r.env, "event_name": r.event_name,
+                 "incident_id": r.incident_id, "app": r.app, "payload": r.payload,
+                 "prev_hash": r.prev_hash, "hash": r.hash} for r in _db_rows(session, settings.env))
+        return verify_records(rows, (head.seq, head.hash) if head else (0, GENESIS))
+
+
+def verify_file(path) -> VerifyResult:
+    """Verify an exported JSONL file (or the mirror) on its own, without the database."""
+    def rows():
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    yield {"seq": f"unparseable line {n}"}
+    return verify_records(rows())
+
+
+def tail(settings: Settings, n: int = 20, incident_id: str | None = None) -> list[dict]:
+    with session_scope(settings) as session:
+        query = select(ProofRecord).where(ProofRecord.env == settings.env)
+        if incident_id:
+            query = query.where(ProofRecord.incident_id == incident_id)
+        rows = session.scalars(query.order_by(ProofRecord.seq.desc()).limit(n)).all()
+        return [as_dict(r) for r in reversed(rows)]
+
+
+def records_since(settings: Settings, after_seq: int) -> list[dict]:
+    with session_scope(settings) as session:
+        return [as_dict(r) for r in _db_rows(session, settings.env, after_seq)]
+
+
+def head_seq(settings: Settings) -> int:
+    with session_scope(settings) as session:
+        head = session.get(ProofHead, settings.env)
+        return head.seq if head else 0
+
+
+def export(settings: Settings, fmt: str, out) -> int:
+    """Write the whole chain as JSONL or CSV (payload as a JSON string); returns the count."""
+    count = 0
+    with session_scope(settings) as session:
+        if fmt == "jsonl":
+            for r in _db_rows(session, settings.env):
+                out.write(canonical(as_dict(r)) + "\n")
+                count += 1
+        elif fmt == "csv":
+            writer = csv.writer(out)
+            writer.writerow(EXPORT_COLUMNS)
+            for r in _db_rows(session, settings.env):
+                writer.writerow([r.seq, r.ts, r.env, r.event_name, r.incident_id or "", r.app or "",
+                                 r.payload, r.prev_hash, r.hash])
+                count += 1
+        else:
+            raise ProofError(f"format {fmt!r}: must be jsonl or csv")
+    return count
+
+
+def _last_mirrored_seq(fh) -> int:
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    if size == 0:
+        return 0
+    chunk = min(size, 65536)
+    fh.seek(size - chunk)
+    lines = fh.read(chunk).splitlines()
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["seq"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+def sync_mirror(settings: Settings) -> None:
+    """Bring logs/ENV/proof.jsonl up to the database, in order, whichever process appended.
+
+    Catch-up under an exclusive file lock rather than one write per append: two workers that
+    commit seq 7 and 8 may reach this point in either order, and the file must not.
+    """
+    path = settings.proof_mirror_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            last = _last_mirrored_seq(fh)
+            buf = io.StringIO()
+            for record in records_since(settings, last):
+                buf.write(canonical(record) + "\n")
+            if buf.tell():
+                fh.seek(0, os.SEEK_END)
+                fh.write(buf.getvalue())
+                fh.flush()
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

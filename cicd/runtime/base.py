@@ -1,0 +1,82 @@
+"""Where apps actually run. The local runtime runs real processes; a simulated one comes later.
+
+Every mutating call takes an op_key: the runtime remembers the keys it has applied, so an
+action delivered twice (at-least-once) has its effect once.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+
+
+class RuntimeFailure(RuntimeError):
+    """A runtime operation could not be done; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    slot: int
+    pid: int | None
+    port: int | None
+    alive: bool             # the process exists (and is not a zombie)
+    status: str             # ok, degraded, starting, refused, timeout, down
+    utilization: float = 0.0
+    capacity: int = 0
+    latency_ms: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Runtime(ABC):
+    @abstractmethod
+    def stage_release(self, spec: dict, number: int) -> dict:
+        """Build release `number` of the app and start its replicas beside the live ones."""
+
+    @abstractmethod
+    def probe_release(self, app: str, number: int) -> list[ReplicaStatus]:
+        """Probe the replicas of a staged release (for the deploy's health gate)."""
+
+    @abstractmethod
+    def activate_release(self, app: str, number: int) -> dict:
+        """Switch traffic to a staged release and stop the previous one's replicas."""
+
+    @abstractmethod
+    def discard_release(self, app: str, number: int) -> dict:
+        """Stop a staged release that failed its gate; the live release is untouched."""
+
+    @abstractmethod
+    def probe(self, apps: list[str]) -> dict[str, list[ReplicaStatus]]:
+        """Probe every replica of every live app, in one batch."""
+
+    @abstractmethod
+    def replica_count(self, app: str) -> int:
+        ...
+
+    @abstractmethod
+    def restart(self, app: str, slots: list[int], op_key: str) -> dict:
+        ...
+
+    @abstractmethod
+    def scale(self, app: str, replicas: int, op_key: str) -> dict:
+        ...
+
+    @abstractmethod
+    def inject(self, app: str, kind: str, **options) -> dict:
+        """Break something on purpose: crash, overload, false-alarm."""
+
+    @abstractmethod
+    def stop_load(self, app: str) -> bool:
+        ...
+
+    @abstractmethod
+    def stop_app(self, app: str) -> int:
+        ...
+
+    @abstractmethod
+    def apps(self) -> list[str]:
+        ...

@@ -1,0 +1,353 @@
+"""The local runtime: every replica is a real process on a free loopback port.
+
+Layout under var/ENV/apps/APP/: state.json (the replicas and the op journal, replaced whole on
+every change), releases/N/ (the code of each release), logs/, and .lock (an flock that
+serialises changes to one app across all worker processes).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import http.client
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..config import Settings
+from ..onboarding import NAME_PATTERN
+from . import process
+from .base import ReplicaStatus, Runtime, RuntimeFailure
+
+SAMPLE_SERVICE = Path(__file__).resolve().parents[2] / "examples" / "sample_service"
+OPS_KEPT = 500
+RELEASES_KEPT = 3
+LOAD_TARGET_UTILIZATION = 0.9
+
+
+def _substitute(argv: list[str], values: dict) -> list[str]:
+    # Whole-argument substitution only: a value can never become more than one argument.
+    return [values.get(arg[1:-1], arg) if arg.startswith("{") and arg.endswith("}") else arg for arg in argv]
+
+
+class LocalRuntime(Runtime):
+    def __init__(self, settings: Settings, source_dir: Path | None = None):
+        self.settings = settings
+        self.root = settings.apps_dir
+        self.source_dir = Path(source_dir or SAMPLE_SERVICE)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = None
+
+    # -- state ---------------------------------------------------------------------------
+    def app_dir(self, app: str) -> Path:
+        # The registry validated the name already; checking again here means no caller can make
+        # the runtime touch a path outside var/ENV/apps.
+        if not isinstance(app, str) or not NAME_PATTERN.fullmatch(app) or len(app) > 40:
+            raise RuntimeFailure(f"app name {app!r}: not a valid app name")
+        return self.root / app
+
+    def _read(self, app: str) -> dict:
+        try:
+            return json.loads((self.app_dir(app) / "state.json").read_text())
+        except FileNotFoundError:
+            return {}
+
+    def _write(self, app: str, state: dict) -> None:
+        path = self.app_dir(app) / "state.json"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        tmp.replace(path)
+
+    @contextlib.contextmanager
+    def _locked(self, app: str):
+        directory = self.app_dir(app)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                state = self._read(app) or {"app": app, "live": None, "replicas": {}, "staged": {}, "ops": []}
+                try:
+                    yield state
+                finally:
+                    # Written even when the operation failed half-way: the state must always name
+                    # every process we started, or a failure would leave orphans nobody stops.
+                    self._write(app, state)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _done(state: dict, op_key: str):
+        for key, result in state["ops"]:
+            if key == op_key:
+                return result
+        return None
+
+    @staticmethod
+    def _record(state: dict, op_key: str, result: dict) -> dict:
+        state["ops"] = (state["ops"] + [[op_key, result]])[-OPS_KEPT:]
+        return result
+
+    # -- replicas ------------------------------------------------------------------------
+    def _start_replica(self, state: dict, release: int, slot: int) -> dict:
+        app, spec = state["app"], state["spec"]
+        port = process.free_port()
+        release_dir = self.app_dir(app) / "releases" / str(release)
+        argv = _substitute(spec["start"], {"python": sys.executable, "port": str(port)})
+        env = process.clean_env({"PORT": port, "CICD_APP": app, "CICD_REPLICA": slot,
+                                 "CICD_RELEASE": release, "CICD_ENV": self.settings.env})
+        log = str(self.app_dir(app) / "logs" / f"replica-{slot}.log")
+        try:
+            pid, ticks = process.spawn_detached(argv, str(release_dir), env, log)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RuntimeFailure(f"replica {slot} of {app} did not start: {exc}") from None
+        return {"slot": slot, "pid": pid, "ticks": ticks, "port": port, "release": release,
+                "started_at": time.time()}
+
+    @staticmethod
+    def _stop_replica(replica: dict) -> bool:
+        return process.stop(replica.get("pid"), replica.get("ticks"))
+
+    # -- releases ------------------------------------------------------------------------
+    def stage_release(self, spec: dict, number: int) -> dict:
+        app = spec["name"]
+        with self._locked(app) as state:
+            state["spec"] = spec
+            if str(number) in state["staged"]:
+                return {"release": number, "already": True}
+            release_dir = self.app_dir(app) / "releases" / str(number)
+            if release_dir.exists():
+                shutil.rmtree(release_dir)
+            shutil.copytree(self.source_dir, release_dir, ignore=shutil.ignore_patterns("__pycache__"))
+            build = _substitute(spec["build"], {"python": sys.executable})
+            try:
+                out = subprocess.run(build, cwd=release_dir, env=process.clean_env({}), capture_output=True,
+                                     text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise RuntimeFailure(f"build of release {number} could not run: {exc}") from None
+            if out.returncode != 0:
+                raise RuntimeFailure(f"build of release {number} failed (exit {out.returncode}): "
+                                     f"{(out.stdout + out.stderr).strip()[-500:]}")
+            used = {int(s) for s in state["replicas"]}
+            slots = [s for s in range(64) if s not in used][:spec["replicas"]]
+            staged = state["staged"][str(number)] = {}
+            for slot in slots:
+                staged[str(slot)] = self._start_replica(state, number, slot)
+            return {"release": number, "slots": slots, "pids": [r["pid"] for r in staged.values()]}
+
+    def probe_release(self, app: str, number: int) -> list[ReplicaStatus]:
+        state = self._read(app)
+        replicas = list(state.get("staged", {}).get(str(number), {}).values())
+        return self._probe_replicas(state.get("spec", {}), replicas)
+
+    def activate_release(self, app: str, number: int) -> dict:
+        with self._locked(app) as state:
+            staged = state["staged"].pop(str(number), None)
+            if staged is None:
+                return {"release": number, "already": state.get("live") == number}
+            old = list(state["replicas"].values())
+            state["replicas"], state["live"] = staged, number
+        for replica in old:
+            self._stop_replica(replica)
+        self._prune_releases(app, keep=number)
+        return {"release": number, "replicas": len(staged), "stopped": len(old)}
+
+    def discard_release(self, app: str, number: int) -> dict:
+        with self._locked(app) as state:
+            staged = state["staged"].pop(str(number), {})
+        for replica in staged.values():
+            self._stop_replica(replica)
+        return {"release": number, "stopped": len(staged)}
+
+    def _prune_releases(self, app: str, keep: int) -> None:
+        releases = self.app_dir(app) / "releases"
+        numbers = sorted(int(p.name) for p in releases.iterdir() if p.name.isdigit())
+        for n in numbers[:-RELEASES_KEPT]:
+            if n != keep:
+                shutil.rmtree(releases / str(n), ignore_errors=True)
+
+    # -- probes --------------------------------------------------------------------------
+    def _executor(self) -> ThreadPoolExecutor:
+        # A pool made before a fork is useless in the child: make one per process.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=16), os.getpid()
+        return self._pool
+
+    def _probe_one(self, spec: dict, replica: dict) -> ReplicaStatus:
+        slot, pid, port = int(replica["slot"]), replica.get("pid"), replica.get("port")
+        if not process.is_alive(pid, replica.get("ticks")):
+            return ReplicaStatus(slot, pid, port, alive=False, status="down")
+        started = time.monotonic()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.settings.probe_timeout_s)
+            conn.request("GET", spec.get("health_path", "/health"), headers={"Connection": "close"})
+            response = conn.getresponse()
+            body = response.read(4096)
+            conn.close()
+        except ConnectionRefusedError:
+            young = time.time() - replica.get("started_at", 0) < self.settings.start_grace_s
+            return ReplicaStatus(slot, pid, port, alive=True, status="starting" if young else "refused")
+        except (OSError, http.client.HTTPException):
+            return ReplicaStatus(slot, pid, port, alive=True, status="timeout")
+        latency = (time.monotonic() - started) * 1000
+        try:
+            data = json.loads(body)
+            utilization = float(data.get("utilization", 0.0))
+            capacity = int(data.get("capacity", 0))
+            ok = response.status == 200 and data.get("status") == "ok"
+        except (ValueError, TypeError, AttributeError):
+            utilization, capacity, ok = 0.0, 0, response.status == 200
+        return ReplicaStatus(slot, pid, port, alive=True, status="ok" if ok else "degraded",
+                             utilization=utilization, capacity=capacity, latency_ms=round(latency, 2))
+
+    def _probe_replicas(self, spec: dict, replicas: list[dict]) -> list[ReplicaStatus]:
+        if not replicas:
+            return []
+        if len(replicas) == 1:
+            return [self._probe_one(spec, replicas[0])]
+        return list(self._executor().map(lambda r: self._probe_one(spec, r), replicas))
+
+    def probe(self, apps: list[str]) -> dict[str, list[ReplicaStatus]]:
+        jobs = []
+        for app in apps:
+            state = self._read(app)
+            for replica in state.get("replicas", {}).values():
+                jobs.append((app, state.get("spec", {}), replica))
+        results: dict[str, list[ReplicaStatus]] = {app: [] for app in apps}
+        statuses = self._executor().map(lambda job: self._probe_one(job[1], job[2]), jobs)
+        for (app, _, _), status in zip(jobs, statuses):
+            results[app].append(status)
+        for statuses_of_app in results.values():
+            statuses_of_app.sort(key=lambda s: s.slot)
+        return results
+
+    def replica_count(self, app: str) -> int:
+        return len(self._read(app).get("replicas", {}))
+
+    def apps(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "state.json").exists())
+
+    def live_release(self, app: str) -> int | None:
+        return self._read(app).get("live")
+
+    # -- actions -------------------------------------------------------------------------
+    def restart(self, app: str, slots: list[int], op_key: str) -> dict:
+        with self._locked(app) as state:
+            if (done := self._done(state, op_key)) is not None:
+                return {**done, "deduplicated": True}
+            if state.get("live") is None:
+                raise RuntimeFailure(f"{app} has no live release to restart")
+            restarted, failed = [], []
+            for slot in slots:
+                old = state["replicas"].get(str(slot))
+                if old is None:
+                    continue  # scaled away meanwhile: nothing to restart
+                was_running = self._stop_replica(old)
+                try:
+                    new = self._start_replica(state, state["live"], slot)
+                except RuntimeFailure as exc:
+                    failed.append(str(exc))
+                    continue
+                state["replicas"][str(slot)] = new
+                restarted.append({"slot": slot, "old_pid": old["pid"], "new_pid": new["pid"],
+                                  "was_running": was_running})
+            result = self._record(state, op_key, {"effect": "restarted", "replicas": restarted, "failed": failed})
+        if failed:
+            raise RuntimeFailure("; ".join(failed))
+        return result
+
+    def scale(self, app: str, replicas: int, op_key: str) -> dict:
+        stopped = []
+        with self._locked(app) as state:
+            if (done := self._done(state, op_key)) is not None:
+                return {**done, "deduplicated": True}
+            if state.get("live") is None:
+                raise RuntimeFailure(f"{app} has no live release to scale")
+            current = sorted(int(s) for s in state["replicas"])
+            before = len(current)
+            if replicas > before:
+                used = set(current)
+                for slot in [s for s in range(64) if s not in used][:replicas - before]:
+                    state["replicas"][str(slot)] = self._start_replica(state, state["live"], slot)
+            else:
+                for slot in current[replicas:]:
+                    stopped.append(state["replicas"].pop(str(slot)))
+            result = self._record(state, op_key, {"effect": "scaled", "from": before, "to": replicas})
+        for replica in stopped:
+            self._stop_replica(replica)
+        return result
+
+    # -- faults on purpose ---------------------------------------------------------------
+    def _pick(self, state: dict, slot: int | None) -> dict:
+        replicas = state.get("replicas", {})
+        if not replicas:
+            raise RuntimeFailure(f"{state.get('app')} has no running replicas")
+        if slot is not None:
+            if str(slot) not in replicas:
+                raise RuntimeFailure(f"replica {slot} does not exist (replicas: {', '.join(sorted(replicas))})")
+            return replicas[str(slot)]
+        alive = [r for r in replicas.values() if process.is_alive(r["pid"], r.get("ticks"))]
+        return min(alive or replicas.values(), key=lambda r: int(r["slot"]))
+
+    def inject(self, app: str, kind: str, **options) -> dict:
+        state = self._read(app)
+        if not state:
+            raise RuntimeFailure(f"{app} is not deployed in {self.settings.env}")
+        if kind == "crash":
+            replica = self._pick(state, options.get("slot"))
+            if not process.signal_process(replica["pid"], replica.get("ticks"), signal.SIGKILL):
+                raise RuntimeFailure(f"replica {replica['slot']} of {app} is not running")
+            return {"kind": kind, "slot": int(replica["slot"]), "pid": replica["pid"], "signal": "SIGKILL"}
+        if kind == "false-alarm":
+            replica = self._pick(state, options.get("slot"))
+            # Short enough to clear before the detector would call it a crash, long enough to be seen.
+            seconds = max(0.3, (self.settings.unhealthy_probes - 1.5) * self.settings.probe_interval_s)
+            conn = http.client.HTTPConnection("127.0.0.1", replica["port"], timeout=2)
+            conn.request("POST", f"/admin/blip?seconds={seconds:.2f}", headers={"Connection": "close"})
+            if conn.getresponse().status != 200:
+                raise RuntimeFailure(f"replica {replica['slot']} of {app} refused the blip")
+            conn.close()
+            return {"kind": kind, "slot": int(replica["slot"]), "blip_s": round(seconds, 2)}
+        if kind == "overload":
+            return self._start_load(app, state, options.get("duration", 30.0))
+        raise RuntimeFailure(f"fault kind {kind!r}: must be crash, overload or false-alarm")
+
+    def _start_load(self, app: str, state: dict, duration: float) -> dict:
+        self.stop_load(app)
+        statuses = self._probe_replicas(state["spec"], list(state["replicas"].values()))
+        capacity = sum(s.capacity or 4 for s in statuses if s.alive)
+        if capacity == 0:
+            raise RuntimeFailure(f"{app} has no live replica to load")
+        clients = math.ceil(LOAD_TARGET_UTILIZATION * capacity)
+        argv = [sys.executable, "-I", "-S", str(Path(__file__).with_name("loadgen.py")),
+                "--state", str(self.app_dir(app) / "state.json"), "--clients", str(clients),
+                "--duration", str(duration)]
+        pid, ticks = process.spawn_detached(argv, str(self.app_dir(app)), process.clean_env({}),
+                                            str(self.app_dir(app) / "logs" / "load.log"))
+        (self.app_dir(app) / "load.json").write_text(json.dumps({"pid": pid, "ticks": ticks}))
+        return {"kind": "overload", "clients": clients, "capacity": capacity, "duration_s": duration, "pid": pid}
+
+    def stop_load(self, app: str) -> bool:
+        path = self.app_dir(app) / "load.json"
+        try:
+            load = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        path.unlink(missing_ok=True)
+        return process.stop(load.get("pid"), load.get("ticks"), grace_s=1.0)
+
+    def stop_app(self, app: str) -> int:
+        self.stop_load(app)
+        with self._locked(app) as state:
+            replicas = list(state["replicas"].values())
+            for staged in state["staged"].values():
+                replicas.extend(staged.values())
+            state["replicas"], state["staged"], state["live"] = {}, {}, None
+        return sum(self._stop_replica(r) for r in replicas)

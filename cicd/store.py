@@ -1,0 +1,249 @@
+"""SQLAlchemy models and sessions: registry, releases, incidents, executions, policy, proof chain.
+
+SQLite (WAL) under var/ENV/ by default, PostgreSQL by CICD_DATABASE_URL. Every table carries
+the environment, so one server may hold several environments without them meeting.
+
+Concurrency: on SQLite every transaction starts with BEGIN IMMEDIATE, so writers from many
+worker processes queue on the database lock instead of failing half-way with "database is
+locked"; on PostgreSQL the proof chain head is taken with SELECT ... FOR UPDATE.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from datetime import datetime
+from typing import Iterator
+
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text,
+                        UniqueConstraint, create_engine, event, select)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from .config import Settings
+from .events import utcnow
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class App(Base):
+    """An onboarded app in one environment, with the spec generated from its runtime template."""
+    __tablename__ = "apps"
+    __table_args__ = (UniqueConstraint("env", "name", name="uq_app_env_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    env: Mapped[str] = mapped_column(String(10))
+    name: Mapped[str] = mapped_column(String(40))
+    runtime: Mapped[str] = mapped_column(String(20))
+    repo: Mapped[str] = mapped_column(String(500))
+    spec: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Set when an incident ended without recovery; cleared by the monitor once the app is healthy.
+    attention: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class Release(Base):
+    __tablename__ = "releases"
+    __table_args__ = (UniqueConstraint("env", "app", "number", name="uq_release"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    env: Mapped[str] = mapped_column(String(10))
+    app: Mapped[str] = mapped_column(String(40))
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20))  # starting, live, failed, superseded
+    replicas: Mapped[int] = mapped_column(Integer)
+    # Who asked for it: a redelivered deploy task finds its release instead of making another.
+    request_id: Mapped[str] = mapped_column(String(80), unique=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Incident(Base):
+    __tablename__ = "incidents"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    env: Mapped[str] = mapped_column(String(10))
+    app: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(20))
+    severity: Mapped[str] = mapped_column(String(10))
+    status: Mapped[str] = mapped_column(String(12))  # open, stable, escalated, refused
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    slot: Mapped[int] = mapped_column(Integer, default=0)
+    signal: Mapped[dict] = mapped_column(JSON)
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    resolution: Mapped[str] = mapped_column(Text, default="")
+    # The signed decision of the current attempt: a redelivered decide task returns it unchanged.
+    decision: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # "env/app" while the incident is open, NULL once closed: the unique constraint makes
+    # "one open incident per app" hold even when two detectors race on the same signal.
+    open_key: Mapped[str | None] = mapped_column(String(60), unique=True, nullable=True)
+
+
+class Execution(Base):
+    """One attempt to act on an incident. (incident_id, attempt) is the idempotency key."""
+    __tablename__ = "executions"
+    __table_args__ = (UniqueConstraint("incident_id", "attempt", name="uq_execution_key"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    env: Mapped[str] = mapped_column(String(10))
+    app: Mapped[str] = mapped_column(String(40))
+    incident_id: Mapped[str] = mapped_column(String(40), ForeignKey("incidents.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(80))
+    params: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(12))  # started, done, failed, refused
+    gate: Mapped[str] = mapped_column(String(20), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    nonce: Mapped[str] = mapped_column(String(64), default="")
+    result: Mapped[dict] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class PolicyValue(Base):
+    """A learned Q-value; a state-action pair without a row still has its prior."""
+    __tablename__ = "policy_values"
+    env: Mapped[str] = mapped_column(String(10), primary_key=True)
+    state: Mapped[str] = mapped_column(String(80), primary_key=True)
+    action: Mapped[str] = mapped_column(String(40), primary_key=True)
+    q: Mapped[float] = mapped_column(Float)
+    updates: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ProofRecord(Base):
+    __tablename__ = "proof_records"
+    env: Mapped[str] = mapped_column(String(10), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    ts: Mapped[str] = mapped_column(String(32))
+    event_name: Mapped[str] = mapped_column(String(40))
+    incident_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    app: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # Kept as the exact canonical text that was hashed, so verification never depends on how a
+    # database re-serialises JSON.
+    payload: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class ProofHead(Base):
+    """The chain's last seq and hash: appends lock this row, and a truncated tail shows here."""
+    __tablename__ = "proof_heads"
+    env: Mapped[str] = mapped_column(String(10), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class ReplicaHealth(Base):
+    """What the probes have seen of one replica lately: the detector's memory between probes."""
+    __tablename__ = "replica_health"
+    env: Mapped[str] = mapped_column(String(10), primary_key=True)
+    app: Mapped[str] = mapped_column(String(40), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[str] = mapped_column(String(20), default="unknown")
+    last_utilization: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AppHealth(Base):
+    """Per app: uptime counters for `cicd status`, and the overload streak for the detector."""
+    __tablename__ = "app_health"
+    env: Mapped[str] = mapped_column(String(10), primary_key=True)
+    app: Mapped[str] = mapped_column(String(40), primary_key=True)
+    probes: Mapped[int] = mapped_column(Integer, default=0)
+    up_probes: Mapped[int] = mapped_column(Integer, default=0)
+    healthy_replicas: Mapped[int] = mapped_column(Integer, default=0)
+    replicas: Mapped[int] = mapped_column(Integer, default=0)
+    utilization: Mapped[float] = mapped_column(Float, default=0.0)
+    consecutive_hot: Mapped[int] = mapped_column(Integer, default=0)
+    last_probe_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class DeadLetter(Base):
+    """Input that could not be processed, kept with the reason: never dropped silently."""
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    env: Mapped[str] = mapped_column(String(10))
+    source: Mapped[str] = mapped_column(String(60))
+    payload: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+_engines: dict[tuple[int, str], Engine] = {}
+_lock = threading.Lock()
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, poolclass=NullPool)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Let SQLAlchemy's BEGIN below be the only transaction control (pysqlite's own
+        # implicit BEGIN is deferred and would let two writers deadlock on upgrade).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def engine_for(settings: Settings) -> Engine:
+    """One engine per process and URL; a forked worker child gets its own (keyed by pid)."""
+    url = settings.database_url
+    key = (os.getpid(), url)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            if url.startswith("sqlite:///"):
+                os.makedirs(os.path.dirname(url[len("sqlite:///"):]) or ".", exist_ok=True)
+                engine = _sqlite_engine(url)
+            else:
+                engine = create_engine(url, pool_pre_ping=True)
+            Base.metadata.create_all(engine)
+            _engines[key] = engine
+        return engine
+
+
+@contextlib.contextmanager
+def session_scope(settings: Settings) -> Iterator[Session]:
+    """A transaction: commit on success, roll back on any error, then write the proof mirror."""
+    session = sessionmaker(bind=engine_for(settings), expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+    if session.info.get("proof_appended"):
+        from .proof import sync_mirror
+        sync_mirror(settings)
+
+
+def get_app(session: Session, env: str, name: str) -> App | None:
+    return session.scalar(select(App).where(App.env == env, App.name == name))
+
+
+def keep_dead_letter(session: Session, env: str, source: str, payload, reason: str) -> None:
+    text = payload if isinstance(payload, str) else json.dumps(payload, default=repr)
+    session.add(DeadLetter(env=env, source=source, payload=text[:100_000], reason=reason[:2000]))
+
+
+def dispose_engines() -> None:
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()

@@ -1,0 +1,340 @@
+"""The `cicd` command: run the self-healing control plane, onboard apps, break them, read the proof."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from cicd import cluster, faults, onboarding, proof, reports
+from cicd.config import AGENTS, ENVIRONMENTS, ConfigError, Settings
+from cicd.runtime import RuntimeFailure, make_runtime
+
+ENV_OPTION = click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default=None,
+                          help="Environment to act on (default: $CICD_ENV, else stage).")
+
+
+def load_settings(env: str | None) -> Settings:
+    try:
+        return Settings.load(env)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def control_plane(settings: Settings):
+    from workers.client import ControlPlane
+    return ControlPlane(settings)
+
+
+def require_stack(settings: Settings) -> None:
+    if not cluster.is_up(settings):
+        raise click.ClickException(f"the {settings.env} stack is not running: start it with "
+                                   f"`cicd up --env {settings.env}` (or `make demo`)")
+
+
+def echo_json(value) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """A plain aligned table: columns are (key, heading)."""
+    cells = [[("-" if row.get(k) is None else str(row.get(k))) for k, _ in columns] for row in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
+    click.echo("  ".join(h.upper().ljust(w) for (_, h), w in zip(columns, widths)))
+    for c in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="cicd-heal")
+def main():
+    """cicd-heal: a self-healing CI/CD control plane on Celery agents.
+
+    \b
+    Start here:
+      cicd up                      start Redis, one worker per agent, and beat (stage)
+      cicd onboard my-api --repo https://git.example.com/my-api.git --runtime backend
+      cicd inject crash my-api --wait     break it, watch it heal, see the timeline
+      cicd proof verify            check the tamper-evident proof log
+      cicd demo                    all of the above, end to end, with a summary
+
+    Everything lives under $CICD_HOME (default: the current directory): var/ for state,
+    logs/ for logs and the proof mirror, apps/registry/ for exported specs.
+    """
+
+
+# -- the stack ---------------------------------------------------------------------------------
+def parse_scale(values: tuple[str, ...]) -> dict[str, int]:
+    scale = {}
+    for value in values:
+        agent, _, count = value.partition("=")
+        if agent not in AGENTS or not count.isdigit():
+            raise click.BadParameter(f"{value!r}: expected AGENT=N with AGENT one of {', '.join(AGENTS)}",
+                                     param_hint="--scale")
+        scale[agent] = int(count)
+    return scale
+
+
+@main.command()
+@ENV_OPTION
+@click.option("--scale", "scale", multiple=True, metavar="AGENT=N",
+              help="Worker replicas for an agent (repeatable), e.g. --scale deploy=3. Default 1 each.")
+def up(env, scale):
+    """Start the embedded stack for an environment, or bring it to the wanted scale.
+
+    Starts Redis on loopback (unless CICD_BROKER_URL points at one) with AOF on and its data in
+    var/redis, one Celery worker process per agent replica on the {env}.{agent} queues, and beat.
+    Returns when every worker answers a ping. Running it again starts only what is missing.
+    """
+    settings = load_settings(env)
+    started = time.monotonic()
+    try:
+        cluster.up(settings, parse_scale(scale), control_plane(settings).ping, say=click.echo)
+    except cluster.StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{settings.env} stack is up ({time.monotonic() - started:.1f} s). "
+               f"`cicd status` shows it; `cicd down` stops it.")
+
+
+@main.command()
+@click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default=None,
+              help="Stop only this environment's workers and beat (default: everything, Redis too).")
+@click.option("--apps", "stop_apps", is_flag=True, help="Also stop the apps' replica processes.")
+def down(env, stop_apps):
+    """Stop exactly the processes `cicd up` started (recorded in var/stack.json).
+
+    Apps keep running unless --apps is given: stopping the control plane never takes your apps down.
+    """
+    settings = load_settings(env)
+    if stop_apps:
+        for name in [env] if env else list(ENVIRONMENTS):
+            runtime = make_runtime(settings.for_env(name))
+            for app in runtime.apps():
+                count = runtime.stop_app(app)
+                click.echo(f"stopped {app} in {name} ({count} processes)")
+    if cluster.down(settings, env, say=click.echo) == 0 and not stop_apps:
+        click.echo("nothing was running")
+
+
+@main.command()
+@ENV_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def status(env, as_json):
+    """Each agent (replicas, alive, queue depth), and each app (replicas, health, uptime)."""
+    settings = load_settings(env)
+    state = cluster.status(settings, control_plane(settings).ping)
+    apps = reports.apps(settings, make_runtime(settings))
+    if as_json:
+        echo_json({"stack": state, "apps": apps, "env": settings.env})
+        return
+    click.echo(f"broker: {state['broker_url'] or '(none)'}"
+               + ("" if state["redis_alive"] is None else f"  redis: {'alive' if state['redis_alive'] else 'DOWN'}"))
+    if not state["envs"]:
+        click.echo("no environment is up: `cicd up` starts one")
+    for name, section in state["envs"].items():
+        click.echo(f"\n{name}: beat {'alive' if section['beat_alive'] else 'DOWN'}, up since {section['started_at']}")
+        table(section["agents"], [("agent", "agent"), ("queue", "queue"), ("replicas", "replicas"),
+                                  ("alive", "alive"), ("depth", "queue depth")])
+    click.echo(f"\napps in {settings.env}:")
+    if not apps:
+        click.echo("  none onboarded: `cicd onboard NAME --repo URL --runtime backend`")
+        return
+    for row in apps:
+        row["uptime_pct"] = f"{row['uptime'] * 100:.2f}%" if row["uptime"] is not None else None
+    table(apps, [("app", "app"), ("release", "release"), ("replicas", "replicas"), ("healthy", "healthy"),
+                 ("utilization", "util"), ("uptime_pct", "uptime"), ("open_incident", "open incident"),
+                 ("attention", "attention")])
+
+
+# -- apps --------------------------------------------------------------------------------------
+@main.command()
+@click.argument("name")
+@click.option("--repo", required=True, help="http(s) URL of the app's git repository (no credentials).")
+@click.option("--runtime", "runtime_kind", required=True, metavar="backend|frontend|fullstack",
+              help="Which template generates the spec (port, build and start commands, health path).")
+@ENV_OPTION
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the first deploy to finish.")
+def onboard(name, repo, runtime_kind, env, wait):
+    """Onboard an app: validate, generate its spec from the runtime's template, deploy it.
+
+    NAME is 2-40 lowercase letters, digits and single hyphens, unique in the environment.
+    Onboarding straight into prod is refused: onboard into stage, then promote.
+    """
+    settings = load_settings(env)
+    if settings.env == "prod":
+        # Prod refuses every onboarding, so no agent is needed to say so (and the prod stack may be
+        # down): the same domain call logs the refusal in prod's proof chain.
+        result = onboarding.register(settings, name, repo, runtime_kind)
+    else:
+        require_stack(settings)
+        result = control_plane(settings).onboard(name, repo, runtime_kind)
+    if not result["ok"]:
+        for refusal in result["refusals"]:
+            click.echo(f"refused: {refusal['field']} ({refusal['rule']}): {refusal['message']}", err=True)
+        sys.exit(2)
+    click.echo(f"onboarded {name} in {settings.env}; spec: {settings.registry_dir / (name + '.json')}")
+    if not wait:
+        click.echo("deploy triggered; `cicd status` shows when it is live")
+        return
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        release = reports.latest_release(settings, name)
+        if release and release["status"] in ("live", "failed"):
+            click.echo(f"release {release['release']} {release['status']}: {release['detail']}")
+            sys.exit(0 if release["status"] == "live" else 1)
+        time.sleep(0.2)
+    raise click.ClickException("the deploy did not finish within 120 s; see `cicd status` and logs/")
+
+
+@main.command()
+@click.argument("app")
+@click.argument("replicas", type=click.IntRange(0, 64))
+@ENV_OPTION
+def scale(app, replicas, env):
+    """Set an app's number of replicas (within its spec's limits), through the deploy agent."""
+    settings = load_settings(env)
+    require_stack(settings)
+    result = control_plane(settings).scale(app, replicas)
+    if not result["ok"]:
+        raise click.ClickException(result["error"])
+    click.echo(f"{app}: {result['from']} -> {result['to']} replicas")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(faults.FAULT_KINDS))
+@click.argument("app")
+@ENV_OPTION
+@click.option("--wait", is_flag=True, help="Follow the incident to its end; print its timeline and time to "
+                                           "recover. Exit status 0 only if it ended stable.")
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds --wait follows before giving up.")
+@click.option("--duration", default=30.0, show_default=True, help="overload: seconds the extra load lasts.")
+@click.option("--slot", type=int, default=None, help="crash/false-alarm: which replica (default: the first).")
+def inject(kind, app, env, wait, timeout, duration, slot):
+    """Break an app on purpose, for real.
+
+    \b
+    crash        SIGKILL one replica process
+    overload     real traffic until measured utilization crosses the threshold
+    false-alarm  a short health blip that clears by itself
+    """
+    settings = load_settings(env)
+    runtime = make_runtime(settings)
+    try:
+        injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot)
+    except RuntimeFailure as exc:
+        raise click.ClickException(str(exc)) from None
+    details = ", ".join(f"{k}={v}" for k, v in injected.items() if k not in ("injected_at", "seq"))
+    click.echo(f"FAILURE_INJECTED {kind} on {app} in {settings.env}: {details}")
+    if not wait:
+        return
+    require_stack(settings)
+    start = injected["injected_at"]
+
+    def show(record):
+        click.echo(f"  +{reports.seconds_between(start, record['ts']):7.3f} s  {record['event_name']:<24} "
+                   f"{reports.payload_text(record, 70)}")
+
+    incident = reports.follow(settings, app, injected["seq"], timeout, on_record=show)
+    if incident is None:
+        click.echo(f"no incident for {app} ended within {timeout:.0f} s", err=True)
+        sys.exit(1)
+    stable = [r for r in reports.timeline(settings, incident["id"]) if r["event_name"] == "SYSTEM_STABLE"]
+    if incident["status"] == "stable" and stable:
+        click.echo(f"{incident['id']} {incident['kind']} -> {incident['action']}: stable; "
+                   f"time to recover {reports.seconds_between(start, stable[-1]['ts']):.3f} s")
+        return
+    click.echo(f"{incident['id']} ended {incident['status']}: {incident['resolution']}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@ENV_OPTION
+@click.option("--limit", default=20, show_default=True)
+@click.option("--app", default=None, help="Only this app's incidents.")
+@click.option("--json", "as_json", is_flag=True)
+def incidents(env, limit, app, as_json):
+    """Recent incidents, newest first."""
+    settings = load_settings(env)
+    rows = reports.incidents(settings, limit, app)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no incidents in {settings.env}")
+        return
+    table(rows, [("id", "id"), ("app", "app"), ("kind", "kind"), ("severity", "severity"), ("status", "status"),
+                 ("attempt", "attempt"), ("action", "action"), ("opened_at", "opened"), ("resolution", "resolution")])
+
+
+# -- proof -------------------------------------------------------------------------------------
+@main.group(name="proof")
+def proof_group():
+    """The tamper-evident proof log (a hash chain per environment)."""
+
+
+@proof_group.command(name="tail")
+@ENV_OPTION
+@click.option("-n", "count", default=20, show_default=True, help="How many records.")
+@click.option("--incident", default=None, help="Only this incident's records.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def proof_tail(env, count, incident, as_json):
+    """The last records of the chain."""
+    settings = load_settings(env)
+    for record in proof.tail(settings, count, incident):
+        if as_json:
+            click.echo(proof.canonical(record))
+        else:
+            click.echo(f"{record['seq']:>6}  {record['ts']}  {record['event_name']:<26} "
+                       f"{record['incident_id'] or '-':<17} {record['app'] or '-':<12} {reports.payload_text(record, 80)}")
+
+
+@proof_group.command(name="verify")
+@ENV_OPTION
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Verify an exported JSONL file instead of the database (e.g. logs/stage/proof.jsonl).")
+def proof_verify(env, path):
+    """Check every record's hash and link; name the first bad record. Exit 1 if broken."""
+    settings = load_settings(env)
+    result = proof.verify_file(path) if path else proof.verify(settings)
+    click.echo(f"{path or settings.env}: {result.describe()}")
+    sys.exit(0 if result.ok else 1)
+
+
+@proof_group.command(name="export")
+@ENV_OPTION
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--output", "-o", type=click.File("w"), default="-", help="File to write (default: stdout).")
+def proof_export(env, fmt, output):
+    """Write the whole chain as JSONL or CSV (the columns `cicd replay` reads)."""
+    settings = load_settings(env)
+    count = proof.export(settings, fmt, output)
+    if output is not sys.stdout:
+        click.echo(f"{count} records written to {output.name}", err=True)
+
+
+# -- demo --------------------------------------------------------------------------------------
+@main.command()
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds each scenario may take.")
+def demo(timeout):
+    """The end-to-end demo in stage: onboard demo-api, deploy, crash/overload/false alarm, summary.
+
+    Starts the stack if it is not up (in DEMO_MODE: only noop, restart and scaling may execute),
+    and leaves it running.
+    """
+    from cicd import demo as demo_module
+    os.environ.setdefault("CICD_DEMO_MODE", "true")
+    settings = load_settings("stage")
+    plane = control_plane(settings)
+    if not cluster.is_up(settings):
+        click.echo("starting the stage stack ...")
+        try:
+            cluster.up(settings, {}, plane.ping, say=click.echo)
+        except cluster.StackError as exc:
+            raise click.ClickException(str(exc)) from None
+    sys.exit(demo_module.run(settings, make_runtime(settings), plane, say=click.echo, scenario_timeout_s=timeout))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The Celery layer: one module per agent queue, thin tasks that call into cicd/."""

@@ -1,0 +1,21 @@
+"""The healing chain, built in one place: detect -> decide -> orchestrate -> verify -> learn."""
+from celery import chain
+
+from .decide import choose, learn
+from .detect import classify
+from .monitor import verify
+from .orchestrate import execute
+
+
+def healing_chain(env: str, signal: dict):
+    return chain(classify.s(signal, env=env), choose.s(env=env), *_after_decision(env))
+
+
+def attempt_chain(env: str, incident_id: str, attempt: int):
+    """A further attempt on an open incident: the same chain, without detection."""
+    incident = {"env": env, "incident_id": incident_id, "attempt": attempt}
+    return chain(choose.s(incident, env=env), *_after_decision(env))
+
+
+def _after_decision(env: str):
+    return execute.s(env=env), verify.s(env=env), learn.s(env=env)

@@ -1,0 +1,48 @@
+"""How commands talk to the agents: send a task to an environment's queue, wait for its answer."""
+from __future__ import annotations
+
+import uuid
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from cicd.config import Settings
+
+
+class AgentUnavailable(RuntimeError):
+    pass
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._app = None
+
+    @property
+    def app(self):
+        if self._app is None:
+            from .app import celery_app
+            # The broker may have been started by this very command: read its address now.
+            celery_app.conf.broker_url = celery_app.conf.result_backend = self.settings.broker_url
+            self._app = celery_app
+        return self._app
+
+    def ping(self, nodes: list[str], timeout: float) -> set[str]:
+        replies = self.app.control.ping(destination=nodes, timeout=timeout) or []
+        return {node for reply in replies for node in reply}
+
+    def _call(self, task_name: str, agent: str, timeout: float, **kwargs) -> dict:
+        result = self.app.send_task(task_name, kwargs={**kwargs, "env": self.settings.env})
+        try:
+            return result.get(timeout=timeout, propagate=True)
+        except CeleryTimeout:
+            raise AgentUnavailable(f"the {agent} agent of {self.settings.env} did not answer within {timeout:.0f} s; "
+                                   f"is the stack up? (`cicd status`, `cicd up --env {self.settings.env}`)") from None
+        finally:
+            result.forget()
+
+    def onboard(self, name: str, repo: str, runtime: str, timeout: float = 60) -> dict:
+        return self._call("cicd.onboard.register", "onboard", timeout, name=name, repo=repo, runtime=runtime)
+
+    def scale(self, app: str, replicas: int, timeout: float = 60) -> dict:
+        return self._call("cicd.deploy.scale", "deploy", timeout, app=app, replicas=replicas,
+                          request_id=uuid.uuid4().hex)

@@ -1,0 +1,27 @@
+"""RL optimizer agent ({env}.decide): choose and sign an action; learn from the verified outcome."""
+from celery.exceptions import Ignore
+
+from cicd import policy
+
+from .app import celery_app, settings_for
+
+
+@celery_app.task(name="cicd.decide.choose")
+def choose(incident, env):
+    settings = settings_for(env, "decide.choose", incident)
+    decision = policy.decide(settings, incident["incident_id"], incident["attempt"])
+    if decision is None:
+        raise Ignore()  # the incident was closed or moved on meanwhile
+    return decision
+
+
+@celery_app.task(name="cicd.decide.learn")
+def learn(outcome, env):
+    if outcome is None:
+        return None  # an earlier delivery already concluded this attempt
+    settings = settings_for(env, "decide.learn", outcome)
+    update = policy.learn_from_outcome(settings, outcome)
+    if outcome.get("next_attempt"):
+        from .chains import attempt_chain
+        attempt_chain(env, outcome["incident_id"], outcome["next_attempt"]).apply_async()
+    return update

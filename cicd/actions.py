@@ -39,8 +39,11 @@ _CONFUSABLES = str.maketrans({
 
 def canonical_action(name: str) -> str:
     """Fold case, width, look-alike letters and separators: 'Drop-Database' -> 'drop_database'."""
-    folded = unicodedata.normalize("NFKC", name).casefold().translate(_CONFUSABLES)
-    folded = "".join(ch for ch in folded if unicodedata.category(ch) not in ("Mn", "Cf"))
+    # Decompose first so accents come apart from their letters ("á" -> "a" + mark), drop the marks
+    # and invisible format characters, then fold width, case and look-alikes.
+    folded = unicodedata.normalize("NFKD", name)
+    folded = "".join(ch for ch in folded if unicodedata.category(ch) not in ("Mn", "Me", "Cf"))
+    folded = unicodedata.normalize("NFKC", folded).casefold().translate(_CONFUSABLES)
     return re.sub(r"[^a-z0-9]+", "_", folded).strip("_")
 
 
@@ -71,7 +74,10 @@ def params_problem(action: str, params: dict) -> str | None:
 
 def action_class(action: str, params: dict, current_replicas: int) -> str:
     if action == "scale_workers":
-        return "scale_up" if params.get("replicas", 0) > current_replicas else "scale_down"
+        replicas = params.get("replicas", 0)
+        if replicas == current_replicas:
+            return "noop"
+        return "scale_up" if replicas > current_replicas else "scale_down"
     return action
 
 

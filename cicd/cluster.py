@@ -182,8 +182,7 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
         section["workers"] = sorted(keep + started, key=lambda w: (AGENTS.index(w["agent"]), w["index"]))
         section["started_at"] = section.get("started_at") or iso(utcnow())
         _write_stack(settings, stack)
-    for worker in stopping:
-        process.stop(worker["pid"], worker["ticks"], grace_s=10)
+    process.stop_all([(w["pid"], w["ticks"]) for w in stopping], grace_s=15)
     _wait_ready(settings, section, started, ping, say)
     return stack
 
@@ -225,9 +224,9 @@ def down(settings: Settings, env: str | None = None, say: Callable[[str], None] 
             if not section:
                 continue
             # Beat first, so nothing new is scheduled while workers finish what they hold.
-            for entry in [section.get("beat")] + section["workers"]:
-                if entry and process.stop(entry["pid"], entry["ticks"], grace_s=15):
-                    stopped += 1
+            beat = section.get("beat") or {}
+            stopped += process.stop(beat.get("pid"), beat.get("ticks"), grace_s=5)
+            stopped += process.stop_all([(w["pid"], w["ticks"]) for w in section["workers"]], grace_s=15)
             say(f"stopped {name}: {len(section['workers'])} workers and beat")
         redis_entry = stack.get("redis")
         if not envs and _alive(redis_entry):

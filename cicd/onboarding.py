@@ -10,7 +10,7 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .config import ENVIRONMENTS
 
@@ -100,14 +100,15 @@ def check_repo(repo) -> list[Refusal]:
     if parts.scheme not in ("http", "https"):
         refusals.append(Refusal("repo", "scheme", "must be an http:// or https:// URL, not "
                                 + (f"{parts.scheme}://" if parts.scheme else "a bare path")))
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+    if "@" in repo:
+        # Anywhere, not only in the host part: "user:pa/ss@host" parses as a path with an "@".
         refusals.append(Refusal("repo", "credentials", "must not carry credentials (user:password@); "
                                 "give access through the deploy agent's configuration instead"))
     elif not parts.hostname or not re.fullmatch(r"[A-Za-z0-9.-]+", parts.hostname) or ".." in parts.hostname:
         refusals.append(Refusal("repo", "host", "must name a host, like https://git.example.com/team/app.git"))
     if port == 0:
         refusals.append(Refusal("repo", "port", "must not use port 0"))
-    if ".." in parts.path.split("/"):
+    if ".." in unquote(parts.path).split("/"):
         refusals.append(Refusal("repo", "path", "must not contain '..' path segments"))
     return refusals
 
@@ -144,8 +145,11 @@ def _loggable(value) -> str:
 
 
 def redact_credentials(url: str) -> str:
-    """A refused URL may carry a password: the proof log keeps the URL without it."""
-    return re.sub(r"//[^/@]*@", "//***@", url)
+    """A refused URL may carry a password: the proof log keeps the URL without it.
+
+    Everything from "//" to the last "@" goes, since a password may itself hold "@" or "/".
+    """
+    return re.sub(r"//.*@", "//***@", url, flags=re.DOTALL)
 
 
 def register(settings, name, repo, runtime) -> dict:
@@ -158,7 +162,9 @@ def register(settings, name, repo, runtime) -> dict:
     from .store import App, get_app, session_scope
 
     env = settings.env
-    request = {"name": _loggable(name), "repo": redact_credentials(_loggable(repo)), "runtime": _loggable(runtime)}
+    # Redact first, then bound: a cut could otherwise drop the "@" that marks the password.
+    request = {"name": _loggable(name), "runtime": _loggable(runtime),
+               "repo": _loggable(redact_credentials(repo) if isinstance(repo, str) else repo)}
     with session_scope(settings) as session:
         proof.append(session, env, "ONBOARDING_STARTED", app=request["name"][:40], payload=request)
         refusals = validate(name, repo, runtime, env)

@@ -61,9 +61,9 @@ def _refuse(session, settings: Settings, verdict: gates.Verdict, raw, decision: 
     owner, app = (incident.id, incident.app) if incident else (None, None)
     proof.append(session, env, "ORCH_REFUSE", incident_id=owner, app=app, payload=refusal)
     proof.append(session, env, verdict.event, incident_id=owner, app=app, payload=refusal)
-    # Only an authentic decision may take the execution key: a forged one must not be able to
-    # block the real decision for the same attempt.
-    if verdict.gate != "intake" and decision is not None:
+    # Only an authentic decision for a real incident may take the execution key: a forged one must
+    # not be able to block the real decision for the same attempt.
+    if verdict.gate != "intake" and decision is not None and incident is not None:
         session.add(Execution(env=env, app=decision.app, incident_id=decision.incident_id, attempt=decision.attempt,
                               action=decision.action, params=decision.params, status="refused", gate=verdict.gate,
                               reason=verdict.reason, nonce=decision.nonce))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -79,8 +78,13 @@ class VerifyResult:
         return f"BROKEN at record {self.first_bad_seq}: {self.reason} ({self.records} records checked)"
 
 
-def verify_records(rows: Iterable[dict], head: tuple[int, str] | None = None) -> VerifyResult:
-    """Walk the chain in order; the first record that does not fit is named."""
+def verify_records(rows: Iterable[dict], head: tuple[int, str] | None = None,
+                   payload_is_text: bool = False) -> VerifyResult:
+    """Walk the chain in order; the first record that does not fit is named.
+
+    Rows from the database carry the payload as the canonical text that was hashed
+    (payload_is_text); rows from an exported file carry it as a JSON object.
+    """
     expected_seq, prev, count = 1, GENESIS, 0
     for row in rows:
         seq = row.get("seq")
@@ -90,8 +94,10 @@ def verify_records(rows: Iterable[dict], head: tuple[int, str] | None = None) ->
         if row.get("prev_hash") != prev:
             return VerifyResult(False, count, seq, "prev_hash does not match the previous record's hash")
         payload = row.get("payload")
-        payload_text = payload if isinstance(payload, str) else canonical(payload)
+        if isinstance(payload, str) != payload_is_text or (not payload_is_text and not isinstance(payload, dict)):
+            return VerifyResult(False, count, seq, "payload is not a JSON object")
         try:
+            payload_text = payload if payload_is_text else canonical(payload)
             digest = record_hash(seq, row.get("ts"), row.get("env"), row.get("event_name"),
                                  row.get("incident_id"), row.get("app"), payload_text, prev)
         except (TypeError, ValueError):
@@ -99,9 +105,14 @@ def verify_records(rows: Iterable[dict], head: tuple[int, str] | None = None) ->
         if digest != row.get("hash"):
             return VerifyResult(False, count, seq, "hash does not match the record's contents (edited?)")
         prev, expected_seq, count = row["hash"], expected_seq + 1, count + 1
-    if head is not None and (head[0] != count or head[1] != prev):
-        return VerifyResult(False, count, count + 1 if head[0] > count else head[0],
-                            f"chain head says {head[0]} records but {count} were found (truncated?)")
+    if head is not None and (head[0], head[1]) != (count, prev):
+        if head[0] > count:
+            return VerifyResult(False, count, count + 1, f"chain head says {head[0]} records but only {count} "
+                                "exist: the tail was deleted (truncated)")
+        if head[0] < count:
+            return VerifyResult(False, count, head[0] + 1, f"records after the chain head (seq {head[0]}) "
+                                "were added behind its back")
+        return VerifyResult(False, count, count, "the last record's hash does not match the chain head")
     return VerifyResult(True, count)
 
 
@@ -122,7 +133,7 @@ def verify(settings: Settings) -> VerifyResult:
         rows = ({"seq": r.seq, "ts": r.ts, "env": r.env, "event_name": r.event_name,
                  "incident_id": r.incident_id, "app": r.app, "payload": r.payload,
                  "prev_hash": r.prev_hash, "hash": r.hash} for r in _db_rows(session, settings.env))
-        return verify_records(rows, (head.seq, head.hash) if head else (0, GENESIS))
+        return verify_records(rows, (head.seq, head.hash) if head else (0, GENESIS), payload_is_text=True)
 
 
 def verify_file(path) -> VerifyResult:
@@ -177,19 +188,23 @@ def export(settings: Settings, fmt: str, out) -> int:
     return count
 
 
-def _last_mirrored_seq(fh) -> int:
-    fh.seek(0, os.SEEK_END)
-    size = fh.tell()
+def _mirror_tail(fh) -> int:
+    """The last seq in the mirror; a partly written last line (a crash mid-write) is cut off."""
+    size = fh.seek(0, os.SEEK_END)
     if size == 0:
         return 0
-    chunk = min(size, 65536)
-    fh.seek(size - chunk)
-    lines = fh.read(chunk).splitlines()
-    for line in reversed(lines):
+    start = max(0, size - 65536)
+    fh.seek(start)
+    tail = fh.read()
+    if not tail.endswith(b"\n"):
+        cut = tail.rfind(b"\n")
+        fh.truncate(start + cut + 1 if cut >= 0 else start)
+        tail = tail[:cut + 1] if cut >= 0 else b""
+    for line in reversed(tail.split(b"\n")):
         try:
-            return int(json.loads(line)["seq"])
+            return int(json.loads(line.decode("utf-8"))["seq"])
         except (ValueError, KeyError, TypeError):
-            continue
+            continue  # blank, or the first, partial line of the chunk
     return 0
 
 
@@ -197,20 +212,19 @@ def sync_mirror(settings: Settings) -> None:
     """Bring logs/ENV/proof.jsonl up to the database, in order, whichever process appended.
 
     Catch-up under an exclusive file lock rather than one write per append: two workers that
-    commit seq 7 and 8 may reach this point in either order, and the file must not.
+    commit seq 7 and 8 may reach this point in either order, and the file must not. Bytes, not
+    text: a seek into the middle of a multi-byte character must not break the reader.
     """
     path = settings.proof_mirror_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as fh:
+    with open(path, "a+b") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            last = _last_mirrored_seq(fh)
-            buf = io.StringIO()
-            for record in records_since(settings, last):
-                buf.write(canonical(record) + "\n")
-            if buf.tell():
+            last = _mirror_tail(fh)
+            lines = [canonical(record) + "\n" for record in records_since(settings, last)]
+            if lines:
                 fh.seek(0, os.SEEK_END)
-                fh.write(buf.getvalue())
+                fh.write("".join(lines).encode("utf-8"))
                 fh.flush()
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)

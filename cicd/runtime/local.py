@@ -28,7 +28,8 @@ from .base import ReplicaStatus, Runtime, RuntimeFailure
 SAMPLE_SERVICE = Path(__file__).resolve().parents[2] / "examples" / "sample_service"
 OPS_KEPT = 500
 RELEASES_KEPT = 3
-LOAD_TARGET_UTILIZATION = 0.9
+# Overload = demand beyond capacity: a quarter more clients than the replicas have work slots.
+LOAD_DEMAND_FACTOR = 1.25
 
 
 def _substitute(argv: list[str], values: dict) -> list[str]:
@@ -113,6 +114,10 @@ class LocalRuntime(Runtime):
     def _stop_replica(replica: dict) -> bool:
         return process.stop(replica.get("pid"), replica.get("ticks"))
 
+    @staticmethod
+    def _stop_replicas(replicas: list[dict]) -> int:
+        return process.stop_all([(r.get("pid"), r.get("ticks")) for r in replicas])
+
     # -- releases ------------------------------------------------------------------------
     def stage_release(self, spec: dict, number: int) -> dict:
         app = spec["name"]
@@ -152,16 +157,14 @@ class LocalRuntime(Runtime):
                 return {"release": number, "already": state.get("live") == number}
             old = list(state["replicas"].values())
             state["replicas"], state["live"] = staged, number
-        for replica in old:
-            self._stop_replica(replica)
+        self._stop_replicas(old)
         self._prune_releases(app, keep=number)
         return {"release": number, "replicas": len(staged), "stopped": len(old)}
 
     def discard_release(self, app: str, number: int) -> dict:
         with self._locked(app) as state:
             staged = state["staged"].pop(str(number), {})
-        for replica in staged.values():
-            self._stop_replica(replica)
+        self._stop_replicas(list(staged.values()))
         return {"release": number, "stopped": len(staged)}
 
     def _prune_releases(self, app: str, keep: int) -> None:
@@ -280,8 +283,7 @@ class LocalRuntime(Runtime):
                 for slot in current[replicas:]:
                     stopped.append(state["replicas"].pop(str(slot)))
             result = self._record(state, op_key, {"effect": "scaled", "from": before, "to": replicas})
-        for replica in stopped:
-            self._stop_replica(replica)
+        self._stop_replicas(stopped)
         return result
 
     # -- faults on purpose ---------------------------------------------------------------
@@ -325,7 +327,7 @@ class LocalRuntime(Runtime):
         capacity = sum(s.capacity or 4 for s in statuses if s.alive)
         if capacity == 0:
             raise RuntimeFailure(f"{app} has no live replica to load")
-        clients = math.ceil(LOAD_TARGET_UTILIZATION * capacity)
+        clients = math.ceil(LOAD_DEMAND_FACTOR * capacity)
         argv = [sys.executable, "-I", "-S", str(Path(__file__).with_name("loadgen.py")),
                 "--state", str(self.app_dir(app) / "state.json"), "--clients", str(clients),
                 "--duration", str(duration)]
@@ -350,4 +352,4 @@ class LocalRuntime(Runtime):
             for staged in state["staged"].values():
                 replicas.extend(staged.values())
             state["replicas"], state["staged"], state["live"] = {}, {}, None
-        return sum(self._stop_replica(r) for r in replicas)
+        return self._stop_replicas(replicas)

@@ -82,20 +82,29 @@ def signal_process(pid: int, ticks: int | None, sig: int) -> bool:
     return True
 
 
+def stop_all(targets: list[tuple[int | None, int | None]], grace_s: float = 3.0) -> int:
+    """SIGTERM every target at once, SIGKILL what is left after the grace period.
+
+    Returns how many were running. In parallel, so stopping ten processes costs one grace period.
+    """
+    running = [(pid, ticks) for pid, ticks in targets if pid and signal_process(pid, ticks, signal.SIGTERM)]
+    deadline = time.monotonic() + grace_s
+    left = running
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [(pid, ticks) for pid, ticks in left if is_alive(pid, ticks)]
+    for pid, ticks in left:
+        signal_process(pid, ticks, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [(pid, ticks) for pid, ticks in left if is_alive(pid, ticks)]
+    return len(running)
+
+
 def stop(pid: int | None, ticks: int | None, grace_s: float = 3.0) -> bool:
     """SIGTERM, then SIGKILL after the grace period; True if the process was running."""
-    if not pid or not signal_process(pid, ticks, signal.SIGTERM):
-        return False
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not is_alive(pid, ticks):
-            return True
-        time.sleep(0.02)
-    signal_process(pid, ticks, signal.SIGKILL)
-    deadline = time.monotonic() + 2.0
-    while is_alive(pid, ticks) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return True
+    return stop_all([(pid, ticks)], grace_s) == 1
 
 
 def clean_env(extra: dict) -> dict:

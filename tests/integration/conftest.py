@@ -1,0 +1,74 @@
+"""A real stack for the integration tests: Redis, six agent workers and beat, started by `cicd up`
+in a private CICD_HOME, driven through the real `cicd` command, stopped by `cicd down --apps`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cicd import proof, reports
+from cicd.config import Settings
+from cicd.runtime.local import LocalRuntime
+
+CICD = Path(sys.executable).with_name("cicd")
+# Faster probes than the default 1 s so the suite stays short; everything else is as shipped.
+STACK_ENV = {"CICD_ENV": "stage", "CICD_PROBE_INTERVAL": "0.5", "CICD_VERIFY_TIMEOUT": "6"}
+
+
+@dataclass
+class Stack:
+    home: Path
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.load("stage")
+
+    @property
+    def runtime(self) -> LocalRuntime:
+        return LocalRuntime(self.settings)
+
+    def cicd(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+        out = subprocess.run([str(CICD), *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        if check and out.returncode != 0:
+            raise AssertionError(f"cicd {' '.join(args)} exited {out.returncode}\n--- stdout\n{out.stdout}\n"
+                                 f"--- stderr\n{out.stderr}")
+        return out
+
+    def events(self, name: str | None = None, incident_id: str | None = None) -> list[dict]:
+        rows = proof.records_since(self.settings, 0)
+        return [r for r in rows if (name is None or r["event_name"] == name)
+                and (incident_id is None or r["incident_id"] == incident_id)]
+
+    def wait_steady(self, app: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not reports.steady(self.settings, self.runtime, app):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{app} not steady within {timeout} s: {reports.apps(self.settings, self.runtime)}")
+            time.sleep(0.2)
+
+    def onboard(self, name: str) -> None:
+        if name not in self.runtime.apps():
+            self.cicd("onboard", name, "--repo", f"https://git.example.com/team/{name}.git", "--runtime", "backend")
+        self.wait_steady(name)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("stack")
+    saved = dict(os.environ)
+    os.environ.update({**STACK_ENV, "CICD_HOME": str(home)})
+    os.environ.pop("CICD_BROKER_URL", None)  # always our own broker, never a developer's
+    os.environ.pop("CICD_DEMO_MODE", None)
+    running = Stack(home)
+    try:
+        running.cicd("up")
+        yield running
+    finally:
+        running.cicd("down", "--apps", check=False)
+        os.environ.clear()
+        os.environ.update(saved)

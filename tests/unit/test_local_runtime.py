@@ -1,0 +1,168 @@
+"""The local runtime with real processes: releases, probes, restart, scale, faults, clean-up.
+
+These start real replica processes of the sample service (no broker needed), so each test
+stops what it started.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cicd import onboarding
+from cicd.config import Settings
+from cicd.runtime import process
+from cicd.runtime.base import RuntimeFailure
+from cicd.runtime.local import LocalRuntime
+
+
+def wait_for(check, timeout=10.0, poll=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    rt = LocalRuntime(Settings(env="stage", home=tmp_path, probe_timeout_s=1.0))
+    yield rt
+    for app in rt.apps():
+        rt.stop_app(app)
+
+
+@pytest.fixture
+def live_app(runtime):
+    spec = onboarding.generate_spec("shop-api", "https://git.example.com/shop-api.git", "backend", "stage")
+    runtime.stage_release(spec, 1)
+    wait_for(lambda: all(s.healthy for s in runtime.probe_release("shop-api", 1)))
+    runtime.activate_release("shop-api", 1)
+    return "shop-api"
+
+
+def statuses(runtime, app):
+    return runtime.probe([app])[app]
+
+
+def test_release_starts_replicas_that_report_health(runtime, live_app):
+    seen = wait_for(lambda: (s := statuses(runtime, live_app)) and all(x.healthy for x in s) and s)
+    assert [s.slot for s in seen] == [0, 1]
+    assert len({s.pid for s in seen}) == 2 and len({s.port for s in seen}) == 2
+    assert all(s.capacity == 4 and 0.0 <= s.utilization <= 1.0 for s in seen)
+    assert runtime.replica_count(live_app) == 2
+    assert runtime.apps() == [live_app]
+
+
+def test_replicas_are_not_children_of_the_caller(runtime, live_app):
+    # Re-parented to init: they outlive the worker that started them and never become its zombies.
+    import os
+    for status in statuses(runtime, live_app):
+        with open(f"/proc/{status.pid}/stat") as fh:
+            ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        assert ppid != os.getpid()
+        assert os.getsid(status.pid) == status.pid  # its own session
+
+
+def test_crash_is_a_real_sigkill_and_probe_sees_it(runtime, live_app):
+    before = statuses(runtime, live_app)
+    injected = runtime.inject(live_app, "crash")
+    assert injected["signal"] == "SIGKILL" and injected["slot"] == 0
+    wait_for(lambda: not process.is_alive(before[0].pid, None))
+    after = statuses(runtime, live_app)
+    assert after[0].status == "down" and not after[0].alive
+    assert after[1].healthy
+
+
+def test_restart_happens_once_per_op_key(runtime, live_app):
+    runtime.inject(live_app, "crash", slot=1)
+    first = runtime.restart(live_app, [1], op_key="inc-1/1")
+    again = runtime.restart(live_app, [1], op_key="inc-1/1")
+    assert again["deduplicated"] is True
+    assert again["replicas"] == first["replicas"]
+    new_pid = first["replicas"][0]["new_pid"]
+    wait_for(lambda: statuses(runtime, live_app)[1].healthy)
+    assert statuses(runtime, live_app)[1].pid == new_pid
+
+
+def test_scale_up_and_down(runtime, live_app):
+    result = runtime.scale(live_app, 4, op_key="scale-a")
+    assert (result["from"], result["to"]) == (2, 4)
+    wait_for(lambda: len(s := statuses(runtime, live_app)) == 4 and all(x.healthy for x in s))
+    removed = [s.pid for s in statuses(runtime, live_app)[2:]]
+    runtime.scale(live_app, 2, op_key="scale-b")
+    assert [s.slot for s in statuses(runtime, live_app)] == [0, 1]
+    wait_for(lambda: not any(process.is_alive(pid, None) for pid in removed))
+    assert runtime.scale(live_app, 7, op_key="scale-a")["deduplicated"] is True
+    assert runtime.replica_count(live_app) == 2
+
+
+def test_false_alarm_degrades_then_recovers_by_itself(runtime, live_app):
+    injected = runtime.inject(live_app, "false-alarm")
+    assert statuses(runtime, live_app)[injected["slot"]].status == "degraded"
+    wait_for(lambda: statuses(runtime, live_app)[injected["slot"]].healthy, timeout=injected["blip_s"] + 3)
+
+
+def test_overload_raises_measured_utilization_and_scaling_lowers_it(runtime, live_app):
+    threshold = runtime.settings.overload_threshold
+    runtime.inject(live_app, "overload", duration=20)
+    try:
+        wait_for(lambda: min(s.utilization for s in statuses(runtime, live_app)) > threshold, timeout=10)
+        runtime.scale(live_app, 5, op_key="relief")
+        wait_for(lambda: max(s.utilization for s in statuses(runtime, live_app)) < threshold, timeout=10)
+    finally:
+        assert runtime.stop_load(live_app) is True
+
+
+def test_failed_gate_is_discarded_and_live_release_keeps_serving(runtime, live_app):
+    live_pids = {s.pid for s in statuses(runtime, live_app)}
+    spec = onboarding.generate_spec("shop-api", "https://git.example.com/shop-api.git", "backend", "stage")
+    staged = runtime.stage_release(spec, 2)
+    assert len(staged["slots"]) == 2 and not set(staged["pids"]) & live_pids
+    runtime.discard_release(live_app, 2)
+    assert {s.pid for s in statuses(runtime, live_app)} == live_pids
+    assert runtime.live_release(live_app) == 1
+
+
+def test_activating_a_new_release_stops_the_old_replicas(runtime, live_app):
+    old = {s.pid for s in statuses(runtime, live_app)}
+    spec = onboarding.generate_spec("shop-api", "https://git.example.com/shop-api.git", "backend", "stage")
+    runtime.stage_release(spec, 2)
+    wait_for(lambda: all(s.healthy for s in runtime.probe_release(live_app, 2)))
+    runtime.activate_release(live_app, 2)
+    assert runtime.live_release(live_app) == 2
+    assert not any(process.is_alive(pid, None) for pid in old)
+    assert not {s.pid for s in statuses(runtime, live_app)} & old
+
+
+def test_build_failure_is_reported_and_starts_nothing(runtime, tmp_path):
+    spec = onboarding.generate_spec("broken-api", "https://git.example.com/broken.git", "backend", "stage")
+    spec["build"] = ["{python}", "-c", "import sys; print('compile error'); sys.exit(3)"]
+    with pytest.raises(RuntimeFailure, match="exit 3.*compile error"):
+        runtime.stage_release(spec, 1)
+    assert runtime.probe_release("broken-api", 1) == []
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", "UPPER", "x" * 41])
+def test_app_names_never_escape_the_runtime_directory(runtime, name):
+    with pytest.raises(RuntimeFailure):
+        runtime.app_dir(name)
+
+
+def test_stop_app_stops_every_process(runtime, live_app):
+    runtime.inject(live_app, "overload", duration=30)
+    pids = [s.pid for s in statuses(runtime, live_app)]
+    assert runtime.stop_app(live_app) == 2
+    assert not any(process.is_alive(pid, None) for pid in pids)
+    assert runtime.stop_load(live_app) is False  # already stopped with the app
+    assert runtime.replica_count(live_app) == 0
+
+
+def test_a_recycled_pid_is_never_taken_for_our_process():
+    import os
+    ticks = process.start_ticks(os.getpid())
+    assert process.is_alive(os.getpid(), ticks)
+    assert not process.is_alive(os.getpid(), ticks + 1)  # same pid, different start time
+    assert not process.signal_process(os.getpid(), ticks + 1, 0)

@@ -178,14 +178,38 @@ def onboard(name, repo, runtime_kind, env, wait):
     if not wait:
         click.echo("deploy triggered; `cicd status` shows when it is live")
         return
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        release = reports.latest_release(settings, name)
-        if release and release["status"] in ("live", "failed"):
-            click.echo(f"release {release['release']} {release['status']}: {release['detail']}")
-            sys.exit(0 if release["status"] == "live" else 1)
-        time.sleep(0.2)
-    raise click.ClickException("the deploy did not finish within 120 s; see `cicd status` and logs/")
+    report_release(settings, name, after=0)
+
+
+def report_release(settings: Settings, app: str, after: int, timeout_s: float = 120) -> None:
+    release = reports.wait_for_release(settings, app, after, timeout_s)
+    if release is None:
+        raise click.ClickException(f"the deploy did not finish within {timeout_s:.0f} s; "
+                                   f"see `cicd status` and {settings.logs_dir}")
+    seconds = reports.seconds_between(release["started_at"], release["finished_at"])
+    click.echo(f"release {release['release']} {release['status']} in {seconds:.2f} s: {release['detail']}")
+    sys.exit(0 if release["status"] == "live" else 1)
+
+
+@main.command()
+@click.argument("app")
+@ENV_OPTION
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the release to finish.")
+def deploy(app, env, wait):
+    """Release an onboarded app again: build, start new replicas, health-gate, then switch.
+
+    The live release keeps serving until the new one passes its health gate; a release that
+    fails the gate is discarded. (For now every release is the bundled sample service.)
+    """
+    settings = load_settings(env)
+    require_stack(settings)
+    before = (reports.latest_release(settings, app) or {}).get("release", 0)
+    if not any(row["app"] == app for row in reports.apps(settings, make_runtime(settings))):
+        raise click.ClickException(f"{app} is not onboarded in {settings.env}: `cicd onboard` it first")
+    control_plane(settings).deploy(app, "requested by `cicd deploy`")
+    click.echo(f"deploy of {app} triggered in {settings.env}")
+    if wait:
+        report_release(settings, app, after=before)
 
 
 @main.command()
@@ -221,6 +245,11 @@ def inject(kind, app, env, wait, timeout, duration, slot):
     """
     settings = load_settings(env)
     runtime = make_runtime(settings)
+    if wait:
+        require_stack(settings)  # before breaking anything: with --wait we promise to follow the healing
+    elif not cluster.is_up(settings):
+        click.echo(f"warning: the {settings.env} stack is not running, so nothing will heal this "
+                   f"until `cicd up --env {settings.env}`", err=True)
     try:
         injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot)
     except RuntimeFailure as exc:
@@ -229,7 +258,6 @@ def inject(kind, app, env, wait, timeout, duration, slot):
     click.echo(f"FAILURE_INJECTED {kind} on {app} in {settings.env}: {details}")
     if not wait:
         return
-    require_stack(settings)
     start = injected["injected_at"]
 
     def show(record):

@@ -21,6 +21,7 @@ DEMO_REPO = "https://github.com/cicd-heal/demo-api.git"
 
 class Agents(Protocol):
     def onboard(self, name: str, repo: str, runtime: str) -> dict: ...
+    def deploy(self, app: str, reason: str) -> None: ...
     def scale(self, app: str, replicas: int) -> dict: ...
 
 
@@ -67,22 +68,23 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, poll_s: f
 
 def deploy_demo_app(settings: Settings, runtime: Runtime, agents: Agents, say) -> dict:
     known = {row["app"]: row for row in reports.apps(settings, runtime)}
+    before = (reports.latest_release(settings, DEMO_APP) or {}).get("release", 0)
     if DEMO_APP in known and known[DEMO_APP]["replicas"]:
         say(f"{DEMO_APP} is already onboarded and running in {settings.env}: reusing it")
-    elif DEMO_APP in known:
-        raise DemoFailed(f"{DEMO_APP} is onboarded in {settings.env} but has no replicas running; "
-                         f"`cicd down --apps` and remove var/{settings.env} to start the demo afresh")
     else:
-        result = agents.onboard(DEMO_APP, DEMO_REPO, "backend")
-        if not result["ok"]:
-            raise DemoFailed("onboarding refused: " + "; ".join(f"{r['field']}: {r['message']}" for r in result["refusals"]))
-        say(f"onboarded {DEMO_APP} (backend) from its template; spec exported to "
-            f"{settings.registry_dir / (DEMO_APP + '.json')}")
-        wait_until(lambda: (reports.latest_release(settings, DEMO_APP) or {}).get("status") in ("live", "failed"),
-                   90, f"the first release of {DEMO_APP}")
-        release = reports.latest_release(settings, DEMO_APP)
-        if release["status"] != "live":
-            raise DemoFailed(f"deploy of {DEMO_APP} failed: {release['detail']}")
+        if DEMO_APP in known:
+            agents.deploy(DEMO_APP, "demo: onboarded earlier, not running")  # e.g. after `cicd down --apps`
+            say(f"{DEMO_APP} is onboarded but not running: redeploying it")
+        else:
+            result = agents.onboard(DEMO_APP, DEMO_REPO, "backend")
+            if not result["ok"]:
+                raise DemoFailed("onboarding refused: " + "; ".join(f"{r['field']}: {r['message']}"
+                                                                    for r in result["refusals"]))
+            say(f"onboarded {DEMO_APP} (backend) from its template; spec exported to "
+                f"{settings.registry_dir / (DEMO_APP + '.json')}")
+        release = reports.wait_for_release(settings, DEMO_APP, before, 90)
+        if release is None or release["status"] != "live":
+            raise DemoFailed(f"deploy of {DEMO_APP} failed: {release['detail'] if release else 'timed out after 90 s'}")
         say(f"deployed release {release['release']}: {release['detail']} "
             f"({reports.seconds_between(release['started_at'], release['finished_at'])} s)")
     wait_until(lambda: reports.steady(settings, runtime, DEMO_APP), 60, f"{DEMO_APP} to be healthy")

@@ -119,6 +119,17 @@ def latest_release(settings: Settings, app: str) -> dict | None:
                 "finished_at": iso(release.finished_at) if release.finished_at else None}
 
 
+def wait_for_release(settings: Settings, app: str, after: int, timeout_s: float) -> dict | None:
+    """The first release numbered above `after` once it is live or failed; None on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        release = latest_release(settings, app)
+        if release and release["release"] > after and release["status"] in ("live", "failed"):
+            return release
+        time.sleep(0.2)
+    return None
+
+
 def steady(settings: Settings, runtime: Runtime, app: str) -> bool:
     """Healthy on every replica at the last probe, no open incident, nobody called."""
     for row in apps(settings, runtime):

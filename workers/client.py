@@ -43,6 +43,11 @@ class ControlPlane:
     def onboard(self, name: str, repo: str, runtime: str, timeout: float = 60) -> dict:
         return self._call("cicd.onboard.register", "onboard", timeout, name=name, repo=repo, runtime=runtime)
 
+    def deploy(self, app: str, reason: str) -> None:
+        """Ask the deploy agent for a new release; `reports.latest_release` follows it."""
+        self.app.send_task("cicd.deploy.release", kwargs={"app": app, "env": self.settings.env,
+                                                          "request_id": f"deploy/{uuid.uuid4().hex}", "reason": reason})
+
     def scale(self, app: str, replicas: int, timeout: float = 60) -> dict:
         return self._call("cicd.deploy.scale", "deploy", timeout, app=app, replicas=replicas,
                           request_id=uuid.uuid4().hex)

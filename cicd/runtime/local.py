@@ -296,7 +296,9 @@ class LocalRuntime(Runtime):
                 raise RuntimeFailure(f"replica {slot} does not exist (replicas: {', '.join(sorted(replicas))})")
             return replicas[str(slot)]
         alive = [r for r in replicas.values() if process.is_alive(r["pid"], r.get("ticks"))]
-        return min(alive or replicas.values(), key=lambda r: int(r["slot"]))
+        if not alive:
+            raise RuntimeFailure(f"no replica of {state.get('app')} is running")
+        return min(alive, key=lambda r: int(r["slot"]))
 
     def inject(self, app: str, kind: str, **options) -> dict:
         state = self._read(app)

@@ -2,9 +2,19 @@
 dropped, not queued behind the next one (stale probes would report a past state)."""
 
 
+HOUSEKEEPING_S = 5.0
+
+
 def build(settings) -> dict:
     interval = settings.probe_interval_s
     return {
+        f"{settings.env}-housekeeping": {
+            # Approvals nobody answered in time expire (and what they held back escalates).
+            "task": "cicd.monitor.housekeeping",
+            "schedule": HOUSEKEEPING_S,
+            "kwargs": {"env": settings.env},
+            "options": {"queue": settings.queue("monitor"), "expires": HOUSEKEEPING_S},
+        },
         f"{settings.env}-probe-apps": {
             # One batched task per cycle probes every replica of every app (uptime and health).
             "task": "cicd.monitor.probe_all",

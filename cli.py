@@ -1,14 +1,16 @@
 """The `cicd` command: run the self-healing control plane, onboard apps, break them, read the proof."""
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import click
 
-from cicd import cluster, faults, onboarding, proof, reports
+from cicd import approvals, cluster, faults, gitsource, onboarding, proof, reports
 from cicd.config import AGENTS, ENVIRONMENTS, ConfigError, Settings
 from cicd.runtime import RuntimeFailure, make_runtime
 
@@ -193,21 +195,28 @@ def report_release(settings: Settings, app: str, after: int, timeout_s: float = 
 
 @main.command()
 @click.argument("app")
+@click.option("--ref", default="HEAD", show_default=True,
+              help="Branch, tag or commit of the app's repository to deploy (HEAD: its default branch).")
 @ENV_OPTION
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the release to finish.")
-def deploy(app, env, wait):
-    """Release an onboarded app again: build, start new replicas, health-gate, then switch.
+def deploy(app, ref, env, wait):
+    """Deploy a revision: fetch it over git, build, start new replicas, health-gate, switch.
 
     The live release keeps serving until the new one passes its health gate; a release that
-    fails the gate is discarded. (For now every release is the bundled sample service.)
+    fails (fetch, build or gate) is discarded and the live one keeps serving (ROLLBACK). One
+    deploy per app at a time: a second one waits for the first.
     """
     settings = load_settings(env)
     require_stack(settings)
-    before = (reports.latest_release(settings, app) or {}).get("release", 0)
+    try:
+        gitsource.check_ref(ref)
+    except gitsource.SourceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ref") from None
     if not any(row["app"] == app for row in reports.apps(settings, make_runtime(settings))):
         raise click.ClickException(f"{app} is not onboarded in {settings.env}: `cicd onboard` it first")
-    control_plane(settings).deploy(app, "requested by `cicd deploy`")
-    click.echo(f"deploy of {app} triggered in {settings.env}")
+    before = (reports.latest_release(settings, app) or {}).get("release", 0)
+    control_plane(settings).deploy(app, ref, "requested by `cicd deploy`")
+    click.echo(f"deploy of {app} at {ref} triggered in {settings.env}")
     if wait:
         report_release(settings, app, after=before)
 
@@ -239,19 +248,24 @@ def inject(kind, app, env, wait, timeout, duration, slot):
     """Break an app on purpose, for real.
 
     \b
-    crash        SIGKILL one replica process
-    overload     real traffic until measured utilization crosses the threshold
-    false-alarm  a short health blip that clears by itself
+    crash          SIGKILL one replica process
+    overload       real traffic until measured utilization crosses the threshold
+    false-alarm    a short health blip that clears by itself
+    slow-deploy    deploy the repo's cicd-inject/slow branch (starts slowly)
+    failed-deploy  deploy the repo's cicd-inject/broken branch (does not build)
+    bad-release    deploy the repo's cicd-inject/crashy branch (passes its gate, then dies)
     """
     settings = load_settings(env)
     runtime = make_runtime(settings)
+    plane = control_plane(settings)
     if wait:
         require_stack(settings)  # before breaking anything: with --wait we promise to follow the healing
     elif not cluster.is_up(settings):
         click.echo(f"warning: the {settings.env} stack is not running, so nothing will heal this "
                    f"until `cicd up --env {settings.env}`", err=True)
     try:
-        injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot)
+        injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot,
+                                 request_deploy=lambda name, ref, reason: plane.deploy(name, ref, reason))
     except RuntimeFailure as exc:
         raise click.ClickException(str(exc)) from None
     details = ", ".join(f"{k}={v}" for k, v in injected.items() if k not in ("injected_at", "seq"))
@@ -294,6 +308,98 @@ def incidents(env, limit, app, as_json):
         return
     table(rows, [("id", "id"), ("app", "app"), ("kind", "kind"), ("severity", "severity"), ("status", "status"),
                  ("attempt", "attempt"), ("action", "action"), ("opened_at", "opened"), ("resolution", "resolution")])
+
+
+# -- promotion and approval --------------------------------------------------------------------
+def whoami() -> str:
+    return os.environ.get("CICD_USER") or os.environ.get("USER") or getpass.getuser()
+
+
+@main.command()
+@click.argument("app")
+@click.option("--from", "source", type=click.Choice(ENVIRONMENTS), default="stage", show_default=True)
+@click.option("--to", "target", type=click.Choice(ENVIRONMENTS), default="prod", show_default=True)
+def promote(app, source, target):
+    """Ask to promote an app's live release to the next environment; a human must approve it.
+
+    The request waits in the target environment (`cicd approvals`) until someone runs
+    `cicd approve ID` or `cicd deny ID`, or it expires ($CICD_APPROVAL_TTL, default 1 h).
+    """
+    source_settings, target_settings = load_settings(source), load_settings(target)
+    try:
+        request = approvals.request_promotion(target_settings, source_settings, app, whoami())
+    except approvals.ApprovalError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"APPROVAL_REQUESTED {request['id']}: {request['summary']} (expires {request['expires_at']})")
+    click.echo(f"answer with `cicd approve {request['id']} --reason ...` or `cicd deny {request['id']} --reason ...`")
+
+
+@main.command(name="approvals")
+@click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default=None, help="Only this environment.")
+@click.option("--all", "include_decided", is_flag=True, help="Answered and expired requests too.")
+@click.option("--json", "as_json", is_flag=True)
+def approvals_list(env, include_decided, as_json):
+    """Requests waiting for a human: promotions, and actions held back in prod."""
+    rows = []
+    for name in [env] if env else ENVIRONMENTS:
+        settings = load_settings(name)
+        if settings.env_dir.exists():
+            rows.extend(approvals.pending(settings, include_decided))
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("nothing is waiting for approval")
+        return
+    table(rows, [("id", "id"), ("status", "status"), ("summary", "what"), ("requested_by", "asked by"),
+                 ("expires_at", "expires"), ("decided_by", "answered by"), ("reason", "why")])
+
+
+def answer_settings(approval_id: str) -> Settings:
+    try:
+        return load_settings(approvals.env_of(approval_id))
+    except approvals.ApprovalError as exc:
+        raise click.BadParameter(str(exc), param_hint="ID") from None
+
+
+@main.command()
+@click.argument("approval_id", metavar="ID")
+@click.option("--reason", default="", help="Why (goes to the proof log with your name).")
+@click.option("--as", "who", default=None, help="Who approves (default: $CICD_USER, else your login).")
+def approve(approval_id, reason, who):
+    """Grant a request: a promotion is onboarded and deployed; a held-back action runs."""
+    settings = answer_settings(approval_id)
+    try:
+        granted = approvals.grant(settings, approval_id, who or whoami(), reason)
+    except approvals.ApprovalError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"APPROVAL_GRANTED {approval_id} by {granted['decided_by']}: {granted['summary']}")
+    plane = control_plane(settings)
+    if granted["kind"] == "action":
+        plane.run_approved(approval_id)
+        click.echo(f"{granted['incident_id']}: the action runs now; `cicd incidents --env {settings.env}` follows it")
+        return
+    promoted = onboarding.register_promoted(settings, granted)
+    if not promoted["ok"]:
+        raise click.ClickException("; ".join(f"{r['field']}: {r['message']}" for r in promoted["refusals"]))
+    plane.deploy(granted["app"], promoted["ref"], f"promotion {approval_id}", kind="promotion", sha=promoted["sha"],
+                 request_id=f"promotion/{approval_id}")
+    click.echo(f"{granted['app']} deploys to {settings.env} at {promoted['sha'][:12]}"
+               + ("" if cluster.is_up(settings) else f" once the {settings.env} stack is up (`cicd up --env {settings.env}`)"))
+
+
+@main.command()
+@click.argument("approval_id", metavar="ID")
+@click.option("--reason", required=True, help="Why not (goes to the proof log with your name).")
+@click.option("--as", "who", default=None, help="Who denies (default: $CICD_USER, else your login).")
+def deny(approval_id, reason, who):
+    """Deny a request; an action held back for it is refused and its incident closes."""
+    settings = answer_settings(approval_id)
+    try:
+        denied = approvals.deny(settings, approval_id, who or whoami(), reason)
+    except approvals.ApprovalError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"APPROVAL_DENIED {approval_id} by {denied['decided_by']}: {denied['summary']}")
 
 
 # -- proof -------------------------------------------------------------------------------------
@@ -344,12 +450,21 @@ def proof_export(env, fmt, output):
 
 # -- demo --------------------------------------------------------------------------------------
 @main.command()
-@click.option("--timeout", default=90.0, show_default=True, help="Seconds each scenario may take.")
-def demo(timeout):
-    """The end-to-end demo in stage: onboard demo-api, deploy, crash/overload/false alarm, summary.
+@click.option("--scenario", type=click.Choice(["classic", "slow-deploy", "failed-deploy", "overloaded-env"]),
+              default="classic", show_default=True, help="Which story to run (see below).")
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds each incident may take.")
+def demo(scenario, timeout):
+    """The end-to-end demo in stage, with real apps deployed from a loopback git server.
 
-    Starts the stack if it is not up (in DEMO_MODE: only noop, restart and scaling may execute),
-    and leaves it running.
+    \b
+    classic         demo-api: crash -> restart, overload -> scale out, false alarm -> noop
+    slow-deploy     a revision that starts slowly: detected while its gate runs, handled
+    failed-deploy   a revision that does not build: recovered by retry or rollback while
+                    the live release serves throughout
+    overloaded-env  three apps hot at once: scaled out, then back in when the load falls
+
+    Starts the stack if it is not up, in DEMO_MODE (only noop, restart and scaling execute;
+    set CICD_DEMO_MODE=false to let the healer retry and roll back deploys), and leaves it running.
     """
     from cicd import demo as demo_module
     os.environ.setdefault("CICD_DEMO_MODE", "true")
@@ -361,7 +476,11 @@ def demo(timeout):
             cluster.up(settings, {}, plane.ping, say=click.echo)
         except cluster.StackError as exc:
             raise click.ClickException(str(exc)) from None
-    sys.exit(demo_module.run(settings, make_runtime(settings), plane, say=click.echo, scenario_timeout_s=timeout))
+    if cluster.running_demo_mode(settings) != settings.demo_mode:
+        # The workers decide what DEMO_MODE is; say which one this run really has.
+        settings = replace(settings, demo_mode=cluster.running_demo_mode(settings))
+    sys.exit(demo_module.run(settings, make_runtime(settings), plane, say=click.echo, scenario=scenario,
+                             scenario_timeout_s=timeout))
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
         signing_key(settings, create=True)
         settings.logs_dir.mkdir(parents=True, exist_ok=True)
         section = stack.setdefault("envs", {}).setdefault(env, {"workers": [], "beat": None})
+        if not any(_alive(w) for w in section["workers"]):
+            section["demo_mode"] = settings.demo_mode  # what the workers about to start will enforce
         wanted = {agent: scale.get(agent, 1) for agent in AGENTS}
         keep, started, stopping = [], [], []
         for worker in section["workers"]:
@@ -176,6 +178,12 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
                     entry = _spawn(settings, worker_argv(settings, agent, index), broker_url, f"worker-{agent}-{index}.log")
                     entry.update(agent=agent, index=index, node=node_name(env, agent, index))
                     started.append(entry)
+        if (stack.get("gitserver") or {}).get("port") and not _alive(stack["gitserver"]):
+            # Apps onboarded from the example git server name it in their repo URL: bring it back.
+            from . import examples
+            stack["gitserver"] = examples.start_server(settings.var_dir / "git", settings.var_dir / "git-server.log",
+                                                       stack["gitserver"]["port"])
+            say(f"git server {stack['gitserver']['url']} (example repositories)")
         if not _alive(section.get("beat")):
             section["beat"] = _spawn(settings, beat_argv(settings), broker_url, "beat.log")
             say(f"beat       pid {section['beat']['pid']}")
@@ -208,6 +216,33 @@ def _wait_ready(settings, section, started, ping: Ping, say) -> None:
         raise StackError(f"beat exited during start-up; see {section['beat']['log']}")
 
 
+def example_git_server(settings: Settings, repos: list[str]) -> str:
+    """The loopback git server of the example repositories (started once, stopped by `down`),
+    with a repository of the sample service for each name in repos; returns its base URL."""
+    from . import examples
+    root = settings.var_dir / "git"
+    with _stack_lock(settings):
+        stack = read_stack(settings)
+        server = stack.get("gitserver")
+        if not _alive(server):
+            # The same port as before if possible: onboarded apps keep their repo URLs.
+            server = examples.start_server(root, settings.var_dir / "git-server.log", (server or {}).get("port"))
+            stack["gitserver"] = server
+            _write_stack(settings, stack)
+        # The slow revision must be slow by this environment's measure: well past the threshold,
+        # well inside a spec's health deadline (30 s and up).
+        slow_s = min(25.0, max(settings.slow_deploy_s + 3, settings.slow_deploy_s * 1.5))
+        for name in repos:
+            if not (root / f"{name}.git" / "HEAD").exists():
+                examples.make_repo(root, name, slow_delay_s=slow_s)
+    return server["url"]
+
+
+def running_demo_mode(settings: Settings) -> bool:
+    """DEMO_MODE as the running workers of the environment have it (set when they started)."""
+    return bool(read_stack(settings).get("envs", {}).get(settings.env, {}).get("demo_mode", False))
+
+
 def is_up(settings: Settings) -> bool:
     section = read_stack(settings).get("envs", {}).get(settings.env)
     return bool(section) and any(_alive(w) for w in section["workers"])
@@ -228,6 +263,10 @@ def down(settings: Settings, env: str | None = None, say: Callable[[str], None] 
             stopped += process.stop(beat.get("pid"), beat.get("ticks"), grace_s=5)
             stopped += process.stop_all([(w["pid"], w["ticks"]) for w in section["workers"]], grace_s=15)
             say(f"stopped {name}: {len(section['workers'])} workers and beat")
+        if not envs and _alive(stack.get("gitserver")):
+            process.stop(stack["gitserver"]["pid"], stack["gitserver"]["ticks"], grace_s=2)
+            stack["gitserver"] = {"port": stack["gitserver"]["port"]}
+            say("stopped the example git server")
         redis_entry = stack.get("redis")
         if not envs and _alive(redis_entry):
             process.stop(redis_entry["pid"], redis_entry["ticks"], grace_s=10)

@@ -50,6 +50,15 @@ def _env_int(name: str, default: int, minimum: int = 0) -> int:
     return value
 
 
+def _env_probability(name: str) -> float | None:
+    if not os.environ.get(name):
+        return None
+    value = _env_float(name, 0.0, 0.0)
+    if value > 1.0:
+        raise ConfigError(f"{name}={value}: must be between 0 and 1")
+    return value
+
+
 def _env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -91,8 +100,16 @@ class Settings:
     budget_window_s: float = 600.0
     restart_budget: int = 6
     scale_budget: int = 6
-    # Deploys.
-    health_gate_timeout_s: float = 30.0
+    underload_threshold: float = 0.2
+    underload_probes: int = 10
+    # Deploys: a release not healthy after this long is a slow deploy (its own deadline is in
+    # the spec); a crash this soon after a release counts as the release's fault.
+    slow_deploy_s: float = 10.0
+    fresh_release_s: float = 120.0
+    # Human approval (promotions; risky actions in prod): how long a request stays answerable.
+    approval_ttl_s: float = 3600.0
+    # The policy's exploration rate; None: the environment's default (dev 0.10, prod 0.02, stage 0).
+    exploration: float | None = None
 
     @classmethod
     def load(cls, env: str | None = None) -> "Settings":
@@ -118,7 +135,12 @@ class Settings:
             budget_window_s=_env_float("CICD_BUDGET_WINDOW", 600.0, 1.0),
             restart_budget=_env_int("CICD_RESTART_BUDGET", 6, 0),
             scale_budget=_env_int("CICD_SCALE_BUDGET", 6, 0),
-            health_gate_timeout_s=_env_float("CICD_HEALTH_GATE_TIMEOUT", 30.0, 1.0),
+            underload_threshold=_env_float("CICD_UNDERLOAD_THRESHOLD", 0.2, 0.0),
+            underload_probes=_env_int("CICD_UNDERLOAD_PROBES", 10, 1),
+            slow_deploy_s=_env_float("CICD_SLOW_DEPLOY", 10.0, 0.5),
+            fresh_release_s=_env_float("CICD_FRESH_RELEASE", 120.0, 0.0),
+            approval_ttl_s=_env_float("CICD_APPROVAL_TTL", 3600.0, 1.0),
+            exploration=_env_probability("CICD_EXPLORATION"),
         )
 
     def for_env(self, env: str) -> "Settings":

@@ -16,9 +16,11 @@ PROOF_EVENTS = frozenset({
     # onboarding and deploys
     "ONBOARDING_STARTED", "ONBOARDING_VALIDATION_PASSED", "ONBOARDING_REFUSED", "SPEC_GENERATED",
     "DEPLOYMENT_TRIGGERED", "DEPLOY_STARTED", "BUILD_SUCCEEDED", "BUILD_FAILED", "REPLICAS_STARTED",
-    "HEALTH_GATE_PASSED", "DEPLOY_SUCCEEDED", "DEPLOY_FAILED", "SCALE_REQUESTED", "SCALED",
+    "HEALTH_GATE_PASSED", "DEPLOY_SUCCEEDED", "DEPLOY_FAILED", "ROLLBACK", "SCALE_REQUESTED", "SCALED",
     # faults on purpose
     "FAILURE_INJECTED",
+    # promotion and human approval
+    "APPROVAL_REQUESTED", "APPROVAL_GRANTED", "APPROVAL_DENIED", "APPROVAL_EXPIRED", "PROMOTED",
     # the healing chain
     "INCIDENT_DETECTED", "RL_CONSUME", "RL_DECISION", "RL_INTAKE_VALIDATED", "EXECUTION_GATE_PASSED",
     "ORCH_EXEC", "ORCH_REFUSE", "EXECUTION_DEDUPLICATED", "REFUSAL_EMIT_SUCCESS",
@@ -28,11 +30,14 @@ PROOF_EVENTS = frozenset({
     "ENVIRONMENT_REFUSED", "BUDGET_EXCEEDED",
 })
 
-INCIDENT_KINDS = ("crash", "overload", "false_alarm")
+INCIDENT_KINDS = ("crash", "overload", "false_alarm", "underload", "slow_deploy", "failed_deploy")
 SEVERITIES = ("low", "medium", "high", "critical")
 
-# What a probe can report about an app; the detector turns these into incident kinds.
-SIGNAL_KINDS = ("replica_down", "replica_unhealthy", "replica_hot", "replica_blip")
+# What a probe (or the deploy agent) can report about an app; the detector turns these into
+# incident kinds.
+REPLICA_SIGNALS = ("replica_down", "replica_unhealthy", "replica_hot", "replica_blip", "replica_cold")
+DEPLOY_SIGNALS = ("deploy_slow", "deploy_failed")
+SIGNAL_KINDS = REPLICA_SIGNALS + DEPLOY_SIGNALS
 
 OPEN, STABLE, ESCALATED, REFUSED = "open", "stable", "escalated", "refused"
 INCIDENT_END_STATES = (STABLE, ESCALATED, REFUSED)
@@ -104,8 +109,8 @@ class Signal:
     observed_at: str
     utilization: float = 0.0
     detail: str = ""
-    replicas_down: int = 0
     replicas_total: int = 0
+    release: int = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> "Signal":
@@ -117,16 +122,20 @@ class Signal:
             observed_at=_require(data, "observed_at", str, max_len=40),
             utilization=float(_require(data, "utilization", (int, float))) if "utilization" in data else 0.0,
             detail=_require(data, "detail", str, max_len=500) if "detail" in data else "",
-            replicas_down=_require(data, "replicas_down", int) if "replicas_down" in data else 0,
             replicas_total=_require(data, "replicas_total", int) if "replicas_total" in data else 0,
+            release=_require(data, "release", int) if "release" in data else 0,
         )
         try:
             parse_iso(sig.observed_at)
         except ValueError:
             raise MalformedEvent("observed_at", "must be an ISO-8601 UTC time like 2026-01-02T03:04:05.000000Z") from None
-        if not sig.slots or len(sig.slots) > 64 or not all(
-                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 64 for s in sig.slots):
-            raise MalformedEvent("slots", "must be a non-empty list of replica numbers 0-63")
+        if len(sig.slots) > 64 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 64
+                                          for s in sig.slots):
+            raise MalformedEvent("slots", "must be a list of replica numbers 0-63")
+        if sig.kind in REPLICA_SIGNALS and not sig.slots:
+            raise MalformedEvent("slots", f"a {sig.kind} signal must name at least one replica")
+        if sig.kind in DEPLOY_SIGNALS and sig.release < 1:
+            raise MalformedEvent("release", f"a {sig.kind} signal must name its release (1 or more)")
         return sig
 
     def to_dict(self) -> dict:

@@ -18,6 +18,7 @@ class Verdict:
     gate: str = ""
     event: str = ""    # the specific refusal event for the proof log
     reason: str = ""
+    approval: bool = False  # not refused: held back until a human approves it
 
     @classmethod
     def allow(cls) -> "Verdict":
@@ -38,6 +39,9 @@ class GateContext:
     current_replicas: int = 0
     min_replicas: int = 1
     max_replicas: int = 6
+    # A human approved this very decision: its age, the environment rule and the budget that held
+    # it back no longer apply (signature, blocklist and catalogue still do).
+    approved: bool = False
 
 
 def _refuse(gate: str, event: str, reason: str) -> Verdict:
@@ -67,7 +71,7 @@ def refuse_bad_intake(raw: dict, ctx: GateContext) -> tuple[Verdict, Decision | 
         return _refuse("intake", "INTAKE_REFUSED", "issued_at is not an ISO-8601 UTC time"), decision
     if issued > ctx.now + timedelta(seconds=5):
         return _refuse("intake", "INTAKE_REFUSED", "decision is issued in the future"), decision
-    if ctx.now - issued > timedelta(seconds=ctx.max_age_s):
+    if not ctx.approved and ctx.now - issued > timedelta(seconds=ctx.max_age_s):
         return _refuse("intake", "INTAKE_REFUSED",
                        f"decision is stale: issued more than {ctx.max_age_s:.0f} s ago"), decision
     return Verdict.allow(), decision
@@ -98,18 +102,28 @@ def refuse_uncatalogued(decision: Decision, ctx: GateContext) -> Verdict:
 
 
 def refuse_by_environment(decision: Decision, ctx: GateContext) -> Verdict:
-    """Gate 4: stage takes only deterministic decisions; prod acts alone only on restart/scale."""
+    """Gate 4: stage takes only deterministic decisions; in prod, deploy actions and scaling past
+    the spec's limit wait for a human (not a refusal: the incident stays open meanwhile)."""
+    if ctx.approved:
+        return Verdict.allow()
     if ctx.env == "stage" and decision.mode != "greedy":
         return _refuse("environment", "ENVIRONMENT_REFUSED",
                        f"stage is deterministic: a {decision.mode!r} decision is refused")
-    if ctx.env == "prod" and decision.action not in ("noop", "restart_service", "scale_workers"):
-        return _refuse("environment", "ENVIRONMENT_REFUSED",
-                       f"{decision.action} in prod needs human approval")
+    if ctx.env == "prod":
+        if decision.action in actions.DEPLOY_ACTIONS:
+            return Verdict(False, "environment", "APPROVAL_REQUESTED", f"{decision.action} in prod needs approval",
+                           approval=True)
+        if decision.action == "scale_workers" and decision.params["replicas"] > ctx.max_replicas:
+            return Verdict(False, "environment", "APPROVAL_REQUESTED",
+                           f"scaling to {decision.params['replicas']} is past the spec's limit of "
+                           f"{ctx.max_replicas} in prod", approval=True)
     return Verdict.allow()
 
 
 def refuse_over_budget(decision: Decision, ctx: GateContext) -> Verdict:
     """Gate 5: no flapping. Past the restart/scale budget or the spec's replica limits: escalate."""
+    if ctx.approved:
+        return Verdict.allow()
     if decision.action == "restart_service" and ctx.restarts_in_window >= ctx.restart_budget:
         return _refuse("budget", "BUDGET_EXCEEDED",
                        f"restart budget spent: {ctx.restarts_in_window} restarts in the window (limit {ctx.restart_budget})")

@@ -3,7 +3,8 @@ and turn anomalies into signals for the detector.
 
 A dead process or a refused connection is a signal at once; a failing health check must repeat
 `unhealthy_probes` times before it counts as a crash (fewer, then recovered, is a blip); high
-utilization must last `overload_probes` probes. Uptime per app is counted here.
+utilization must last `overload_probes` probes, and low utilization with more replicas than the
+spec asks for `underload_probes` probes. Uptime per app is counted here.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
             app = apps.get(name)
             if app is None:
                 continue  # removed while we were probing
-            signal = _observe_app(settings, session, name, statuses, health, app_health, now)
+            signal = _observe_app(settings, session, app, statuses, health, app_health, now)
             if app.attention and all(s.healthy for s in statuses):
                 app.attention = None  # healthy again: the detector may act on it from now on
             if signal and name not in busy and not app.attention:
@@ -54,8 +55,8 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
     return signals
 
 
-def _observe_app(settings, session, name, statuses, health, app_health, now) -> dict | None:
-    env = settings.env
+def _observe_app(settings, session, app, statuses, health, app_health, now) -> dict | None:
+    env, name = settings.env, app.name
     down, unhealthy, blips = [], [], []
     for status in statuses:
         row = health.get((name, status.slot))
@@ -77,7 +78,7 @@ def _observe_app(settings, session, name, statuses, health, app_health, now) -> 
 
     summary = app_health.get(name)
     if summary is None:
-        summary = AppHealth(env=env, app=name, probes=0, up_probes=0, consecutive_hot=0)
+        summary = AppHealth(env=env, app=name, probes=0, up_probes=0, consecutive_hot=0, consecutive_cold=0)
         session.add(summary)
         app_health[name] = summary
     healthy = sum(1 for s in statuses if s.healthy)
@@ -86,6 +87,9 @@ def _observe_app(settings, session, name, statuses, health, app_health, now) -> 
     summary.up_probes += 1 if healthy else 0
     summary.healthy_replicas, summary.replicas, summary.utilization = healthy, len(statuses), utilization
     summary.consecutive_hot = summary.consecutive_hot + 1 if utilization > settings.overload_threshold else 0
+    # Idle only counts while there are more replicas than the spec asks for, all of them healthy.
+    idle = (healthy == len(statuses) > app.spec.get("replicas", 1) and utilization < settings.underload_threshold)
+    summary.consecutive_cold = summary.consecutive_cold + 1 if idle else 0
     summary.last_probe_at = now
 
     def signal(kind, slots):
@@ -101,4 +105,6 @@ def _observe_app(settings, session, name, statuses, health, app_health, now) -> 
         return signal("replica_hot", [s.slot for s in statuses if s.healthy])
     if blips:
         return signal("replica_blip", blips)
+    if summary.consecutive_cold >= settings.underload_probes:
+        return signal("replica_cold", [s.slot for s in statuses])
     return None

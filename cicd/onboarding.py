@@ -183,6 +183,41 @@ def register(settings, name, repo, runtime) -> dict:
     return {"ok": True, "spec": spec}
 
 
+def register_promoted(settings, approval: dict) -> dict:
+    """A granted promotion: the app enters this environment with the spec it had where it came from.
+
+    The same rules as onboarding apply except the one promotion exists for (no direct prod).
+    Returns {"ok", "spec", "sha"} or {"ok": False, "refusals"}; the caller deploys the sha.
+    """
+    from . import proof
+    from .store import App, get_app, session_scope
+
+    env, payload = settings.env, approval["payload"]
+    spec = {**payload["spec"], "env": env}
+    refusals = check_name(spec.get("name")) + check_repo(spec.get("repo")) + check_runtime(spec.get("runtime"))
+    with session_scope(settings) as session:
+        request = {"name": spec.get("name"), "repo": spec.get("repo"), "runtime": spec.get("runtime"),
+                   "promoted_from": payload["from"], "approval": approval["id"]}
+        existing = get_app(session, env, spec["name"]) if not refusals else None
+        if existing is None:
+            proof.append(session, env, "ONBOARDING_STARTED", app=spec["name"], payload=request)
+            if refusals:
+                proof.append(session, env, "ONBOARDING_REFUSED", app=spec["name"],
+                             payload={"refusals": [r.to_dict() for r in refusals]})
+                return {"ok": False, "refusals": [r.to_dict() for r in refusals]}
+            proof.append(session, env, "ONBOARDING_VALIDATION_PASSED", app=spec["name"], payload=request)
+            session.add(App(env=env, name=spec["name"], runtime=spec["runtime"], repo=spec["repo"], spec=spec))
+            proof.append(session, env, "SPEC_GENERATED", app=spec["name"],
+                         payload={"template": spec["runtime"], "spec": spec, "promoted_from": payload["from"]})
+        proof.append(session, env, "PROMOTED", app=spec["name"],
+                     payload={"from": payload["from"], "release": payload["release"], "sha": payload["sha"],
+                              "approval": approval["id"], "approved_by": approval["decided_by"]})
+        proof.append(session, env, "DEPLOYMENT_TRIGGERED", app=spec["name"],
+                     payload={"reason": f"promotion {approval['id']}", "sha": payload["sha"]})
+    export_spec(settings, spec)
+    return {"ok": True, "spec": spec, "sha": payload["sha"], "ref": payload["ref"]}
+
+
 def export_spec(settings, spec: dict) -> None:
     """apps/registry/ENV/NAME.json, written whole (temp file + rename) so readers never see half."""
     directory = settings.registry_dir

@@ -2,7 +2,8 @@
 
 Exactly once: (incident id, attempt) is the execution's key, claimed with a unique constraint
 before acting, and passed to the runtime as the op key. A redelivered or replayed decision finds
-the key and does nothing twice. A refusal is a noop: logged, never retried.
+the key and does nothing twice. A refusal is a noop: logged, never retried. In prod, a decision
+the environment gate holds back waits, claimed, for a human (`cicd approve`), then runs here.
 """
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from . import actions, gates, proof
+from . import actions, approvals, deployer, gates, proof
 from .config import Settings, signing_key
 from .events import OPEN, Decision, utcnow
 from .runtime.base import Runtime, RuntimeFailure
-from .store import Execution, Incident, get_app, session_scope
+from .store import Approval, Execution, Incident, get_app, session_scope
 
 GATE_NAMES = ("intake", "blocklist", "allowlist", "environment", "budget")
 
@@ -36,7 +37,8 @@ def _done_recently(session, env: str, app: str, action: str, since) -> int:
         Execution.status == "done", Execution.started_at >= since)) or 0
 
 
-def _gate_context(settings: Settings, session, runtime: Runtime, app_name: str | None) -> gates.GateContext:
+def _gate_context(settings: Settings, session, runtime: Runtime, app_name: str | None,
+                  approved: bool = False) -> gates.GateContext:
     now = utcnow()
     app = get_app(session, settings.env, app_name) if app_name else None
     spec = app.spec if app else {}
@@ -48,8 +50,16 @@ def _gate_context(settings: Settings, session, runtime: Runtime, app_name: str |
         scales_in_window=_done_recently(session, settings.env, app_name, "scale_workers", since) if app else 0,
         restart_budget=settings.restart_budget, scale_budget=settings.scale_budget,
         current_replicas=runtime.replica_count(app_name) if app else 0,
-        min_replicas=spec.get("min_replicas", 1), max_replicas=spec.get("max_replicas", 1),
+        min_replicas=spec.get("min_replicas", 1), max_replicas=spec.get("max_replicas", 1), approved=approved,
     )
+
+
+def action_context(settings: Settings, runtime: Runtime, request_deploy) -> actions.ActionContext:
+    return actions.ActionContext(
+        runtime=runtime,
+        release_info=lambda app, number: deployer.release_info(settings, app, number),
+        request_deploy=request_deploy,
+        cancel_release=lambda app, number, why: deployer.cancel(settings, runtime, app, number, why))
 
 
 def _refuse(session, settings: Settings, verdict: gates.Verdict, raw, decision: Decision | None,
@@ -73,7 +83,18 @@ def _refuse(session, settings: Settings, verdict: gates.Verdict, raw, decision: 
             "reason": verdict.reason, "result": {}}
 
 
-def execute(settings: Settings, runtime: Runtime, raw: dict) -> dict:
+def _hold_for_approval(session, settings: Settings, verdict: gates.Verdict, raw: dict, decision: Decision) -> dict:
+    """Claim the key and wait for a human; the incident stays open, and visible, meanwhile."""
+    approval = approvals.request_action(session, settings, raw, verdict.reason)
+    claim = Execution(env=settings.env, app=decision.app, incident_id=decision.incident_id, attempt=decision.attempt,
+                      action=decision.action, params=decision.params, status="awaiting_approval",
+                      gate=verdict.gate, reason=verdict.reason, nonce=decision.nonce, result={"approval": approval.id})
+    session.add(claim)
+    return summary(claim, approval=approval.id)
+
+
+def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> dict:
+    """request_deploy(app, request_id, kind, ref, sha, reason) hands a deploy to the deploy agent."""
     env = settings.env
     incident_id, attempt = _field(raw, "incident_id", str), _field(raw, "attempt", int)
     with session_scope(settings) as session:
@@ -90,8 +111,12 @@ def execute(settings: Settings, runtime: Runtime, raw: dict) -> dict:
             return summary(claim, deduplicated=True)
 
         verdict, decision = gates.evaluate(raw, _gate_context(settings, session, runtime, _field(raw, "app", str)))
-        if verdict.allowed and (incident is None or incident.app != decision.app or incident.status != OPEN):
+        names_open_incident = (incident is not None and decision is not None and incident.app == decision.app
+                               and incident.status == OPEN)
+        if (verdict.allowed or verdict.approval) and not names_open_incident:
             verdict = gates.Verdict(False, "intake", "INTAKE_REFUSED", "decision names no open incident of that app")
+        if verdict.approval:
+            return _hold_for_approval(session, settings, verdict, raw, decision)
         if not verdict.allowed:
             return _refuse(session, settings, verdict, raw, decision, incident)
 
@@ -104,17 +129,48 @@ def execute(settings: Settings, runtime: Runtime, raw: dict) -> dict:
             claim = Execution(env=env, app=decision.app, incident_id=incident_id, attempt=attempt,
                               action=decision.action, params=decision.params, status="started", nonce=decision.nonce)
             session.add(claim)
+    return _act(settings, runtime, request_deploy, claim.id, decision)
+
+
+def execute_approved(settings: Settings, runtime: Runtime, approval_id: str, request_deploy) -> dict | None:
+    """Run a decision a human approved: signature, blocklist and catalogue are checked again."""
+    env = settings.env
+    with session_scope(settings) as session:
+        approval = session.get(Approval, approval_id)
+        if approval is None or approval.env != env or approval.kind != "action" or approval.status != "granted":
+            return None
+        raw = approval.payload["decision"]
+        claim = session.scalar(select(Execution).where(Execution.incident_id == approval.incident_id,
+                                                       Execution.attempt == approval.attempt))
+        incident = session.get(Incident, approval.incident_id)
+        if claim is None or claim.status not in ("awaiting_approval", "started") \
+                or incident is None or incident.status != OPEN:
+            return summary(claim, deduplicated=True) if claim else None
+        verdict, decision = gates.evaluate(raw, _gate_context(settings, session, runtime, raw.get("app"), approved=True))
+        if not verdict.allowed:
+            claim.status, claim.gate, claim.reason = "refused", verdict.gate, verdict.reason
+            return _refuse(session, settings, verdict, raw, None, incident)
+        proof.append(session, env, "EXECUTION_GATE_PASSED", incident_id=incident.id, app=decision.app,
+                     payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
+                              "approval": approval_id, "approved_by": approval.decided_by})
+        claim.status = "started"
+    return _act(settings, runtime, request_deploy, claim.id, decision, approval=approval_id)
+
+
+def _act(settings: Settings, runtime: Runtime, request_deploy, claim_id: int, decision: Decision, **extra) -> dict:
     # The claim is committed. A redelivery from here on resumes it, and the runtime's op key
     # keeps the effect single even if we die between acting and recording.
+    op_key = f"{decision.incident_id}/{decision.attempt}"
     try:
-        result = actions.perform(runtime, decision.app, decision.action, decision.params, f"{incident_id}/{attempt}")
+        result = actions.perform(action_context(settings, runtime, request_deploy), decision.app, decision.action,
+                                 decision.params, op_key)
         status = "done"
     except RuntimeFailure as exc:
         result, status = {"error": str(exc)}, "failed"
     with session_scope(settings) as session:
-        execution = session.get(Execution, claim.id)
+        execution = session.get(Execution, claim_id)
         execution.status, execution.result, execution.finished_at = status, result, utcnow()
-        proof.append(session, env, "ORCH_EXEC", incident_id=incident_id, app=decision.app,
-                     payload={"attempt": attempt, "action": decision.action, "params": decision.params,
-                              "status": status, "result": result})
+        proof.append(session, settings.env, "ORCH_EXEC", incident_id=decision.incident_id, app=decision.app,
+                     payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
+                              "status": status, "result": result, **extra})
         return summary(execution)

@@ -1,9 +1,12 @@
-"""The recovery policy: tabular Q-learning on numpy over (fault kind, severity, attempt).
+"""The recovery policy: tabular Q-learning on numpy over (fault kind, severity, attempt, fresh).
 
-Priors encode the playbook an operator would write (crash -> restart, overload -> scale,
-false alarm -> do nothing); learning moves away from them only on evidence. Modes, per
-environment: stage is greedy and frozen (the same incident always gets the same decision),
-dev explores and learns, prod learns with little exploration among safe actions only.
+`fresh` is context: the incident came soon after a release went live. A crash then is most
+likely the release's fault (roll it back); the same crash of a long-stable release wants a
+restart. Priors encode the playbook an operator would write (crash -> restart, fresh crash ->
+rollback, overload -> scale out, idle -> scale in, false alarm -> nothing, failed deploy -> retry
+then roll back); learning moves away from them only on evidence. Modes, per environment: stage
+is greedy and frozen (the same incident always gets the same decision), dev explores and
+learns, prod learns with little exploration, and only among the actions that need no approval.
 """
 from __future__ import annotations
 
@@ -19,21 +22,30 @@ from sqlalchemy.orm import Session
 from . import actions, proof, signing
 from .config import Settings, signing_key
 from .events import INCIDENT_KINDS, OPEN, SEVERITIES, Decision, iso, utcnow
-from .store import Incident, PolicyValue, session_scope
+from .store import Incident, PolicyValue, get_app, session_scope
 
 MAX_ATTEMPT = 3            # attempts 3, 4, ... share one state: "still failing after two tries"
 ALPHA, GAMMA = 0.2, 0.9
 EPSILON = {"explore": 0.10, "cautious": 0.02, "greedy": 0.0}
+# What prod may explore (the deploy actions need approval there, so it never tries them at random).
 SAFE_ACTIONS = ("noop", "restart_service", "scale_workers")
-TARGET_UTILIZATION = 0.6   # what a scale-up aims for, comfortably under the overload threshold
-ACTION_COST = {"noop": 0.0, "restart_service": 0.1, "scale_workers": 0.2}
+TARGET_UTILIZATION = 0.6   # what scaling aims for, comfortably under the overload threshold
+ACTION_COST = {"noop": 0.0, "restart_service": 0.1, "scale_workers": 0.2, "retry_deployment": 0.3,
+               "rollback_deployment": 0.4}
 
-# Priors per kind and attempt: (noop, restart_service, scale_workers).
-_PRIORS = {
-    "crash":       {1: (-0.6, 0.9, 0.3), 2: (-0.6, 0.7, 0.5), 3: (-0.6, 0.4, 0.6)},
-    "overload":    {1: (-0.3, 0.1, 0.9), 2: (-0.3, 0.1, 0.8), 3: (-0.3, 0.2, 0.7)},
-    "false_alarm": {1: (0.8, 0.2, 0.0), 2: (0.3, 0.6, 0.2), 3: (0.0, 0.6, 0.4)},
+# Priors per kind, freshness and attempt, in catalogue order:
+# (noop, restart_service, scale_workers, retry_deployment, rollback_deployment).
+_STEADY = {
+    "crash":         {1: (-0.6, 0.9, 0.3, -0.4, 0.1), 2: (-0.6, 0.7, 0.5, -0.4, 0.3), 3: (-0.6, 0.4, 0.6, -0.4, 0.5)},
+    "overload":      {1: (-0.3, 0.1, 0.9, -0.5, -0.2), 2: (-0.3, 0.1, 0.8, -0.5, -0.2), 3: (-0.3, 0.2, 0.7, -0.5, 0.0)},
+    "false_alarm":   {1: (0.8, 0.2, 0.0, -0.5, -0.5), 2: (0.3, 0.6, 0.2, -0.5, -0.3), 3: (0.0, 0.6, 0.4, -0.5, -0.2)},
+    "underload":     {1: (0.2, -0.3, 0.8, -0.5, -0.5), 2: (0.5, -0.3, 0.4, -0.5, -0.5), 3: (0.6, -0.3, 0.2, -0.5, -0.5)},
+    "slow_deploy":   {1: (0.7, -0.3, -0.2, 0.1, 0.4), 2: (0.1, -0.3, -0.2, 0.2, 0.8), 3: (0.0, -0.3, -0.2, 0.3, 0.7)},
+    # noop still beats restart/scale: the failed release never took traffic, the live one serves.
+    "failed_deploy": {1: (-0.2, -0.5, -0.5, 0.7, 0.6), 2: (-0.2, -0.5, -0.5, 0.3, 0.8), 3: (-0.2, -0.5, -0.5, 0.2, 0.7)},
 }
+_FRESH = {**_STEADY,
+          "crash": {1: (-0.6, 0.5, 0.2, -0.4, 0.9), 2: (-0.6, 0.6, 0.3, -0.4, 0.7), 3: (-0.6, 0.5, 0.5, -0.4, 0.3)}}
 
 
 @dataclass(frozen=True)
@@ -41,28 +53,36 @@ class State:
     kind: str
     severity: str
     attempt: int
+    fresh: bool = False
 
     @classmethod
-    def of(cls, kind: str, severity: str, attempt: int) -> "State":
-        return cls(kind, severity, min(max(attempt, 1), MAX_ATTEMPT))
+    def of(cls, kind: str, severity: str, attempt: int, fresh: bool = False) -> "State":
+        return cls(kind, severity, min(max(attempt, 1), MAX_ATTEMPT), bool(fresh))
+
+    @classmethod
+    def from_key(cls, key: str) -> "State":
+        kind, severity, attempt, fresh = key.split("|")
+        return cls.of(kind, severity, int(attempt), fresh == "fresh")
 
     @property
     def key(self) -> str:
-        return f"{self.kind}|{self.severity}|{self.attempt}"
+        return f"{self.kind}|{self.severity}|{self.attempt}|{'fresh' if self.fresh else 'steady'}"
 
     @property
-    def index(self) -> tuple[int, int, int]:
-        return INCIDENT_KINDS.index(self.kind), SEVERITIES.index(self.severity), self.attempt - 1
+    def index(self) -> tuple[int, int, int, int]:
+        return (INCIDENT_KINDS.index(self.kind), SEVERITIES.index(self.severity), self.attempt - 1,
+                int(self.fresh))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "severity": self.severity, "attempt": self.attempt}
+        return {"kind": self.kind, "severity": self.severity, "attempt": self.attempt, "fresh": self.fresh}
 
 
 def prior_table() -> np.ndarray:
-    table = np.zeros((len(INCIDENT_KINDS), len(SEVERITIES), MAX_ATTEMPT, len(actions.ACTIONS)))
-    for k, kind in enumerate(INCIDENT_KINDS):
-        for attempt, values in _PRIORS[kind].items():
-            table[k, :, attempt - 1, :] = values
+    table = np.zeros((len(INCIDENT_KINDS), len(SEVERITIES), MAX_ATTEMPT, 2, len(actions.ACTIONS)))
+    for fresh, priors in ((0, _STEADY), (1, _FRESH)):
+        for k, kind in enumerate(INCIDENT_KINDS):
+            for attempt, values in priors[kind].items():
+                table[k, :, attempt - 1, fresh, :] = values
     return table
 
 
@@ -70,25 +90,31 @@ def load_table(session: Session, env: str) -> np.ndarray:
     """Priors overlaid with what this environment has learned."""
     table = prior_table()
     for row in session.scalars(select(PolicyValue).where(PolicyValue.env == env)):
-        kind, severity, attempt = row.state.split("|")
-        if kind in INCIDENT_KINDS and severity in SEVERITIES and row.action in actions.ACTIONS:
-            table[State.of(kind, severity, int(attempt)).index + (actions.ACTIONS.index(row.action),)] = row.q
+        try:
+            state = State.from_key(row.state)
+            table[state.index + (actions.ACTIONS.index(row.action),)] = row.q
+        except ValueError:
+            continue  # a state or action this version no longer has
     return table
 
 
-def choose(table: np.ndarray, state: State, mode: str, allowed: tuple[str, ...], rng: np.random.Generator):
-    """(action, q_values, reason). Greedy ties go to the earliest action in the catalogue."""
+def choose(table: np.ndarray, state: State, mode: str, allowed: tuple[str, ...], rng: np.random.Generator,
+           epsilon: float | None = None):
+    """(action, q_values, reason). Greedy ties go to the earliest action in the catalogue.
+
+    epsilon overrides the mode's exploration rate; greedy (stage) never explores."""
     q = table[state.index]
     q_values = {a: round(float(q[i]), 6) for i, a in enumerate(actions.ACTIONS)}
     candidates = [a for a in actions.ACTIONS if a in allowed]
-    if mode == "cautious":
-        candidates = [a for a in candidates if a in SAFE_ACTIONS]
     if not candidates:
         raise ValueError(f"no action is allowed for {state.key}")
     best = max(candidates, key=lambda a: (q_values[a], -actions.ACTIONS.index(a)))
-    epsilon = EPSILON[mode]
-    if epsilon and len(candidates) > 1 and rng.random() < epsilon:
-        action = candidates[int(rng.integers(len(candidates)))]
+    epsilon = 0.0 if mode == "greedy" else (EPSILON[mode] if epsilon is None else epsilon)
+    # Prod explores only among the actions that need no approval: a random pick must never be
+    # the one a human has to be woken for.
+    explorable = [a for a in candidates if mode != "cautious" or a in SAFE_ACTIONS]
+    if epsilon and len(explorable) > 1 and rng.random() < epsilon:
+        action = explorable[int(rng.integers(len(explorable)))]
         return action, q_values, f"explored (epsilon {epsilon}): random pick; greedy would be {best}"
     others = sorted((q_values[a], a) for a in candidates if a != best)
     margin = f", ahead of {others[-1][1]} ({others[-1][0]:+.3f})" if others else ""
@@ -101,23 +127,45 @@ def rng_for(incident_id: str, attempt: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def action_params(action: str, incident: Incident) -> dict:
-    signal = incident.signal
-    current = max(int(signal.get("replicas_total", 1)), 1)
+def action_params(action: str, incident: Incident, spec: dict) -> dict:
+    """What exactly to do: computed here, signed with the decision, executed as signed."""
+    signal, context = incident.signal, incident.context or {}
+    current = max(int(signal.get("replicas_total") or spec.get("replicas", 1)), 1)
+    utilization = float(signal.get("utilization", 0.0))
     if action == "restart_service":
         return {"slots": sorted(set(signal.get("slots") or [incident.slot]))}
     if action == "scale_workers":
-        utilization = float(signal.get("utilization", 0.0))
-        wanted = math.ceil(current * utilization / TARGET_UTILIZATION) if utilization else current + 1
+        if incident.kind == "underload":
+            wanted = math.ceil(current * utilization / TARGET_UTILIZATION)
+            return {"replicas": max(spec.get("replicas", 1), min(current - 1, wanted))}
+        wanted = math.ceil(current * utilization / TARGET_UTILIZATION) if incident.kind == "overload" else 0
         return {"replicas": max(current + 1, wanted)}
+    if action == "retry_deployment":
+        return {"release": context["release"]}
+    if action == "rollback_deployment":
+        params = {"to_release": context["rollback_to"]}
+        if incident.kind == "slow_deploy":
+            params["cancel_release"] = context["release"]
+        return params
     return {}
 
 
-def allowed_actions(settings: Settings) -> tuple[str, ...]:
-    """Shielding: the policy only picks what the gates could allow here."""
-    allowed = [a for a in actions.ACTIONS if not actions.is_blocklisted(a)]
-    if settings.env == "prod":
-        allowed = [a for a in allowed if a in SAFE_ACTIONS]
+def allowed_actions(settings: Settings, incident: Incident) -> tuple[str, ...]:
+    """Shielding: the policy only picks what the gates could allow here and what can be done."""
+    context = incident.context or {}
+    allowed = []
+    for action in actions.ACTIONS:
+        if actions.is_blocklisted(action):
+            continue
+        if settings.demo_mode and action not in ("noop", "restart_service", "scale_workers"):
+            continue  # DEMO_MODE executes only noop, restart and scaling
+        if action == "rollback_deployment" and not context.get("rollback_to"):
+            continue  # no earlier good release to go back to
+        if action == "retry_deployment" and not (context.get("release") and incident.kind in actions.DEPLOY_KINDS):
+            continue  # only a failed or slow deploy can be retried
+        if action == "scale_workers" and incident.kind == "underload" and not context.get("can_scale_in"):
+            continue
+        allowed.append(action)
     return tuple(allowed)
 
 
@@ -136,13 +184,15 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
         if stored.get("attempt") == attempt:
             return stored
         proof.append(session, env, "RL_CONSUME", incident_id=incident_id, app=incident.app,
-                     payload={"attempt": attempt, "kind": incident.kind, "severity": incident.severity})
-        state = State.of(incident.kind, incident.severity, attempt)
+                     payload={"attempt": attempt, "kind": incident.kind, "severity": incident.severity,
+                              "context": incident.context or {}})
+        state = State.of(incident.kind, incident.severity, attempt, (incident.context or {}).get("fresh_release"))
         table = load_table(session, env)
-        action, q_values, reason = choose(table, state, settings.policy_mode, allowed_actions(settings),
-                                          rng_for(incident_id, attempt))
+        action, q_values, reason = choose(table, state, settings.policy_mode, allowed_actions(settings, incident),
+                                          rng_for(incident_id, attempt), settings.exploration)
+        spec = get_app(session, env, incident.app).spec
         decision = Decision(env=env, incident_id=incident_id, attempt=attempt, app=incident.app, action=action,
-                            params=action_params(action, incident), issued_at=iso(utcnow()),
+                            params=action_params(action, incident, spec), issued_at=iso(utcnow()),
                             nonce=secrets.token_hex(16), mode=settings.policy_mode,
                             state=state.to_dict(), q_values=q_values, reason=reason)
         signed = {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), signing_key(settings))}
@@ -181,11 +231,11 @@ def learn(settings: Settings, session: Session, state: State, action: str, r: fl
     return {"applied": True, "old_q": round(old, 6), "new_q": round(new, 6), "target": round(r + GAMMA * future, 6)}
 
 
-
 def learn_from_outcome(settings: Settings, outcome: dict) -> dict:
     """RL_UPDATE from a verified outcome (applied unless the environment's policy is frozen)."""
-    state = State.of(outcome["kind"], outcome["severity"], outcome["attempt"])
-    next_state = (State.of(outcome["kind"], outcome["severity"], outcome["next_attempt"])
+    fresh = outcome.get("fresh", False)
+    state = State.of(outcome["kind"], outcome["severity"], outcome["attempt"], fresh)
+    next_state = (State.of(outcome["kind"], outcome["severity"], outcome["next_attempt"], fresh)
                   if outcome.get("next_attempt") else None)
     r = reward(outcome["result"], outcome["action"], outcome.get("time_to_recover_s"), settings.verify_timeout_s)
     with session_scope(settings) as session:

@@ -108,14 +108,17 @@ def payload_text(record: dict, width: int = 90) -> str:
 
 
 
-def latest_release(settings: Settings, app: str) -> dict | None:
+def latest_release(settings: Settings, app: str, status: str | None = None) -> dict | None:
+    """The app's newest release (with that status, if given)."""
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.env == settings.env, Release.app == app)
-                                 .order_by(Release.number.desc()).limit(1))
+        query = select(Release).where(Release.env == settings.env, Release.app == app)
+        if status:
+            query = query.where(Release.status == status)
+        release = session.scalar(query.order_by(Release.number.desc()).limit(1))
         if release is None:
             return None
-        return {"release": release.number, "status": release.status, "detail": release.detail,
-                "started_at": iso(release.started_at),
+        return {"release": release.number, "status": release.status, "detail": release.detail, "kind": release.kind,
+                "ref": release.ref, "sha": release.sha, "started_at": iso(release.started_at),
                 "finished_at": iso(release.finished_at) if release.finished_at else None}
 
 

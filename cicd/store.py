@@ -16,7 +16,7 @@ import threading
 from datetime import datetime
 from typing import Iterator
 
-from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, Text,
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint, create_engine, event, select)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -52,13 +52,28 @@ class Release(Base):
     env: Mapped[str] = mapped_column(String(10))
     app: Mapped[str] = mapped_column(String(40))
     number: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20))  # starting, live, failed, superseded
+    # fetching, starting, live, failed, superseded (was live, replaced), rolled_back (was live, bad)
+    status: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(20), default="deploy")  # deploy, retry, rollback, promotion
+    ref: Mapped[str] = mapped_column(String(200), default="HEAD")
+    sha: Mapped[str | None] = mapped_column(String(40), nullable=True)
     replicas: Mapped[int] = mapped_column(Integer)
+    slow_signalled: Mapped[bool] = mapped_column(Boolean, default=False)
     # Who asked for it: a redelivered deploy task finds its release instead of making another.
     request_id: Mapped[str] = mapped_column(String(80), unique=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class DeployLock(Base):
+    """One deploy per app at a time. A lease, not a process lock: if the worker holding it dies,
+    the lease runs out and the next deploy may go ahead."""
+    __tablename__ = "deploy_locks"
+    env: Mapped[str] = mapped_column(String(10), primary_key=True)
+    app: Mapped[str] = mapped_column(String(40), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(80))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Incident(Base):
@@ -75,6 +90,9 @@ class Incident(Base):
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     resolution: Mapped[str] = mapped_column(Text, default="")
+    # What the detector knew besides the signal: the live release, whether it is fresh, the last
+    # good release to roll back to. The policy's state and the deploy actions' params use it.
+    context: Mapped[dict] = mapped_column(JSON, default=dict)
     # The signed decision of the current attempt: a redelivered decide task returns it unchanged.
     decision: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     # "env/app" while the incident is open, NULL once closed: the unique constraint makes
@@ -100,6 +118,28 @@ class Execution(Base):
     result: Mapped[dict] = mapped_column(JSON, default=dict)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Approval(Base):
+    """A human decision waited for: a promotion into this environment, or an action in it.
+
+    The id names the environment (apr-prod-1a2b3c4d), so `cicd approve ID` finds its database."""
+    __tablename__ = "approvals"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    env: Mapped[str] = mapped_column(String(10))
+    kind: Mapped[str] = mapped_column(String(20))          # promotion, action
+    app: Mapped[str] = mapped_column(String(40))
+    incident_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    payload: Mapped[dict] = mapped_column(JSON)
+    summary: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(12))        # pending, granted, denied, expired
+    requested_by: Mapped[str] = mapped_column(String(80))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_by: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class PolicyValue(Base):
@@ -149,7 +189,7 @@ class ReplicaHealth(Base):
 
 
 class AppHealth(Base):
-    """Per app: uptime counters for `cicd status`, and the overload streak for the detector."""
+    """Per app: uptime counters for `cicd status`, and the overload/idle streaks for the detector."""
     __tablename__ = "app_health"
     env: Mapped[str] = mapped_column(String(10), primary_key=True)
     app: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -159,6 +199,7 @@ class AppHealth(Base):
     replicas: Mapped[int] = mapped_column(Integer, default=0)
     utilization: Mapped[float] = mapped_column(Float, default=0.0)
     consecutive_hot: Mapped[int] = mapped_column(Integer, default=0)
+    consecutive_cold: Mapped[int] = mapped_column(Integer, default=0)
     last_probe_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 

@@ -14,7 +14,7 @@ from .config import Settings
 from .events import ESCALATED, OPEN, REFUSED, STABLE, as_utc, parse_iso, utcnow
 from .monitor import mean_utilization
 from .runtime.base import ReplicaStatus, Runtime
-from .store import App, Execution, Incident, get_app, session_scope
+from .store import App, Execution, Incident, Release, get_app, session_scope
 
 
 def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expected: int) -> bool:
@@ -25,8 +25,27 @@ def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expe
     return True
 
 
+# On top of the verify timeout, a deploy being waited for gets its spec's health deadline plus
+# this much for fetching and building.
+DEPLOY_ALLOWANCE_S = 60.0
+
+
+def _awaited_release(session, execution: dict, incident: Incident):
+    """The release this attempt's outcome depends on: (True, Release or None) or (False, None)."""
+    result = execution.get("result") or {}
+    if result.get("effect") == "deploy_requested":
+        return True, session.scalar(select(Release).where(Release.request_id == result["request_id"]))
+    if incident.kind == "slow_deploy" and execution.get("action") == "noop":
+        number = (incident.context or {}).get("release")
+        return True, session.scalar(select(Release).where(Release.env == incident.env, Release.app == incident.app,
+                                                           Release.number == number))
+    return False, None
+
+
 def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: int, started_at: str):
     """("wait", stable_checks so far) or ("done", outcome)."""
+    if execution.get("status") == "awaiting_approval":
+        return "done", None  # held for a human: `cicd approve` runs the rest of the chain
     if execution.get("status") == "refused":
         return "done", conclude(settings, execution, "refused")
     if execution.get("status") == "failed":
@@ -36,6 +55,19 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
         if incident is None or incident.status != OPEN or incident.attempt != execution["attempt"]:
             return "done", None  # already concluded by an earlier delivery of this task
         kind, app = incident.kind, incident.app
+        awaiting, release = _awaited_release(session, execution, incident)
+        release_status = (release.number, release.status, release.detail) if release else None
+        timeout = settings.verify_timeout_s
+        if awaiting:
+            timeout += get_app(session, settings.env, app).spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
+    timed_out = utcnow() - parse_iso(started_at) > timedelta(seconds=timeout)
+    if awaiting and (release_status is None or release_status[1] in ("fetching", "starting", "switching")):
+        if timed_out:
+            return "done", conclude(settings, execution, "failed", detail=f"the release did not finish within {timeout:.0f} s")
+        return "wait", 0
+    if awaiting and release_status[1] == "failed":
+        return "done", conclude(settings, execution, "failed",
+                                detail=f"release {release_status[0]} failed: {release_status[2]}")
     statuses = runtime.probe([app])[app]
     if is_stable(settings, kind, statuses, runtime.replica_count(app)):
         stable_checks += 1
@@ -43,10 +75,9 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
             return "done", conclude(settings, execution, "stable")
     else:
         stable_checks = 0
-    if utcnow() - parse_iso(started_at) > timedelta(seconds=settings.verify_timeout_s):
+    if timed_out:
         seen = ", ".join(f"{s.slot}:{s.status}" for s in statuses) or "no replicas"
-        return "done", conclude(settings, execution, "failed",
-                                detail=f"not stable within {settings.verify_timeout_s:.0f} s ({seen})")
+        return "done", conclude(settings, execution, "failed", detail=f"not stable within {timeout:.0f} s ({seen})")
     return "wait", stable_checks
 
 
@@ -61,7 +92,8 @@ def conclude(settings: Settings, execution: dict, result: str, detail: str = "")
         now = utcnow()
         ttr = round((now - as_utc(incident.opened_at)).total_seconds(), 3)
         outcome = {"env": env, "incident_id": incident.id, "app": incident.app, "kind": incident.kind,
-                   "severity": incident.severity, "attempt": attempt, "action": execution.get("action") or "",
+                   "severity": incident.severity, "fresh": bool((incident.context or {}).get("fresh_release")),
+                   "attempt": attempt, "action": execution.get("action") or "",
                    "result": result, "time_to_recover_s": None, "next_attempt": None}
         base = {"attempt": attempt, "action": outcome["action"], "kind": incident.kind}
         if result == "stable":

@@ -28,11 +28,14 @@ def settings_for(env: str, source: str, payload) -> Settings:
     """
     settings = process_settings()
     if env != settings.env:
-        with store.session_scope(settings) as session:
-            store.keep_dead_letter(session, settings.env, source, payload,
-                                   f"message for environment {env!r} reached a {settings.env!r} worker")
+        keep_dead_letter(settings, source, payload, f"message for environment {env!r} reached a {settings.env!r} worker")
         raise Ignore()
     return settings
+
+
+def keep_dead_letter(settings: Settings, source: str, payload, reason: str) -> None:
+    with store.session_scope(settings) as session:
+        store.keep_dead_letter(session, settings.env, source, payload, reason)
 
 
 @lru_cache(maxsize=1)

@@ -4,7 +4,7 @@ from celery import chain
 from .decide import choose, learn
 from .detect import classify
 from .monitor import verify
-from .orchestrate import execute
+from .orchestrate import execute, execute_approved
 
 
 def healing_chain(env: str, signal: dict):
@@ -15,6 +15,11 @@ def attempt_chain(env: str, incident_id: str, attempt: int):
     """A further attempt on an open incident: the same chain, without detection."""
     incident = {"env": env, "incident_id": incident_id, "attempt": attempt}
     return chain(choose.s(incident, env=env), *_after_decision(env))
+
+
+def approved_chain(env: str, approval_id: str):
+    """A decision a human approved: execute it, then verify and learn as usual."""
+    return chain(execute_approved.s(approval_id, env=env), verify.s(env=env), learn.s(env=env))
 
 
 def _after_decision(env: str):

@@ -43,10 +43,19 @@ class ControlPlane:
     def onboard(self, name: str, repo: str, runtime: str, timeout: float = 60) -> dict:
         return self._call("cicd.onboard.register", "onboard", timeout, name=name, repo=repo, runtime=runtime)
 
-    def deploy(self, app: str, reason: str) -> None:
-        """Ask the deploy agent for a new release; `reports.latest_release` follows it."""
-        self.app.send_task("cicd.deploy.release", kwargs={"app": app, "env": self.settings.env,
-                                                          "request_id": f"deploy/{uuid.uuid4().hex}", "reason": reason})
+    def deploy(self, app: str, ref: str = "HEAD", reason: str = "", kind: str = "deploy", sha: str | None = None,
+               request_id: str | None = None) -> str:
+        """Ask the deploy agent for a new release of ref (or exactly sha); returns the request id."""
+        request_id = request_id or f"deploy/{uuid.uuid4().hex}"
+        self.app.send_task("cicd.deploy.release", kwargs={"app": app, "env": self.settings.env, "ref": ref, "sha": sha,
+                                                          "kind": kind, "request_id": request_id, "reason": reason})
+        return request_id
+
+    def run_approved(self, approval_id: str) -> None:
+        """The rest of a held-back incident chain, now that a human approved its action."""
+        self.app  # configure the broker before the chain is built
+        from .chains import approved_chain
+        approved_chain(self.settings.env, approval_id).apply_async()
 
     def scale(self, app: str, replicas: int, timeout: float = 60) -> dict:
         return self._call("cicd.deploy.scale", "deploy", timeout, app=app, replicas=replicas,

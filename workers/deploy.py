@@ -1,18 +1,35 @@
-"""Deploy agent ({env}.deploy): build and start a release, health-gate it, switch; scale on request."""
+"""Deploy agent ({env}.deploy): fetch, build and start a release, health-gate it, switch; scale."""
 from cicd import deployer
 
-from .app import celery_app, runtime, settings_for
+from .app import celery_app, keep_dead_letter, runtime, settings_for
 
 GATE_POLL_S = 0.25
+LOCK_POLL_S = 1.0
+# A deploy waits for the app's previous deploy to finish, up to half an hour.
+LOCK_WAIT_RETRIES = 1800
 
 
-@celery_app.task(name="cicd.deploy.release")
-def release(app, env, request_id, reason=""):
-    settings = settings_for(env, "deploy.release", {"app": app, "request_id": request_id})
-    state = deployer.start(settings, runtime(), app, request_id, reason)
+def _raise_incident(env: str, signal: dict | None) -> None:
+    if signal:
+        from .chains import healing_chain
+        healing_chain(env, signal).apply_async()
+
+
+@celery_app.task(name="cicd.deploy.release", bind=True, max_retries=LOCK_WAIT_RETRIES)
+def release(self, app, env, request_id, ref="HEAD", reason="", kind="deploy", sha=None):
+    payload = {"app": app, "request_id": request_id, "ref": ref, "kind": kind}
+    settings = settings_for(env, "deploy.release", payload)
+    try:
+        state = deployer.start(settings, runtime(), app, request_id, ref=ref, reason=reason, kind=kind, sha=sha)
+    except (deployer.DeployError, deployer.gitsource.SourceError) as exc:
+        keep_dead_letter(settings, "deploy.release", payload, str(exc))
+        return {"app": app, "status": "refused", "detail": str(exc)}
+    if state["status"] == "busy":
+        raise self.retry(countdown=LOCK_POLL_S)  # one deploy per app: wait for the one under way
     if state["status"] == "starting":
         health_gate.apply_async(kwargs={"app": app, "env": env, "release": state["release"],
                                         "started_at": state["started_at"]}, countdown=GATE_POLL_S)
+    _raise_incident(env, state.pop("signal", None))
     return state
 
 
@@ -20,7 +37,8 @@ def release(app, env, request_id, reason=""):
 def health_gate(self, app, env, release, started_at):
     # Waiting for replicas to come up is a retry with countdown: the worker is free meanwhile.
     settings = settings_for(env, "deploy.health_gate", {"app": app, "release": release})
-    result = deployer.gate(settings, runtime(), app, release, started_at)
+    result, signal = deployer.gate(settings, runtime(), app, release, started_at)
+    _raise_incident(env, signal or (result or {}).pop("signal", None))
     if result is None:
         raise self.retry(countdown=GATE_POLL_S)
     return result

@@ -1,5 +1,5 @@
 """Monitor agent ({env}.monitor): beat-scheduled probes of every app; verification after an action."""
-from cicd import monitor, verifier
+from cicd import approvals, monitor, verifier
 from cicd.events import iso, utcnow
 
 from .app import celery_app, runtime, settings_for
@@ -25,3 +25,9 @@ def verify(self, execution, env, stable_checks=0, started_at=None):
         raise self.retry(args=(execution,), kwargs={"env": env, "stable_checks": value, "started_at": started_at},
                          countdown=settings.verify_interval_s)
     return value
+
+
+@celery_app.task(name="cicd.monitor.housekeeping")
+def housekeeping(env):
+    settings = settings_for(env, "monitor.housekeeping", {})
+    return {"expired_approvals": approvals.expire_due(settings)}

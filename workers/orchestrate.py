@@ -1,10 +1,30 @@
 """Orchestrator agent ({env}.orchestrate): gates, then the action exactly once, or a logged refusal."""
+from celery.exceptions import Ignore
+
 from cicd import orchestrator
 
 from .app import celery_app, runtime, settings_for
 
 
+def deploy_requester(env: str):
+    """Deploy actions hand the deploy to the deploy agent, under the execution's key."""
+    def request_deploy(app, request_id, kind, ref, sha, reason):
+        from .deploy import release
+        release.apply_async(kwargs={"app": app, "env": env, "request_id": request_id, "kind": kind, "ref": ref,
+                                    "sha": sha, "reason": reason})
+    return request_deploy
+
+
 @celery_app.task(name="cicd.orchestrate.execute")
 def execute(decision, env):
     settings = settings_for(env, "orchestrate.execute", decision)
-    return orchestrator.execute(settings, runtime(), decision)
+    return orchestrator.execute(settings, runtime(), decision, deploy_requester(env))
+
+
+@celery_app.task(name="cicd.orchestrate.execute_approved")
+def execute_approved(approval_id, env):
+    settings = settings_for(env, "orchestrate.execute_approved", {"approval": approval_id})
+    execution = orchestrator.execute_approved(settings, runtime(), approval_id, deploy_requester(env))
+    if execution is None:
+        raise Ignore()  # not a granted action approval (or already carried out): nothing follows
+    return execution

@@ -34,8 +34,9 @@ class ReplicaStatus:
 
 class Runtime(ABC):
     @abstractmethod
-    def stage_release(self, spec: dict, number: int) -> dict:
-        """Build release `number` of the app and start its replicas beside the live ones."""
+    def stage_release(self, spec: dict, number: int, source_dir) -> dict:
+        """Take the code in source_dir as release `number`, build it, start its replicas beside
+        the live ones."""
 
     @abstractmethod
     def probe_release(self, app: str, number: int) -> list[ReplicaStatus]:

@@ -25,7 +25,6 @@ from ..onboarding import NAME_PATTERN
 from . import process
 from .base import ReplicaStatus, Runtime, RuntimeFailure
 
-SAMPLE_SERVICE = Path(__file__).resolve().parents[2] / "examples" / "sample_service"
 OPS_KEPT = 500
 RELEASES_KEPT = 3
 # Overload = demand beyond capacity: a quarter more clients than the replicas have work slots.
@@ -38,10 +37,9 @@ def _substitute(argv: list[str], values: dict) -> list[str]:
 
 
 class LocalRuntime(Runtime):
-    def __init__(self, settings: Settings, source_dir: Path | None = None):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.root = settings.apps_dir
-        self.source_dir = Path(source_dir or SAMPLE_SERVICE)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = None
 
@@ -119,7 +117,7 @@ class LocalRuntime(Runtime):
         return process.stop_all([(r.get("pid"), r.get("ticks")) for r in replicas])
 
     # -- releases ------------------------------------------------------------------------
-    def stage_release(self, spec: dict, number: int) -> dict:
+    def stage_release(self, spec: dict, number: int, source_dir: Path) -> dict:
         app = spec["name"]
         with self._locked(app) as state:
             state["spec"] = spec
@@ -128,7 +126,8 @@ class LocalRuntime(Runtime):
             release_dir = self.app_dir(app) / "releases" / str(number)
             if release_dir.exists():
                 shutil.rmtree(release_dir)
-            shutil.copytree(self.source_dir, release_dir, ignore=shutil.ignore_patterns("__pycache__"))
+            release_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(source_dir), str(release_dir))
             build = _substitute(spec["build"], {"python": sys.executable})
             try:
                 out = subprocess.run(build, cwd=release_dir, env=process.clean_env({}), capture_output=True,

@@ -7,6 +7,10 @@
 
 Utilization is measured, not set: the share of slot-time spent on /work requests over the last
 two seconds. Standard library only, so any Python can run it.
+
+Two optional files next to this one make a revision misbehave on purpose (the example repo's
+cicd-inject/* branches carry them): `startup_delay_s` (seconds to wait before listening: a
+slow deploy) and `crash_after_s` (seconds after which the process dies: a bad release).
 """
 import argparse
 import json
@@ -123,12 +127,28 @@ def make_handler(service):
     return Handler
 
 
+def seconds_from_file(name):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    try:
+        with open(path) as fh:
+            return float(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--role", default="backend")
     parser.add_argument("--slots", type=int, default=4, help="concurrent /work requests per replica")
     args = parser.parse_args()
+    delay = seconds_from_file("startup_delay_s")
+    if delay:
+        print(f"slow start: listening in {delay} s", flush=True)
+        time.sleep(delay)
+    crash_after = seconds_from_file("crash_after_s")
+    if crash_after:
+        threading.Timer(crash_after, lambda: os._exit(70)).start()
     service = Service(args.role, args.slots)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(service))
     server.daemon_threads = True

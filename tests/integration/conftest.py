@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from cicd import proof, reports
+from cicd import cluster, proof, reports
 from cicd.config import Settings
 from cicd.runtime.local import LocalRuntime
 
 CICD = Path(sys.executable).with_name("cicd")
-# Faster probes than the default 1 s so the suite stays short; everything else is as shipped.
-STACK_ENV = {"CICD_ENV": "stage", "CICD_PROBE_INTERVAL": "0.5", "CICD_VERIFY_TIMEOUT": "6"}
+# Faster probes than the default 1 s, and shorter waits for slow deploys, so the suite stays
+# short; everything else is as shipped.
+STACK_ENV = {"CICD_ENV": "stage", "CICD_PROBE_INTERVAL": "0.5", "CICD_VERIFY_TIMEOUT": "6", "CICD_SLOW_DEPLOY": "3"}
 
 
 @dataclass
@@ -44,17 +45,24 @@ class Stack:
         return [r for r in rows if (name is None or r["event_name"] == name)
                 and (incident_id is None or r["incident_id"] == incident_id)]
 
-    def wait_steady(self, app: str, timeout: float = 60) -> None:
+    def wait_steady(self, app: str, timeout: float = 60, env: str = "stage") -> None:
+        settings = self.settings.for_env(env)
+        runtime = LocalRuntime(settings)
         deadline = time.monotonic() + timeout
-        while not reports.steady(self.settings, self.runtime, app):
+        while not reports.steady(settings, runtime, app):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{app} not steady within {timeout} s: {reports.apps(self.settings, self.runtime)}")
+                raise AssertionError(f"{app} not steady within {timeout} s: {reports.apps(settings, runtime)}")
             time.sleep(0.2)
 
-    def onboard(self, name: str) -> None:
-        if name not in self.runtime.apps():
-            self.cicd("onboard", name, "--repo", f"https://git.example.com/team/{name}.git", "--runtime", "backend")
-        self.wait_steady(name)
+    def repo_url(self, name: str) -> str:
+        """A real git repository of the sample service, served over loopback HTTP."""
+        return f"{cluster.example_git_server(self.settings, [name])}/{name}.git"
+
+    def onboard(self, name: str, env: str = "stage") -> None:
+        settings = self.settings.for_env(env)
+        if name not in LocalRuntime(settings).apps():
+            self.cicd("onboard", name, "--repo", self.repo_url(name), "--runtime", "backend", "--env", env)
+        self.wait_steady(name, env=env)
 
 
 @pytest.fixture(scope="session")

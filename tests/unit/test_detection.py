@@ -13,7 +13,7 @@ from cicd.events import Signal, iso, utcnow
 from cicd.runtime.local import LocalRuntime
 from cicd.store import App, AppHealth, DeadLetter, session_scope
 
-from .test_local_runtime import wait_for
+from .test_local_runtime import sample_source, wait_for
 
 
 @pytest.fixture
@@ -31,10 +31,10 @@ def runtime(settings):
 
 
 @pytest.fixture
-def app(settings, runtime):
+def app(settings, runtime, tmp_path):
     assert onboarding.register(settings, "shop-api", "https://git.example.com/shop-api.git", "backend")["ok"]
     spec = onboarding.generate_spec("shop-api", "https://git.example.com/shop-api.git", "backend", "stage")
-    runtime.stage_release(spec, 1)
+    runtime.stage_release(spec, 1, sample_source(tmp_path))
     wait_for(lambda: all(s.healthy for s in runtime.probe_release("shop-api", 1)))
     runtime.activate_release("shop-api", 1)
     return "shop-api"

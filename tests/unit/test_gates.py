@@ -419,3 +419,51 @@ def test_every_gate_refusal_names_a_proof_event_and_a_reason():
         assert verdict.event in events.PROOF_EVENTS
         seen.add(verdict.gate)
     assert seen == {"intake", "blocklist", "allowlist", "environment", "budget"}
+
+
+# --- prod: deploy actions and scaling past the limit wait for a human --------------------------
+
+@pytest.mark.parametrize("action, params", [
+    ("retry_deployment", {"release": 3}),
+    ("rollback_deployment", {"to_release": 2}),
+    ("rollback_deployment", {"to_release": 2, "cancel_release": 3}),
+    ("scale_workers", {"replicas": 9}),
+], ids=["retry", "rollback", "rollback-cancelling", "scale-past-limit"])
+def test_prod_holds_risky_actions_for_approval(action, params):
+    verdict, _ = gates.evaluate(make_decision(env="prod", action=action, params=params, mode="cautious"),
+                                make_ctx(env="prod"))
+    assert (verdict.allowed, verdict.approval, verdict.gate, verdict.event) == \
+        (False, True, "environment", "APPROVAL_REQUESTED")
+    assert verdict.reason
+
+
+@pytest.mark.parametrize("action, params", [
+    ("noop", {}), ("restart_service", {"slots": [1]}), ("scale_workers", {"replicas": 6}),
+])
+def test_prod_acts_alone_on_restart_and_scaling_within_limits(action, params):
+    verdict, _ = gates.evaluate(make_decision(env="prod", action=action, params=params, mode="cautious"),
+                                make_ctx(env="prod"))
+    assert_allowed(verdict)
+
+
+def test_outside_prod_scaling_past_the_limit_is_a_budget_refusal_not_an_approval():
+    verdict, _ = gates.evaluate(make_decision(action="scale_workers", params={"replicas": 9}), make_ctx())
+    assert_refused(verdict, "budget", "BUDGET_EXCEEDED")
+    assert not verdict.approval
+
+
+def test_an_approved_decision_skips_age_environment_and_budget_but_not_signature_or_blocklist():
+    old = events.utcnow() - timedelta(hours=2)
+    approved = make_ctx(env="prod", approved=True, restarts_in_window=99)
+    risky = make_decision(env="prod", action="rollback_deployment", params={"to_release": 2}, issued_at=old)
+    assert_allowed(gates.evaluate(risky, approved)[0])
+    forged = {**risky, "params": {"to_release": 1}}
+    assert_refused(gates.evaluate(forged, approved)[0], "intake", "INTAKE_REFUSED")
+    unsafe = make_decision(env="prod", action="drop_database", params={}, issued_at=old)
+    assert_refused(gates.evaluate(unsafe, approved)[0], "blocklist", "UNSAFE_ACTION_REFUSED")
+
+
+def test_demo_mode_blocks_deploy_actions():
+    for action, params in [("retry_deployment", {"release": 3}), ("rollback_deployment", {"to_release": 2})]:
+        verdict, _ = gates.evaluate(make_decision(action=action, params=params), make_ctx(demo_mode=True))
+        assert_refused(verdict, "allowlist", "DEMO_MODE_BLOCK")

@@ -5,15 +5,30 @@ stops what it started.
 """
 from __future__ import annotations
 
+import itertools
+import shutil
 import time
 
 import pytest
 
 from cicd import onboarding
+from cicd.examples import SAMPLE_SERVICE
 from cicd.config import Settings
 from cicd.runtime import process
 from cicd.runtime.base import RuntimeFailure
 from cicd.runtime.local import LocalRuntime
+
+
+_sources = itertools.count()
+
+
+def sample_source(tmp_path, files: dict | None = None):
+    """A fresh copy of the sample service, as the deployer would export it from git."""
+    source = tmp_path / f"source-{next(_sources)}"
+    shutil.copytree(SAMPLE_SERVICE, source, ignore=shutil.ignore_patterns("__pycache__"))
+    for name, text in (files or {}).items():
+        (source / name).write_text(text)
+    return source
 
 
 def wait_for(check, timeout=10.0, poll=0.05):
@@ -37,7 +52,7 @@ def runtime(tmp_path):
 @pytest.fixture
 def live_app(runtime):
     spec = onboarding.generate_spec("shop-api", "https://git.example.com/shop-api.git", "backend", "stage")
-    runtime.stage_release(spec, 1)
+    runtime.stage_release(spec, 1, sample_source(runtime.settings.home))
     wait_for(lambda: all(s.healthy for s in runtime.probe_release("shop-api", 1)))
     runtime.activate_release("shop-api", 1)
     return "shop-api"
@@ -119,7 +134,7 @@ def test_overload_raises_measured_utilization_and_scaling_lowers_it(runtime, liv
 def test_failed_gate_is_discarded_and_live_release_keeps_serving(runtime, live_app):
     live_pids = {s.pid for s in statuses(runtime, live_app)}
     spec = onboarding.generate_spec("shop-api", "https://git.example.com/shop-api.git", "backend", "stage")
-    staged = runtime.stage_release(spec, 2)
+    staged = runtime.stage_release(spec, 2, sample_source(runtime.settings.home))
     assert len(staged["slots"]) == 2 and not set(staged["pids"]) & live_pids
     runtime.discard_release(live_app, 2)
     assert {s.pid for s in statuses(runtime, live_app)} == live_pids
@@ -129,7 +144,7 @@ def test_failed_gate_is_discarded_and_live_release_keeps_serving(runtime, live_a
 def test_activating_a_new_release_stops_the_old_replicas(runtime, live_app):
     old = {s.pid for s in statuses(runtime, live_app)}
     spec = onboarding.generate_spec("shop-api", "https://git.example.com/shop-api.git", "backend", "stage")
-    runtime.stage_release(spec, 2)
+    runtime.stage_release(spec, 2, sample_source(runtime.settings.home))
     wait_for(lambda: all(s.healthy for s in runtime.probe_release(live_app, 2)))
     runtime.activate_release(live_app, 2)
     assert runtime.live_release(live_app) == 2
@@ -141,7 +156,7 @@ def test_build_failure_is_reported_and_starts_nothing(runtime, tmp_path):
     spec = onboarding.generate_spec("broken-api", "https://git.example.com/broken.git", "backend", "stage")
     spec["build"] = ["{python}", "-c", "import sys; print('compile error'); sys.exit(3)"]
     with pytest.raises(RuntimeFailure, match="exit 3.*compile error"):
-        runtime.stage_release(spec, 1)
+        runtime.stage_release(spec, 1, sample_source(tmp_path))
     assert runtime.probe_release("broken-api", 1) == []
 
 

@@ -14,7 +14,8 @@ from cicd import actions, policy, store
 from cicd.config import Settings
 from cicd.events import INCIDENT_KINDS, SEVERITIES
 
-PLAYBOOK = {"crash": "restart_service", "overload": "scale_workers", "false_alarm": "noop"}
+PLAYBOOK = {"crash": "restart_service", "overload": "scale_workers", "false_alarm": "noop",
+            "underload": "scale_workers", "slow_deploy": "noop", "failed_deploy": "retry_deployment"}
 
 
 def _greedy(table, state, allowed=actions.ACTIONS):
@@ -40,7 +41,7 @@ def test_priors_pick_the_playbook_action_at_the_first_attempt(kind, severity):
 
 def test_prior_table_has_one_cell_per_kind_severity_attempt_action():
     table = policy.prior_table()
-    assert table.shape == (len(INCIDENT_KINDS), len(SEVERITIES), policy.MAX_ATTEMPT, len(actions.ACTIONS))
+    assert table.shape == (len(INCIDENT_KINDS), len(SEVERITIES), policy.MAX_ATTEMPT, 2, len(actions.ACTIONS))
     # Severity does not change the priors: every severity row of a kind is the same.
     for k in range(len(INCIDENT_KINDS)):
         for s in range(1, len(SEVERITIES)):
@@ -159,8 +160,8 @@ def test_choose_raises_when_no_action_is_allowed(mode, allowed):
 def test_state_of_caps_the_attempt(attempt, expected):
     state = policy.State.of("overload", "high", attempt)
     assert state.attempt == expected
-    assert state.key == f"overload|high|{expected}"
-    assert state.index == (INCIDENT_KINDS.index("overload"), SEVERITIES.index("high"), expected - 1)
+    assert state.key == f"overload|high|{expected}|steady"
+    assert state.index == (INCIDENT_KINDS.index("overload"), SEVERITIES.index("high"), expected - 1, 0)
 
 
 # --- reward ----------------------------------------------------------------------------------
@@ -331,38 +332,89 @@ def test_concurrent_learners_lose_no_update(tmp_path):
 
 # --- action parameters -----------------------------------------------------------------------
 
-def _incident(slot: int = 0, **signal):
-    return SimpleNamespace(signal=signal, slot=slot)
+SPEC = {"replicas": 2, "min_replicas": 1, "max_replicas": 6}
+
+
+def _incident(slot: int = 0, kind: str = "overload", context: dict | None = None, **signal):
+    return SimpleNamespace(signal=signal, slot=slot, kind=kind, context=context or {})
 
 
 def test_restart_targets_the_sorted_unique_signalled_slots():
-    assert policy.action_params("restart_service", _incident(slot=0, slots=[3, 1, 3, 2])) == {"slots": [1, 2, 3]}
+    assert policy.action_params("restart_service", _incident(slot=0, slots=[3, 1, 3, 2]), SPEC) == {"slots": [1, 2, 3]}
     # Without slots in the signal, the incident's own slot.
-    assert policy.action_params("restart_service", _incident(slot=4)) == {"slots": [4]}
-    assert policy.action_params("restart_service", _incident(slot=5, slots=[])) == {"slots": [5]}
+    assert policy.action_params("restart_service", _incident(slot=4), SPEC) == {"slots": [4]}
+    assert policy.action_params("restart_service", _incident(slot=5, slots=[]), SPEC) == {"slots": [5]}
 
 
 def test_scale_aims_for_target_utilization_and_always_adds_a_replica():
-    params = policy.action_params("scale_workers", _incident(utilization=0.9, replicas_total=2))
+    params = policy.action_params("scale_workers", _incident(utilization=0.9, replicas_total=2), SPEC)
     wanted = math.ceil(2 * 0.9 / policy.TARGET_UTILIZATION)
     assert params == {"replicas": max(wanted, 3)}
     assert params["replicas"] == 3  # 2 replicas at 90% carry 1.8 replicas' work: 3 at 60%
     assert actions.params_problem("scale_workers", params) is None
 
-    heavy = policy.action_params("scale_workers", _incident(utilization=0.95, replicas_total=4))
+    heavy = policy.action_params("scale_workers", _incident(utilization=0.95, replicas_total=4), SPEC)
     assert heavy == {"replicas": math.ceil(4 * 0.95 / policy.TARGET_UTILIZATION)} == {"replicas": 7}
 
     # Low utilization still scales up by one: the detector only asks when it is overloaded.
-    assert policy.action_params("scale_workers", _incident(utilization=0.3, replicas_total=2)) == {"replicas": 3}
+    assert policy.action_params("scale_workers", _incident(utilization=0.3, replicas_total=2), SPEC) == {"replicas": 3}
 
 
 def test_scale_without_utilization_adds_one_replica():
-    assert policy.action_params("scale_workers", _incident(replicas_total=3)) == {"replicas": 4}
-    assert policy.action_params("scale_workers", _incident(replicas_total=0)) == {"replicas": 2}
-    assert policy.action_params("scale_workers", _incident()) == {"replicas": 2}
+    assert policy.action_params("scale_workers", _incident(replicas_total=3), SPEC) == {"replicas": 4}
+    # Without a replica count in the signal, the spec's count is the current one.
+    assert policy.action_params("scale_workers", _incident(replicas_total=0), SPEC) == {"replicas": 3}
+    assert policy.action_params("scale_workers", _incident(), SPEC) == {"replicas": 3}
 
 
 def test_noop_takes_no_params():
-    params = policy.action_params("noop", _incident(slot=1, slots=[1], utilization=0.9, replicas_total=2))
+    params = policy.action_params("noop", _incident(slot=1, slots=[1], utilization=0.9, replicas_total=2), SPEC)
     assert params == {}
     assert actions.params_problem("noop", params) is None
+
+
+def test_a_crash_soon_after_a_release_is_rolled_back_not_restarted():
+    steady = _greedy(policy.prior_table(), policy.State.of("crash", "high", 1, fresh=False))[0]
+    fresh = _greedy(policy.prior_table(), policy.State.of("crash", "high", 1, fresh=True))[0]
+    assert (steady, fresh) == ("restart_service", "rollback_deployment")
+
+
+def test_a_failed_deploy_is_retried_then_rolled_back():
+    first = _greedy(policy.prior_table(), policy.State.of("failed_deploy", "high", 1))[0]
+    second = _greedy(policy.prior_table(), policy.State.of("failed_deploy", "high", 2))[0]
+    assert (first, second) == ("retry_deployment", "rollback_deployment")
+
+
+def test_scaling_in_stays_at_or_above_the_spec_and_below_the_current_count():
+    idle = _incident(kind="underload", utilization=0.05, replicas_total=5)
+    assert policy.action_params("scale_workers", idle, SPEC) == {"replicas": 2}  # ceil(5*.05/.6)=1 < spec
+    busy = _incident(kind="underload", utilization=0.18, replicas_total=6)
+    assert policy.action_params("scale_workers", busy, SPEC) == {"replicas": 2}
+    warm = _incident(kind="underload", utilization=0.19, replicas_total=12)
+    assert policy.action_params("scale_workers", warm, {**SPEC, "max_replicas": 12}) == {"replicas": 4}
+
+
+def test_deploy_action_params_come_from_the_incident_context():
+    failed = _incident(kind="failed_deploy", context={"release": 7, "rollback_to": 6})
+    assert policy.action_params("retry_deployment", failed, SPEC) == {"release": 7}
+    assert policy.action_params("rollback_deployment", failed, SPEC) == {"to_release": 6}
+    slow = _incident(kind="slow_deploy", context={"release": 9, "rollback_to": 8})
+    assert policy.action_params("rollback_deployment", slow, SPEC) == {"to_release": 8, "cancel_release": 9}
+    for params in ({"release": 7}, {"to_release": 8, "cancel_release": 9}):
+        action = "retry_deployment" if "release" in params else "rollback_deployment"
+        assert actions.params_problem(action, params) is None
+
+
+def test_the_shield_offers_only_what_can_be_done_and_the_gates_allow(tmp_path):
+    stage = Settings(env="stage", home=tmp_path)
+    demo = Settings(env="stage", home=tmp_path, demo_mode=True)
+    no_target = _incident(kind="crash", context={"rollback_to": None})
+    with_target = _incident(kind="crash", context={"rollback_to": 3})
+    failed = _incident(kind="failed_deploy", context={"release": 4, "rollback_to": 3})
+    cold_at_spec = _incident(kind="underload", context={"can_scale_in": False})
+    assert "rollback_deployment" not in policy.allowed_actions(stage, no_target)
+    assert "rollback_deployment" in policy.allowed_actions(stage, with_target)
+    assert "retry_deployment" not in policy.allowed_actions(stage, with_target)  # a crash is not a deploy
+    assert {"retry_deployment", "rollback_deployment"} <= set(policy.allowed_actions(stage, failed))
+    assert set(policy.allowed_actions(demo, failed)) == {"noop", "restart_service", "scale_workers"}
+    assert "scale_workers" not in policy.allowed_actions(stage, cold_at_spec)

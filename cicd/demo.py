@@ -194,6 +194,7 @@ class Demo:
         with ServingWatch(self.runtime, DEMO_APP) as watch:
             result = self.run_step(Step("S", DEMO_APP, "slow-deploy", ("noop", "rollback_deployment"), "slow_deploy"))
         self.note_serving(watch, result)
+        self.ensure_app(DEMO_APP, "backend")  # leave it on its default branch, not the slow revision
         return [result]
 
     def failed_deploy(self) -> list[StepResult]:

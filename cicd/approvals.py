@@ -91,7 +91,8 @@ def pending(settings: Settings, include_decided: bool = False) -> list[dict]:
         return [as_dict(a, now) for a in session.scalars(query.order_by(Approval.requested_at))]
 
 
-def _load_pending(session, settings: Settings, approval_id: str) -> Approval:
+def _answer(session, settings: Settings, approval_id: str, status: str, who: str, reason: str) -> Approval:
+    """Record the answer to a pending, unexpired request, with who answered and why."""
     approval = session.get(Approval, approval_id, with_for_update=True)
     if approval is None or approval.env != settings.env:
         raise ApprovalError(f"no approval {approval_id} in {settings.env}")
@@ -100,17 +101,17 @@ def _load_pending(session, settings: Settings, approval_id: str) -> Approval:
                             + (f" by {approval.decided_by}" if approval.decided_by else ""))
     if as_utc(approval.expires_at) <= utcnow():
         raise ApprovalError(f"{approval_id} expired at {iso(approval.expires_at)}; request it again")
+    approval.status, approval.decided_by, approval.decided_at, approval.reason = status, who, utcnow(), reason
+    event = "APPROVAL_GRANTED" if status == "granted" else "APPROVAL_DENIED"
+    proof.append(session, settings.env, event, incident_id=approval.incident_id, app=approval.app,
+                 payload={"approval": approval_id, "kind": approval.kind, "by": who, "reason": reason,
+                          "summary": approval.summary})
     return approval
 
 
 def grant(settings: Settings, approval_id: str, who: str, reason: str) -> dict:
     with session_scope(settings) as session:
-        approval = _load_pending(session, settings, approval_id)
-        approval.status, approval.decided_by, approval.decided_at, approval.reason = "granted", who, utcnow(), reason
-        proof.append(session, settings.env, "APPROVAL_GRANTED", incident_id=approval.incident_id, app=approval.app,
-                     payload={"approval": approval_id, "kind": approval.kind, "by": who, "reason": reason,
-                              "summary": approval.summary})
-        return as_dict(approval)
+        return as_dict(_answer(session, settings, approval_id, "granted", who, reason))
 
 
 def deny(settings: Settings, approval_id: str, who: str, reason: str) -> dict:
@@ -118,11 +119,7 @@ def deny(settings: Settings, approval_id: str, who: str, reason: str) -> dict:
     if not reason.strip():
         raise ApprovalError("--reason: say why it is denied (it goes to the proof log)")
     with session_scope(settings) as session:
-        approval = _load_pending(session, settings, approval_id)
-        approval.status, approval.decided_by, approval.decided_at, approval.reason = "denied", who, utcnow(), reason
-        proof.append(session, settings.env, "APPROVAL_DENIED", incident_id=approval.incident_id, app=approval.app,
-                     payload={"approval": approval_id, "kind": approval.kind, "by": who, "reason": reason,
-                              "summary": approval.summary})
+        approval = _answer(session, settings, approval_id, "denied", who, reason)
         if approval.kind == "action":
             _close_held_incident(session, settings, approval, REFUSED, "INCIDENT_REFUSED",
                                  f"{approval.summary}: denied by {who}: {reason}")

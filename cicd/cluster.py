@@ -19,6 +19,7 @@ from typing import Callable
 
 import redis
 
+from . import examples
 from .config import AGENTS, Settings, signing_key
 from .events import iso, utcnow
 from .runtime import process
@@ -180,7 +181,6 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
                     started.append(entry)
         if (stack.get("gitserver") or {}).get("port") and not _alive(stack["gitserver"]):
             # Apps onboarded from the example git server name it in their repo URL: bring it back.
-            from . import examples
             stack["gitserver"] = examples.start_server(settings.var_dir / "git", settings.var_dir / "git-server.log",
                                                        stack["gitserver"]["port"])
             say(f"git server {stack['gitserver']['url']} (example repositories)")
@@ -219,7 +219,6 @@ def _wait_ready(settings, section, started, ping: Ping, say) -> None:
 def example_git_server(settings: Settings, repos: list[str]) -> str:
     """The loopback git server of the example repositories (started once, stopped by `down`),
     with a repository of the sample service for each name in repos; returns its base URL."""
-    from . import examples
     root = settings.var_dir / "git"
     with _stack_lock(settings):
         stack = read_stack(settings)

@@ -78,16 +78,16 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, poll_s: f
 
 
 class ServingWatch:
-    """Probes an app every 0.2 s in the background: was any probe without a healthy replica?"""
+    """Probes an app in the background: was there ever a probe without a healthy replica?"""
 
-    def __init__(self, runtime: Runtime, app: str):
-        self.runtime, self.app = runtime, app
+    def __init__(self, runtime: Runtime, app: str, interval_s: float = 0.2):
+        self.runtime, self.app, self.interval_s = runtime, app, interval_s
         self.probes = self.dark = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(self.interval_s):
             self.probes += 1
             if not any(s.healthy for s in self.runtime.probe([self.app])[self.app]):
                 self.dark += 1

@@ -2,6 +2,7 @@
 in a private CICD_HOME, driven through the real `cicd` command, stopped by `cicd down --apps`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -53,6 +54,25 @@ class Stack:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{app} not steady within {timeout} s: {reports.apps(settings, runtime)}")
             time.sleep(0.2)
+
+    @contextlib.contextmanager
+    def other_env(self, env: str, **variables: str):
+        """Another environment's stack beside stage (same Redis), started with extra variables;
+        stopped when the block ends."""
+        saved = {k: os.environ.get(k) for k in variables}
+        os.environ.update(variables)
+        try:
+            self.cicd("up", "--env", env)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
+        try:
+            yield self.settings.for_env(env)
+        finally:
+            self.cicd("down", "--env", env, check=False)
 
     def repo_url(self, name: str) -> str:
         """A real git repository of the sample service, served over loopback HTTP."""

@@ -3,7 +3,6 @@ a broken revision, a slow one, one that dies after its release, two deploys of o
 deploys of several apps in parallel."""
 from __future__ import annotations
 
-import threading
 import time
 from datetime import timedelta
 
@@ -11,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from cicd import deployer, gitsource, reports
+from cicd.demo import ServingWatch
 from cicd.events import utcnow
 from cicd.store import DeployLock, Release, session_scope
 
@@ -25,27 +25,9 @@ def app(stack):
     return APP
 
 
-class Serving:
+def Serving(stack, app):
     """Probes the app every 0.1 s in the background; counts probes that found no healthy replica."""
-
-    def __init__(self, stack, app):
-        self.stack, self.app, self.probes, self.dark = stack, app, 0, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        runtime = self.stack.runtime
-        while not self.stop.wait(0.1):
-            self.probes += 1
-            self.dark += not any(s.healthy for s in runtime.probe([self.app])[self.app])
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+    return ServingWatch(stack.runtime, app, interval_s=0.1)
 
 
 def releases(stack, app):

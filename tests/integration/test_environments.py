@@ -3,7 +3,6 @@ signing key and runtime directory, even for an app of the same name, and their o
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 
@@ -22,15 +21,10 @@ APP = "twin-api"
 @pytest.fixture(scope="module")
 def dev(stack):
     """A dev stack beside stage, on the same Redis, in DEMO_MODE."""
-    os.environ["CICD_DEMO_MODE"] = "true"
-    try:
-        stack.cicd("up", "--env", "dev")
-    finally:
-        del os.environ["CICD_DEMO_MODE"]
-    stack.onboard(APP, env="stage")
-    stack.onboard(APP, env="dev")
-    yield stack.settings.for_env("dev")
-    stack.cicd("down", "--env", "dev")
+    with stack.other_env("dev", CICD_DEMO_MODE="true") as settings:
+        stack.onboard(APP, env="stage")
+        stack.onboard(APP, env="dev")
+        yield settings
 
 
 def pids(settings):
@@ -81,8 +75,3 @@ def test_stopping_dev_leaves_stage_running(stack, dev):
     state = json.loads(stack.cicd("status", "--json").stdout)["stack"]
     assert "dev" not in state["envs"]
     assert all(a["alive"] == 1 for a in state["envs"]["stage"]["agents"])
-    os.environ["CICD_DEMO_MODE"] = "true"
-    try:
-        stack.cicd("up", "--env", "dev")  # for the fixture's own teardown, and to show up is repeatable
-    finally:
-        del os.environ["CICD_DEMO_MODE"]

@@ -20,14 +20,9 @@ APP = "promo-api"
 @pytest.fixture(scope="module")
 def prod(stack):
     # Prod explores a little by default; here it must not, so each test knows what it decides.
-    os.environ["CICD_EXPLORATION"] = "0"
-    try:
-        stack.cicd("up", "--env", "prod")
-    finally:
-        del os.environ["CICD_EXPLORATION"]
-    stack.onboard(APP)
-    yield stack.settings.for_env("prod")
-    stack.cicd("down", "--env", "prod")
+    with stack.other_env("prod", CICD_EXPLORATION="0") as settings:
+        stack.onboard(APP)
+        yield settings
 
 
 def approval_id(output: str) -> str:

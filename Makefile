@@ -18,6 +18,9 @@ demo: $(STAMP)  ## start the embedded stack, run the end-to-end demo, print the 
 test: $(STAMP)  ## the whole test suite: unit, then integration (real Redis, real workers)
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)  ## benchmarks: figures and ratios, printed (never timed assertions)
+	$(BIN)/python tests/bench/bench_policy.py
+
 down: $(STAMP)  ## stop the stack and the demo app
 	$(BIN)/cicd down --apps
 

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
@@ -400,6 +401,161 @@ def deny(approval_id, reason, who):
     except approvals.ApprovalError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"APPROVAL_DENIED {approval_id} by {denied['decided_by']}: {denied['summary']}")
+
+
+# -- the policy --------------------------------------------------------------------------------
+@main.group(name="rl")
+def rl_group():
+    """The recovery policy: train it on the simulated fleet, evaluate it, look at it."""
+
+
+def learned_table(settings: Settings):
+    from cicd import policy
+    from cicd.store import session_scope
+    with session_scope(settings) as session:
+        return policy.load_table(session, settings.env)
+
+
+@rl_group.command(name="train")
+@click.option("--episodes", default=10_000, show_default=True, type=click.IntRange(1, 10_000_000))
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default="dev", show_default=True,
+              help="Whose Q-table to train (stage and prod use what is trained here when it is theirs).")
+@click.option("--continue", "keep", is_flag=True, help="Start from the environment's current table, not the priors.")
+def rl_train(episodes, seed, env, keep):
+    """Q-learning on the simulated fleet's mixed fault model; stores the table in the environment.
+
+    Each episode is one incident healed through the same shield, gates and catalogue as the
+    agents use. Deterministic for a given seed (from the priors). Saves the learning curve for
+    `cicd rl eval`'s plot.
+    """
+    from cicd import learning, policy
+    from cicd.store import session_scope
+    settings = load_settings(env)
+    started = time.monotonic()
+    with click.progressbar(length=episodes, label=f"training {episodes} episodes", file=sys.stderr) as bar:
+        last = [0]
+
+        def progress(done, total):
+            bar.update(done - last[0])
+            last[0] = done
+        training = learning.train(settings, episodes, seed, learned_table(settings) if keep else None,
+                                  progress=progress)
+    with session_scope(settings) as session:
+        written = policy.store_table(session, env, training.table, training.visits, replace=not keep)
+        proof.append(session, env, "RL_TRAINED", payload={
+            "episodes": episodes, "seed": seed, "from": "current table" if keep else "priors",
+            "states_written": written, "converged_at": training.converged_at,
+            "final": {k: v for k, v in training.curve[-1].items() if k != "greedy"}})
+    path = learning.save_training(settings, training, episodes, seed)
+    final = training.curve[-1]
+    click.echo(f"trained {episodes} episodes (seed {seed}) in {time.monotonic() - started:.1f} s; "
+               f"{written} state-actions written to {env}")
+    click.echo(f"validation: downtime per incident {final['downtime_per_incident']:.2f} s "
+               f"(playbook {training.playbook_downtime:.2f} s), success rate {final['success_rate']:.4f}")
+    click.echo(f"greedy policy unchanged since episode {training.converged_at}" if training.converged_at
+               else "greedy policy still changing at the last validation: train longer")
+    click.echo(f"learning curve: {path}")
+
+
+@rl_group.command(name="eval")
+@click.option("--episodes", default=2000, show_default=True, type=click.IntRange(1, 10_000_000))
+@click.option("--seed", default=2, show_default=True, type=int, help="Use one the training did not (held out).")
+@click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default="dev", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: episodes, seed, policies.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the PNG (default: var/ENV/rl/eval.png).")
+def rl_eval(episodes, seed, env, as_json, plot_path):
+    """The learned policy beside the playbook, random and an oracle, on the same faults.
+
+    Success rate, mean actions per incident, mean time to recover, total downtime, and each
+    as a ratio to the playbook; writes the learning curve and the comparison as a PNG.
+    """
+    from cicd import learning
+    settings = load_settings(env)
+    result = learning.evaluate(settings, learned_table(settings), episodes, seed)
+    path = learning.plot(settings, result, plot_path or learning.rl_dir(settings) / "eval.png")
+    result["plot"] = str(path)
+    if as_json:
+        echo_json(result)
+        return
+    rows = [{"policy": name, **{k: v for k, v in row.items() if k != "ratio_to_playbook"},
+             "downtime_vs_playbook": row["ratio_to_playbook"]["downtime_s"]}
+            for name, row in result["policies"].items()]
+    click.echo(f"{episodes} incidents from the mixed fault model, seed {seed}, policy of {env}:")
+    table(rows, [("policy", "policy"), ("success_rate", "success"), ("mean_actions", "actions/incident"),
+                 ("mean_time_to_recover_s", "mean ttr s"), ("downtime_s", "downtime s"),
+                 ("downtime_vs_playbook", "vs playbook")])
+    click.echo(f"learned mean actions / oracle's: {result['policies']['learned']['actions_vs_oracle']}")
+    click.echo(f"plot: {path}")
+
+
+@rl_group.command(name="show")
+@click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default="dev", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def rl_show(env, as_json):
+    """The Q-table: every state the detector produces, its Q-values and its greedy action.
+
+    Values marked * were learned; the others are the priors.
+    """
+    import numpy as np
+    from sqlalchemy import select
+
+    from cicd import actions, policy
+    from cicd.store import PolicyValue, session_scope
+    settings = load_settings(env)
+    with session_scope(settings) as session:
+        learned = {(r.state, r.action): r.updates for r in
+                   session.scalars(select(PolicyValue).where(PolicyValue.env == env))}
+        table_ = policy.load_table(session, env)
+    rows = []
+    for state in policy.detected_states():
+        q = table_[state.index]
+        row = {"state": state.key, "greedy": actions.ACTIONS[int(np.argmax(q))]}
+        for i, action in enumerate(actions.ACTIONS):
+            row[action] = f"{q[i]:+.3f}{'*' if (state.key, action) in learned else ''}"
+        rows.append(row)
+    if as_json:
+        echo_json({"env": env, "mode": settings.policy_mode, "states": rows})
+        return
+    click.echo(f"policy of {env} (mode {settings.policy_mode}); * = learned")
+    table(rows, [("state", "state"), ("greedy", "greedy")] + [(a, a) for a in actions.ACTIONS])
+
+
+@main.command()
+@click.argument("trace", type=click.Path(exists=True, dir_okay=False))
+@ENV_OPTION
+@click.option("--seed", default=0, show_default=True, type=int, help="For the hidden causes the record does not hold.")
+@click.option("--json", "as_json", is_flag=True)
+def replay(trace, env, seed, as_json):
+    """What-if on real history: heal a recorded trace's incidents again, on the simulated fleet.
+
+    TRACE is what `cicd proof export --format csv|jsonl` writes. Each recorded incident is healed
+    by today's policy of ENV through the same shield, gates and catalogue, and shown beside what
+    happened then. (A sample: examples/traces/stage-demo.csv.)
+    """
+    from cicd import replay as replay_module
+    settings = load_settings(env)
+    try:
+        recorded = replay_module.incidents(replay_module.read_trace(Path(trace)))
+    except replay_module.TraceError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not recorded:
+        raise click.ClickException(f"{trace} holds no INCIDENT_DETECTED records to replay")
+    results = replay_module.replay(settings, learned_table(settings), recorded, seed)
+    if as_json:
+        echo_json(results)
+        return
+    rows = [{"incident": r["incident_id"], "kind": r["kind"] + (" (fresh)" if r["fresh"] else ""),
+             "then": " -> ".join(r["recorded"]["actions"]) + f" = {r['recorded']['outcome']}",
+             "then_s": r["recorded"]["seconds"],
+             "now": " -> ".join(r["replayed"]["actions"]) + f" = {r['replayed']['outcome']}",
+             "now_s": r["replayed"]["seconds"]} for r in results]
+    table(rows, [("incident", "incident"), ("kind", "kind"), ("then", "recorded"), ("then_s", "seconds"),
+                 ("now", f"replayed ({settings.env} policy, simulated)"), ("now_s", "sim seconds")])
+    same = sum(1 for r in results if r["recorded"]["actions"][:1] == r["replayed"]["actions"][:1])
+    click.echo(f"{len(results)} incidents; the first action is the same in {same}; "
+               f"replayed outcomes: {sum(r['replayed']['outcome'] == 'stable' for r in results)} stable")
 
 
 # -- proof -------------------------------------------------------------------------------------

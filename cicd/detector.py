@@ -50,10 +50,11 @@ def context_of(session, settings: Settings, kind: str, signal: Signal, spec: dic
     live = next((r for r in releases if r.status == "live"), None)
     good_before = next((r for r in releases if r.status == "superseded" and r.sha
                         and (live is None or r.number < live.number)), None)
-    fresh = bool(kind == "crash" and live and live.finished_at
+    # A crash or an overload soon after a release may be the release's fault.
+    fresh = bool(kind in ("crash", "overload") and live and live.finished_at
                  and utcnow() - as_utc(live.finished_at) < timedelta(seconds=settings.fresh_release_s))
     context = {"live_release": live.number if live else None, "fresh_release": fresh}
-    if kind == "crash":
+    if kind in ("crash", "overload"):
         context["rollback_to"] = good_before.number if good_before else None
     elif kind in ("slow_deploy", "failed_deploy"):
         context["release"] = signal.release

@@ -162,6 +162,7 @@ def _act(settings: Settings, runtime: Runtime, request_deploy, claim_id: int, de
     # keeps the effect single even if we die between acting and recording.
     op_key = f"{decision.incident_id}/{decision.attempt}"
     try:
+        runtime.note_action(decision.app, decision.action, decision.params, op_key)
         result = actions.perform(action_context(settings, runtime, request_deploy), decision.app, decision.action,
                                  decision.params, op_key)
         status = "done"

@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from . import actions, proof, signing
@@ -75,6 +75,20 @@ class State:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "severity": self.severity, "attempt": self.attempt, "fresh": self.fresh}
+
+
+# The states the detector produces: which severities each kind comes with, and which kinds can be
+# fresh (a crash or an overload soon after a release).
+DETECTED = {"crash": ("high", "critical"), "overload": ("medium", "high"), "false_alarm": ("low",),
+            "underload": ("low",), "slow_deploy": ("medium",), "failed_deploy": ("high",)}
+CAN_BE_FRESH = ("crash", "overload")
+
+
+def detected_states() -> list[State]:
+    return [State.of(kind, severity, attempt, fresh)
+            for kind, severities in DETECTED.items() for severity in severities
+            for fresh in ((False, True) if kind in CAN_BE_FRESH else (False,))
+            for attempt in range(1, MAX_ATTEMPT + 1)]
 
 
 def prior_table() -> np.ndarray:
@@ -144,7 +158,7 @@ def action_params(action: str, incident: Incident, spec: dict) -> dict:
         return {"release": context["release"]}
     if action == "rollback_deployment":
         params = {"to_release": context["rollback_to"]}
-        if incident.kind == "slow_deploy":
+        if incident.kind == "slow_deploy" and context.get("release"):
             params["cancel_release"] = context["release"]
         return params
     return {}
@@ -154,9 +168,7 @@ def allowed_actions(settings: Settings, incident: Incident) -> tuple[str, ...]:
     """Shielding: the policy only picks what the gates could allow here and what can be done."""
     context = incident.context or {}
     allowed = []
-    for action in actions.ACTIONS:
-        if actions.is_blocklisted(action):
-            continue
+    for action in actions.SAFE_CATALOGUE:
         if settings.demo_mode and action not in ("noop", "restart_service", "scale_workers"):
             continue  # DEMO_MODE executes only noop, restart and scaling
         if action == "rollback_deployment" and not context.get("rollback_to"):
@@ -211,6 +223,30 @@ def reward(result: str, action: str, time_to_recover_s: float | None, timeout_s:
     return round(-1.0 - cost, 6)
 
 
+def q_update(old: float, r: float, future: float, alpha: float = ALPHA) -> float:
+    """One step of Q-learning: move toward reward plus the discounted best of the next state."""
+    return old + alpha * (r + GAMMA * future - old)
+
+
+def store_table(session: Session, env: str, table: np.ndarray, visits: np.ndarray, replace: bool = False) -> int:
+    """Write every state-action a training run visited (after forgetting everything learned, if
+    replace); returns how many rows were written."""
+    if replace:
+        session.execute(delete(PolicyValue).where(PolicyValue.env == env))
+    written = 0
+    for index in zip(*np.nonzero(visits)):
+        k, sev, attempt, fresh, a = (int(i) for i in index)
+        state = State.of(INCIDENT_KINDS[k], SEVERITIES[sev], attempt + 1, bool(fresh))
+        action = actions.ACTIONS[a]
+        row = session.get(PolicyValue, (env, state.key, action), with_for_update=True)
+        if row is None:
+            row = PolicyValue(env=env, state=state.key, action=action, q=0.0, updates=0)
+            session.add(row)
+        row.q, row.updates, row.updated_at = float(table[index]), row.updates + int(visits[index]), utcnow()
+        written += 1
+    return written
+
+
 def learn(settings: Settings, session: Session, state: State, action: str, r: float,
           next_state: State | None) -> dict:
     """One Q update, read-modify-write under the row lock, so concurrent learners lose nothing."""
@@ -219,10 +255,8 @@ def learn(settings: Settings, session: Session, state: State, action: str, r: fl
     env = settings.env
     row = session.get(PolicyValue, (env, state.key, action), with_for_update=True)
     old = row.q if row else float(prior_table()[state.index + (actions.ACTIONS.index(action),)])
-    future = 0.0
-    if next_state is not None:
-        future = float(np.max(load_table(session, env)[next_state.index]))
-    new = old + ALPHA * (r + GAMMA * future - old)
+    future = float(np.max(load_table(session, env)[next_state.index])) if next_state is not None else 0.0
+    new = q_update(old, r, future)
     if row is None:
         session.add(PolicyValue(env=env, state=state.key, action=action, q=new, updates=1, updated_at=utcnow()))
     else:

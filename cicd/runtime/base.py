@@ -81,3 +81,7 @@ class Runtime(ABC):
     @abstractmethod
     def apps(self) -> list[str]:
         ...
+
+    def note_action(self, app: str, action: str, params: dict, op_key: str) -> None:
+        """A healing action is about to run. Real runtimes have nothing to do here; the simulated
+        fleet draws the action's outcome from its fault model (once per op key)."""

@@ -1,0 +1,304 @@
+"""A simulated fleet: the Runtime interface over apps that exist only in memory, with a fault model.
+
+A fault has a kind (crash, overload, ...), a context the detector can see (is the live release
+fresh? how bad is it?) and a cause it cannot see (a bad release or a leak, a broken revision or
+a transient error). For each cause, each action has a probability of fixing it, a time it takes
+and a disruption it causes. Some faults need context to fix well: a crash right after a release
+is the release's fault, and restarting only brings the same bad code back.
+
+Everything random comes from one seeded generator: the same seed and the same calls give the
+same outcomes. Time is virtual: actions advance an app's clock by what they would take.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..onboarding import NAME_PATTERN
+from .base import ReplicaStatus, Runtime, RuntimeFailure
+
+
+@dataclass(frozen=True)
+class Effect:
+    p_fix: float          # chance the action ends the fault
+    seconds: float        # how long the action takes
+    disruption_s: float = 0.0   # full-outage seconds the action itself causes
+
+
+# cause -> action -> Effect. Actions missing for a cause never fix it (and cost their time).
+CAUSES: dict[str, dict[str, Effect]] = {
+    # crash of a long-stable release
+    "process": {"restart_service": Effect(0.95, 3), "scale_workers": Effect(0.80, 5),
+                "rollback_deployment": Effect(0.70, 10, 1), "noop": Effect(0.02, 20)},
+    "leak": {"restart_service": Effect(0.70, 3), "scale_workers": Effect(0.85, 5),
+             "rollback_deployment": Effect(0.60, 10, 1)},
+    # crash right after a release: the release is bad, restarts only loop
+    "bad_release": {"restart_service": Effect(0.10, 3), "scale_workers": Effect(0.10, 5),
+                    "rollback_deployment": Effect(0.97, 8, 1)},
+    # overload: more traffic than capacity, or a slow new release
+    "traffic": {"scale_workers": Effect(0.95, 6), "restart_service": Effect(0.15, 3, 2),
+                "noop": Effect(0.25, 30), "rollback_deployment": Effect(0.05, 10, 1)},
+    "regression": {"scale_workers": Effect(0.35, 6), "rollback_deployment": Effect(0.95, 8, 1),
+                   "restart_service": Effect(0.10, 3, 2), "noop": Effect(0.05, 30)},
+    # a blip that clears by itself: anything "fixes" it, but disruptive actions cost
+    "blip": {"noop": Effect(1.0, 0), "restart_service": Effect(1.0, 3, 3), "scale_workers": Effect(1.0, 5),
+             "rollback_deployment": Effect(1.0, 10, 5), "retry_deployment": Effect(1.0, 10, 0)},
+    "idle": {"scale_workers": Effect(0.98, 4)},
+    # a deploy that has not passed its gate yet: slow but fine, or stuck for good
+    "slow_start": {"noop": Effect(0.95, 15), "rollback_deployment": Effect(0.97, 4), "retry_deployment": Effect(0.5, 20)},
+    "stuck": {"rollback_deployment": Effect(0.97, 4), "retry_deployment": Effect(0.1, 20)},
+    # a deploy that failed (the live release serves meanwhile)
+    "broken_revision": {"rollback_deployment": Effect(0.97, 3)},
+    "transient": {"retry_deployment": Effect(0.90, 8), "rollback_deployment": Effect(0.97, 3)},
+}
+
+# kind, fresh -> [(weight, cause)]: what causes a fault of this kind, as far as the detector knows.
+CAUSE_MIX: dict[tuple[str, bool], list[tuple[float, str]]] = {
+    ("crash", False): [(0.9, "process"), (0.1, "leak")],
+    ("crash", True): [(1.0, "bad_release")],
+    ("overload", False): [(1.0, "traffic")],
+    ("overload", True): [(1.0, "regression")],
+    ("false_alarm", False): [(1.0, "blip")],
+    ("underload", False): [(1.0, "idle")],
+    ("slow_deploy", False): [(0.8, "slow_start"), (0.2, "stuck")],
+    ("failed_deploy", False): [(0.7, "broken_revision"), (0.3, "transient")],
+}
+
+# How much of the app a fault takes away while it lasts (the rest is degraded but serving).
+IMPACT = {"crash": {"critical": 1.0, "high": 0.5}, "overload": {"high": 0.5, "medium": 0.3}}
+
+# The mixed fault model: (weight, kind, fresh, severity).
+FAULT_MIX: list[tuple[float, str, bool, str]] = [
+    (0.22, "crash", False, "high"), (0.08, "crash", False, "critical"),
+    (0.10, "crash", True, "high"), (0.05, "crash", True, "critical"),
+    (0.15, "overload", False, "medium"), (0.05, "overload", False, "high"),
+    (0.025, "overload", True, "medium"), (0.025, "overload", True, "high"),
+    (0.15, "false_alarm", False, "low"), (0.05, "underload", False, "low"),
+    (0.05, "slow_deploy", False, "medium"), (0.05, "failed_deploy", False, "high"),
+]
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    fresh: bool
+    severity: str
+    cause: str
+
+    @property
+    def impact(self) -> float:
+        return IMPACT.get(self.kind, {}).get(self.severity, 0.0)
+
+
+def sample_fault(rng: random.Random, mix=FAULT_MIX) -> Fault:
+    _, kind, fresh, severity = _weighted(rng, [(w, (w, k, f, s)) for w, k, f, s in mix])
+    cause = _weighted(rng, CAUSE_MIX[(kind, fresh)])
+    return Fault(kind, fresh, severity, cause)
+
+
+def _weighted(rng: random.Random, options):
+    total = sum(w for w, _ in options)
+    pick = rng.random() * total
+    for weight, value in options:
+        pick -= weight
+        if pick <= 0:
+            return value
+    return options[-1][1]
+
+
+def effect_of(cause: str, action: str) -> Effect:
+    return CAUSES[cause].get(action, Effect(0.0, 5))
+
+
+@dataclass
+class SimApp:
+    spec: dict
+    replicas: int
+    live: int = 1
+    releases: dict = field(default_factory=dict)    # number -> {"status", "ref", "sha"}
+    fault: Fault | None = None
+    clock_s: float = 0.0                             # virtual time spent on this app's faults
+    disruption_s: float = 0.0
+    ops: dict = field(default_factory=dict)          # op_key -> fixed? (an action draws its outcome once)
+
+
+class SimRuntime(Runtime):
+    def __init__(self, settings=None, seed: int = 0):
+        self.settings = settings
+        self.rng = random.Random(seed)
+        self.fleet: dict[str, SimApp] = {}
+
+    # -- apps ----------------------------------------------------------------------------
+    def _app(self, app: str) -> SimApp:
+        try:
+            return self.fleet[app]
+        except KeyError:
+            raise RuntimeFailure(f"{app} is not deployed in the simulated fleet") from None
+
+    def add_app(self, spec: dict) -> SimApp:
+        """An app already live at release 1 (the simulation needs no build)."""
+        if not NAME_PATTERN.fullmatch(spec["name"]):
+            raise RuntimeFailure(f"app name {spec['name']!r}: not a valid app name")
+        sim = SimApp(spec=spec, replicas=spec["replicas"],
+                     releases={1: {"status": "live", "ref": "main", "sha": "1" * 40}})
+        self.fleet[spec["name"]] = sim
+        return sim
+
+    def apps(self) -> list[str]:
+        return sorted(self.fleet)
+
+    def replica_count(self, app: str) -> int:
+        return self.fleet[app].replicas if app in self.fleet else 0
+
+    # -- faults ------------------------------------------------------------------------------
+    def set_fault(self, app: str, fault: Fault) -> None:
+        """Start a fault on an app, with a history: release 1 superseded by release 2, which is
+        live (fresh or long-stable); a deploy fault adds release 3 (still starting, or failed)."""
+        sim = self._app(app)
+        sim.fault, sim.clock_s, sim.disruption_s, sim.ops = fault, 0.0, 0.0, {}
+        sim.replicas = sim.spec["replicas"] * (2 if fault.kind == "underload" else 1)
+        sim.releases = {1: {"status": "superseded", "ref": "main", "sha": "1" * 40},
+                        2: {"status": "live", "ref": "main", "sha": "2" * 40}}
+        sim.live = 2
+        if fault.kind in ("slow_deploy", "failed_deploy"):
+            sim.releases[3] = {"status": "starting" if fault.kind == "slow_deploy" else "failed", "ref": "main",
+                               "sha": "3" * 40}
+
+    def context(self, app: str) -> dict:
+        """What the detector would know about the app's releases (as detector.context_of)."""
+        sim = self._app(app)
+        fault = sim.fault
+        context = {"live_release": sim.live, "fresh_release": bool(fault and fault.fresh)}
+        if fault is None:
+            return context
+        if fault.kind in ("crash", "overload"):
+            context["rollback_to"] = 1
+        elif fault.kind in ("slow_deploy", "failed_deploy"):
+            context["release"], context["rollback_to"] = 3, sim.live
+        elif fault.kind == "underload":
+            context["can_scale_in"] = sim.replicas > sim.spec["replicas"]
+        return context
+
+    def inject(self, app: str, kind: str, **options) -> dict:
+        kinds = {"crash": "crash", "overload": "overload", "false-alarm": "false_alarm"}
+        if kind not in kinds:
+            raise RuntimeFailure(f"fault kind {kind!r}: must be one of {', '.join(kinds)}")
+        fresh = bool(options.get("fresh", False))
+        severity = options.get("severity") or {"crash": "high", "overload": "medium", "false-alarm": "low"}[kind]
+        cause = options.get("cause") or _weighted(self.rng, CAUSE_MIX[(kinds[kind], fresh)])
+        self.set_fault(app, Fault(kinds[kind], fresh, severity, cause))
+        return {"kind": kind, "cause": cause, "fresh": fresh}
+
+    def fault(self, app: str) -> Fault | None:
+        return self._app(app).fault
+
+    def elapsed(self, app: str) -> tuple[float, float]:
+        """(virtual seconds spent on the fault so far, seconds of outage the actions caused)."""
+        sim = self._app(app)
+        return sim.clock_s, sim.disruption_s
+
+    def advance(self, app: str, seconds: float) -> None:
+        self._app(app).clock_s += seconds
+
+    def note_action(self, app: str, action: str, params: dict, op_key: str) -> None:
+        """The fault model decides here, once per op key, whether this action fixes the fault."""
+        sim = self._app(app)
+        if op_key in sim.ops or sim.fault is None:
+            return
+        effect = effect_of(sim.fault.cause, action)
+        fixed = self.rng.random() < effect.p_fix
+        sim.ops[op_key] = fixed
+        sim.clock_s += effect.seconds
+        sim.disruption_s += effect.disruption_s
+        if fixed:
+            sim.fault = None
+
+    # -- probes ------------------------------------------------------------------------------
+    def _statuses(self, sim: SimApp) -> list[ReplicaStatus]:
+        fault = sim.fault
+        out = []
+        for slot in range(sim.replicas):
+            status, utilization = "ok", 0.3
+            if fault is not None:
+                if fault.kind == "crash" and (slot == 0 or fault.severity == "critical"):
+                    status = "down"
+                elif fault.kind == "overload":
+                    utilization = 0.97 if fault.severity == "high" else 0.85
+                elif fault.kind == "false_alarm" and slot == 0:
+                    status = "degraded"
+                elif fault.kind == "underload":
+                    utilization = 0.05
+            out.append(ReplicaStatus(slot, pid=None, port=None, alive=status != "down", status=status,
+                                     utilization=utilization if status == "ok" else 0.0, capacity=4))
+        return out
+
+    def probe(self, apps: list[str]) -> dict[str, list[ReplicaStatus]]:
+        return {app: self._statuses(self.fleet[app]) if app in self.fleet else [] for app in apps}
+
+    # -- actions through the Runtime interface ---------------------------------------------------
+    def restart(self, app: str, slots: list[int], op_key: str) -> dict:
+        self._app(app)
+        return {"effect": "restarted", "replicas": [{"slot": s} for s in slots], "failed": []}
+
+    def scale(self, app: str, replicas: int, op_key: str) -> dict:
+        sim = self._app(app)
+        before, sim.replicas = sim.replicas, replicas
+        return {"effect": "scaled", "from": before, "to": replicas}
+
+    def release_info(self, app: str, number: int) -> dict | None:
+        release = self._app(app).releases.get(number)
+        return {**release, "release": number} if release else None
+
+    def request_deploy(self, app, request_id, kind, ref, sha, reason) -> None:
+        """The deploy agent's part: the release lives if the fault model said the action fixes it."""
+        sim = self._app(app)
+        number = max(sim.releases) + 1
+        fixed = sim.ops.get(request_id, False)
+        sim.releases[number] = {"status": "live" if fixed else "failed", "ref": ref, "sha": sha or "3" * 40}
+        if fixed:
+            for release in sim.releases.values():
+                if release["status"] == "live" and release is not sim.releases[number]:
+                    release["status"] = "superseded"
+            sim.live = number
+
+    def cancel_release(self, app: str, number: int, why: str) -> bool:
+        release = self._app(app).releases.get(number)
+        if release is None or release["status"] != "starting":
+            return False
+        release["status"] = "failed"
+        return True
+
+    # -- the rest of the interface: releases exist only as records here --------------------------
+    def stage_release(self, spec: dict, number: int, source_dir) -> dict:
+        sim = self.fleet.get(spec["name"]) or self.add_app(spec)
+        sim.releases[number] = {"status": "starting", "ref": "main", "sha": None}
+        return {"release": number, "slots": list(range(spec["replicas"]))}
+
+    def probe_release(self, app: str, number: int) -> list[ReplicaStatus]:
+        sim = self._app(app)
+        if number not in sim.releases:
+            return []
+        return [ReplicaStatus(s, None, None, True, "ok", 0.0, 4) for s in range(sim.spec["replicas"])]
+
+    def activate_release(self, app: str, number: int) -> dict:
+        sim = self._app(app)
+        for release in sim.releases.values():
+            if release["status"] == "live":
+                release["status"] = "superseded"
+        sim.releases[number]["status"], sim.live = "live", number
+        return {"release": number, "replicas": sim.replicas, "stopped": sim.replicas}
+
+    def discard_release(self, app: str, number: int) -> dict:
+        self._app(app).releases[number]["status"] = "failed"
+        return {"release": number, "stopped": 0}
+
+    def stop_load(self, app: str) -> bool:
+        sim = self._app(app)
+        if sim.fault and sim.fault.kind == "overload" and sim.fault.cause == "traffic":
+            sim.fault = None
+            return True
+        return False
+
+    def stop_app(self, app: str) -> int:
+        sim = self.fleet.pop(app, None)
+        return sim.replicas if sim else 0

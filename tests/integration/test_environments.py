@@ -3,6 +3,7 @@ signing key and runtime directory, even for an app of the same name, and their o
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 
@@ -52,6 +53,43 @@ def test_dev_learns_while_stage_stays_frozen(stack, dev):
     assert updates and all(u["payload"]["applied"] and u["payload"]["mode"] == "explore" for u in updates), out.stdout
     stage_updates = [r for r in stack.events("RL_UPDATE")]
     assert stage_updates and not any(u["payload"]["applied"] for u in stage_updates)
+
+
+def test_three_decide_replicas_learning_at_once_lose_no_update(stack, dev):
+    """Several decide workers apply Q updates concurrently: the table counts every outcome."""
+    from sqlalchemy import func, select
+
+    from cicd.store import PolicyValue, session_scope
+    apps = ["learn-a", "learn-b", "learn-c"]
+    for name in apps:
+        stack.onboard(name, env="dev")
+    os.environ["CICD_DEMO_MODE"] = "true"
+    try:
+        stack.cicd("up", "--env", "dev", "--scale", "decide=3")
+    finally:
+        del os.environ["CICD_DEMO_MODE"]
+
+    def updates():
+        with session_scope(dev) as session:
+            return session.scalar(select(func.coalesce(func.sum(PolicyValue.updates), 0)))
+    before, seq = updates(), proof.head_seq(dev)
+    for name in apps:
+        stack.cicd("inject", "crash", name, "--env", "dev")
+    deadline = time.monotonic() + 90
+    while True:
+        new = proof.records_since(dev, seq)
+        opened = {r["incident_id"] for r in new if r["event_name"] == "INCIDENT_DETECTED"}
+        ended = {r["incident_id"] for r in new if r["event_name"] in ("SYSTEM_STABLE", "ESCALATED", "INCIDENT_REFUSED")}
+        learned = [r for r in new if r["event_name"] == "RL_UPDATE"]
+        if len(opened) == 3 and opened == ended and len(learned) >= len([r for r in new if r["event_name"] == "RL_DECISION"]):
+            break
+        assert time.monotonic() < deadline, [r["event_name"] for r in new]
+        time.sleep(0.3)
+    applied = [r for r in learned if r["payload"]["applied"]]
+    assert len(applied) >= 3
+    assert updates() - before == len(applied)
+    assert {r["app"] for r in learned} == set(apps)
+    stack.cicd("up", "--env", "dev")  # back to one decide worker
 
 
 def test_demo_mode_blocks_deploy_actions(stack, dev):

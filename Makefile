@@ -21,6 +21,9 @@ test: $(STAMP)  ## the whole test suite: unit, then integration (real Redis, rea
 bench: $(STAMP)  ## benchmarks: figures and ratios, printed (never timed assertions)
 	$(BIN)/python tests/bench/bench_policy.py
 
+chaos: $(STAMP)  ## the big chaos run: kills workers and Redis under a burst of incidents, prints the table
+	$(BIN)/python -m tests.chaos.harness
+
 down: $(STAMP)  ## stop the stack and the demo app
 	$(BIN)/cicd down --apps
 

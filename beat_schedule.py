@@ -2,14 +2,14 @@
 dropped, not queued behind the next one (stale probes would report a past state)."""
 
 
-HOUSEKEEPING_S = 5.0
+HOUSEKEEPING_S = 2.0
 
 
 def build(settings) -> dict:
     interval = settings.probe_interval_s
     return {
         f"{settings.env}-housekeeping": {
-            # Approvals nobody answered in time expire (and what they held back escalates).
+            # Restarts whose backoff is over go on; approvals nobody answered in time expire.
             "task": "cicd.monitor.housekeeping",
             "schedule": HOUSEKEEPING_S,
             "kwargs": {"env": settings.env},

@@ -4,6 +4,8 @@ Queue and task names are contracts. Each agent is a queue named {env}.{agent}; a
 the second part of its name (cicd.<agent>.<verb>), and its environment is the `env` argument
 every task takes, so a message always lands in the queue of the environment it belongs to.
 """
+import os
+
 from cicd.config import AGENTS, Settings
 
 import beat_schedule
@@ -54,11 +56,20 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 # Take one message at a time: a busy agent must not hoard work another replica could do now.
 worker_prefetch_multiplier = 1
-# Redis re-delivers an unacked message after this long; longer than any task (time limit below)
-# and any countdown we use (under a second), so a slow task is never run twice concurrently.
-broker_transport_options = {"visibility_timeout": 900}
-task_time_limit = 600
-task_soft_time_limit = 540
+# Redis re-delivers a message a dead worker held once its visibility timeout runs out. It must be
+# longer than any task and any countdown, or a slow task runs twice at once; it should be short, or
+# a killed worker's work waits. So per agent, each with its own bookkeeping keys (a worker only
+# ever restores its own agent's messages): deploys may take minutes, everything else seconds.
+_agent = os.environ.get("CICD_AGENT", "")
+_long_running = _agent in ("deploy", "")  # "": the CLI and beat publish only; they restore nothing
+task_time_limit = 600 if _long_running else 30
+task_soft_time_limit = task_time_limit - 10
+broker_transport_options = {
+    "visibility_timeout": task_time_limit + 60,
+    "unacked_key": f"unacked:{_agent or 'any'}",
+    "unacked_index_key": f"unacked_index:{_agent or 'any'}",
+    "unacked_mutex_key": f"unacked_mutex:{_agent or 'any'}",
+}
 # The broker may come up after the workers (compose, restarts): keep trying, loudly, at start-up.
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
@@ -71,3 +82,6 @@ task_publish_retry_policy = {"max_retries": 5, "interval_start": 0.1, "interval_
 # -- beat --------------------------------------------------------------------------------------
 beat_schedule = beat_schedule.build(_settings)
 beat_max_loop_interval = 1.0
+# Beat must never run twice (every probe would go out twice): it holds a lock in Redis while it
+# runs, and a second beat for the same environment refuses to start (workers/beat.py).
+beat_scheduler = "workers.beat:SingleBeatScheduler"

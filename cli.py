@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cicd import approvals, cluster, faults, gitsource, onboarding, proof, reports
+from cicd import approvals, cluster, deadletters, faults, gitsource, onboarding, proof, reports
 from cicd.config import AGENTS, ENVIRONMENTS, ConfigError, Settings
 from cicd.runtime import RuntimeFailure, make_runtime
 
@@ -121,6 +121,16 @@ def down(env, stop_apps):
         click.echo("nothing was running")
 
 
+@main.command(hidden=True)
+def supervise():
+    """(Started by `cicd up`.) Restart whatever of the stack dies, until `cicd down`."""
+    settings = load_settings(None)
+
+    def say(text):
+        click.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}")
+    cluster.supervise(settings, say)
+
+
 @main.command()
 @ENV_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
@@ -133,7 +143,10 @@ def status(env, as_json):
         echo_json({"stack": state, "apps": apps, "env": settings.env})
         return
     click.echo(f"broker: {state['broker_url'] or '(none)'}"
-               + ("" if state["redis_alive"] is None else f"  redis: {'alive' if state['redis_alive'] else 'DOWN'}"))
+               + ("" if state["redis_alive"] is None else f"  redis: {'alive' if state['redis_alive'] else 'DOWN'}")
+               + (f"  supervisor: {'alive' if state['supervisor_alive'] else 'DOWN'}" if state["envs"] else "")
+               + ("  restarts: " + ", ".join(f"{k} {v}" for k, v in state["restarts"].items())
+                  if any(state["restarts"].values()) else ""))
     if not state["envs"]:
         click.echo("no environment is up: `cicd up` starts one")
     for name, section in state["envs"].items():
@@ -556,6 +569,81 @@ def replay(trace, env, seed, as_json):
     same = sum(1 for r in results if r["recorded"]["actions"][:1] == r["replayed"]["actions"][:1])
     click.echo(f"{len(results)} incidents; the first action is the same in {same}; "
                f"replayed outcomes: {sum(r['replayed']['outcome'] == 'stable' for r in results)} stable")
+
+
+# -- dead letters ------------------------------------------------------------------------------
+@main.group(name="dlq")
+def dlq_group():
+    """Dead letters: what could not be processed, kept with the reason until you act on it.
+
+    Malformed or hostile input, an unknown app, a message for another environment, a task that
+    failed or ran out of retries. `retry` sends one again (with the rest of its chain); `purge`
+    deletes, and the proof log records what went.
+    """
+
+
+@dlq_group.command(name="list")
+@ENV_OPTION
+@click.option("--all", "include_retried", is_flag=True, help="Letters already retried too.")
+@click.option("--json", "as_json", is_flag=True)
+def dlq_list(env, include_retried, as_json):
+    """The dead letters of an environment, oldest first."""
+    settings = load_settings(env)
+    rows = deadletters.listing(settings, include_retried)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no dead letters in {settings.env}")
+        return
+    for row in rows:
+        row["why"] = row["reason"] if len(row["reason"]) <= 90 else row["reason"][:89] + "…"
+    table(rows, [("id", "id"), ("task", "task"), ("status", "status"), ("created_at", "kept at"), ("why", "why")])
+
+
+@dlq_group.command(name="show")
+@click.argument("letter_id", type=int, metavar="ID")
+@ENV_OPTION
+def dlq_show(letter_id, env):
+    """One dead letter, whole: task, arguments, the chain it was part of, and why."""
+    try:
+        echo_json(deadletters.get(load_settings(env), letter_id))
+    except deadletters.DeadLetterError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@dlq_group.command(name="retry")
+@click.argument("letter_ids", type=int, nargs=-1, required=True, metavar="ID...")
+@ENV_OPTION
+def dlq_retry(letter_ids, env):
+    """Send dead letters to their task again (a fixed bug, a broker that is back)."""
+    settings = load_settings(env)
+    require_stack(settings)
+    plane = control_plane(settings)
+    for letter_id in letter_ids:
+        try:
+            letter = deadletters.get(settings, letter_id)
+        except deadletters.DeadLetterError as exc:
+            raise click.ClickException(str(exc)) from None
+        plane.resend(letter["task"], letter["args"], letter["kwargs"], letter["chain"])
+        deadletters.mark_retried(settings, letter_id, whoami())
+        click.echo(f"dead letter {letter_id}: {letter['task']} sent again")
+
+
+@dlq_group.command(name="purge")
+@click.argument("letter_ids", type=int, nargs=-1, metavar="[ID...]")
+@ENV_OPTION
+@click.option("--all", "purge_all", is_flag=True, help="Every dead letter of the environment.")
+def dlq_purge(letter_ids, env, purge_all):
+    """Delete dead letters you have dealt with (the proof log records what was deleted, by whom)."""
+    if bool(letter_ids) == purge_all:
+        raise click.UsageError("give the IDs to purge, or --all")
+    settings = load_settings(env)
+    try:
+        count = deadletters.purge(settings, None if purge_all else list(letter_ids), whoami())
+    except deadletters.DeadLetterError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"purged {count} dead letters from {settings.env}")
 
 
 # -- proof -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Callable
 import redis
 
 from . import examples
-from .config import AGENTS, Settings, signing_key
+from .config import AGENTS, Settings, read_secret_file, redact_url, signing_key, write_secret_file
 from .events import iso, utcnow
 from .runtime import process
 
@@ -81,10 +82,11 @@ def _alive(entry: dict | None) -> bool:
     return bool(entry) and process.is_alive(entry.get("pid"), entry.get("ticks"))
 
 
-def _child_env(settings: Settings, broker_url: str) -> dict:
+def _child_env(settings: Settings, stack: dict) -> dict:
+    """The agents find the broker as any command does: CICD_BROKER_URL if it was given, else
+    var/stack.json and the password file, so no password sits in their environment."""
     env = dict(os.environ)
-    env.update({"CICD_ENV": settings.env, "CICD_HOME": str(settings.home), "CICD_BROKER_URL": broker_url,
-                "PYTHONUNBUFFERED": "1"})
+    env.update({"CICD_ENV": settings.env, "CICD_HOME": str(settings.home), "PYTHONUNBUFFERED": "1"})
     return env
 
 
@@ -96,12 +98,21 @@ def _start_redis(settings: Settings, say: Callable[[str], None], previous_port: 
     # The same port as last time if we had one: workers still running from before reconnect by
     # themselves (broker retry), instead of talking to a broker that moved.
     port = int(os.environ.get("CICD_REDIS_PORT") or previous_port or process.free_port())
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-            "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
-            "--maxmemory-policy", "noeviction", "--save", "", "--daemonize", "no"]
-    pid, ticks = process.spawn_detached(argv, str(data_dir), dict(os.environ), str(data_dir / "redis.log"))
+    # A password even on loopback: from CICD_REDIS_PASSWORD_FILE, else one made on the first start.
+    # It goes in a 0600 config file, never on the command line (`ps` shows those to everyone).
+    password_file = Path(os.environ.get("CICD_REDIS_PASSWORD_FILE") or data_dir / "password")
+    if not password_file.exists():
+        write_secret_file(password_file, secrets.token_urlsafe(24))
+    password = read_secret_file(password_file, "redis password")
+    conf = data_dir / "redis.conf"
+    conf.unlink(missing_ok=True)
+    write_secret_file(conf, "\n".join([
+        f"port {port}", "bind 127.0.0.1", "protected-mode yes", f"dir {data_dir}", f"requirepass {password}",
+        "appendonly yes", "appendfsync everysec", "maxmemory-policy noeviction", 'save ""', "daemonize no", ""]))
+    pid, ticks = process.spawn_detached([binary, str(conf)], str(data_dir), dict(os.environ),
+                                        str(data_dir / "redis.log"))
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=1)
+    client = redis.Redis.from_url(url, password=password, socket_timeout=1)
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -112,12 +123,14 @@ def _start_redis(settings: Settings, say: Callable[[str], None], previous_port: 
                 tail = (data_dir / "redis.log").read_text(errors="replace")[-800:]
                 raise StackError(f"redis-server did not start on port {port}:\n{tail}") from None
             time.sleep(0.05)
-    say(f"redis      {url} (pid {pid}, AOF in {data_dir})")
-    return {"pid": pid, "ticks": ticks, "port": port, "binary": binary, "url": url}
+    say(f"redis      {url} (pid {pid}, AOF in {data_dir}, password in {password_file})")
+    return {"pid": pid, "ticks": ticks, "port": port, "binary": binary, "url": url,
+            "password_file": str(password_file)}
 
 
 def broker_url_for(settings: Settings, stack: dict) -> str:
-    return settings.broker_url_override or stack.get("broker_url") or ""
+    """The URL to connect with (password included): for this process, never for printing."""
+    return settings.broker_url if (settings.broker_url_override or stack.get("broker_url")) else ""
 
 
 # -- workers and beat --------------------------------------------------------------------------
@@ -138,9 +151,10 @@ def beat_argv(settings: Settings) -> list[str]:
             "-s", str(settings.env_dir / "celerybeat-schedule")]
 
 
-def _spawn(settings: Settings, argv: list[str], broker_url: str, log_name: str) -> dict:
+def _spawn(settings: Settings, argv: list[str], stack: dict, log_name: str, agent: str = "") -> dict:
     log = settings.logs_dir / log_name
-    pid, ticks = process.spawn_detached(argv, str(settings.home), _child_env(settings, broker_url), str(log))
+    env = {**_child_env(settings, stack), "CICD_AGENT": agent}
+    pid, ticks = process.spawn_detached(argv, str(settings.home), env, str(log))
     return {"pid": pid, "ticks": ticks, "log": str(log)}
 
 
@@ -155,11 +169,12 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
     with _stack_lock(settings):
         stack = read_stack(settings)
         if settings.broker_url_override:
-            stack["broker_url"], stack["redis"] = settings.broker_url_override, None
+            # Only its redacted form is written down; other shells set CICD_BROKER_URL themselves.
+            stack.update(broker_url=redact_url(settings.broker_url_override), redis=None, password_file=None)
         elif not _alive(stack.get("redis")):
             stack["redis"] = _start_redis(settings, say, (stack.get("redis") or {}).get("port"))
-            stack["broker_url"] = stack["redis"]["url"]
-        broker_url = broker_url_for(settings, stack)
+            stack["broker_url"], stack["password_file"] = stack["redis"]["url"], stack["redis"]["password_file"]
+        _write_stack(settings, stack)
         signing_key(settings, create=True)
         settings.logs_dir.mkdir(parents=True, exist_ok=True)
         section = stack.setdefault("envs", {}).setdefault(env, {"workers": [], "beat": None})
@@ -174,25 +189,67 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
                 stopping.append(worker)
         for agent in AGENTS:
             have = {w["index"] for w in keep if w["agent"] == agent}
-            for index in range(1, wanted[agent] + 1):
-                if index not in have:
-                    entry = _spawn(settings, worker_argv(settings, agent, index), broker_url, f"worker-{agent}-{index}.log")
-                    entry.update(agent=agent, index=index, node=node_name(env, agent, index))
-                    started.append(entry)
+            started += [_spawn_worker(settings, stack, agent, index)
+                        for index in range(1, wanted[agent] + 1) if index not in have]
         if (stack.get("gitserver") or {}).get("port") and not _alive(stack["gitserver"]):
             # Apps onboarded from the example git server name it in their repo URL: bring it back.
             stack["gitserver"] = examples.start_server(settings.var_dir / "git", settings.var_dir / "git-server.log",
                                                        stack["gitserver"]["port"])
             say(f"git server {stack['gitserver']['url']} (example repositories)")
         if not _alive(section.get("beat")):
-            section["beat"] = _spawn(settings, beat_argv(settings), broker_url, "beat.log")
+            section["beat"] = _spawn(settings, beat_argv(settings), stack, "beat.log")
             say(f"beat       pid {section['beat']['pid']}")
         section["workers"] = sorted(keep + started, key=lambda w: (AGENTS.index(w["agent"]), w["index"]))
         section["started_at"] = section.get("started_at") or iso(utcnow())
+        if not _alive(stack.get("supervisor")):
+            stack["supervisor"] = _spawn(settings, [sys.executable, "-m", "cli", "supervise"], stack, "supervisor.log")
+            say(f"supervisor pid {stack['supervisor']['pid']} (restarts whatever of this stack dies)")
         _write_stack(settings, stack)
     process.stop_all([(w["pid"], w["ticks"]) for w in stopping], grace_s=15)
     _wait_ready(settings, section, started, ping, say)
     return stack
+
+
+def _spawn_worker(settings: Settings, stack: dict, agent: str, index: int) -> dict:
+    entry = _spawn(settings, worker_argv(settings, agent, index), stack, f"worker-{agent}-{index}.log", agent)
+    entry.update(agent=agent, index=index, node=node_name(settings.env, agent, index))
+    return entry
+
+
+def supervise_once(settings: Settings, say: Callable[[str], None]) -> bool:
+    """Restart whatever `up` started that has died: Redis (same port, same data), workers (same
+    node names), beat. False once there is nothing left to look after (`cicd down` ran)."""
+    with _stack_lock(settings):
+        stack = read_stack(settings)
+        envs = stack.get("envs") or {}
+        if not envs:
+            return False
+        restarts = stack.setdefault("restarts", {"redis": 0, "workers": 0, "beat": 0})
+        redis_entry = stack.get("redis")
+        if redis_entry and redis_entry.get("pid") and not _alive(redis_entry):
+            stack["redis"] = _start_redis(settings, say, redis_entry["port"])
+            restarts["redis"] += 1
+            say(f"restarted redis (pid {redis_entry['pid']} had died)")
+        for env, section in envs.items():
+            env_settings = settings.for_env(env)
+            for i, worker in enumerate(section["workers"]):
+                if not _alive(worker):
+                    section["workers"][i] = _spawn_worker(env_settings, stack, worker["agent"], worker["index"])
+                    restarts["workers"] += 1
+                    say(f"restarted {worker['node']} (pid {worker['pid']} had died)")
+            if section.get("beat") and not _alive(section["beat"]):
+                old = section["beat"]["pid"]
+                section["beat"] = _spawn(env_settings, beat_argv(env_settings), stack, "beat.log")
+                restarts["beat"] += 1
+                say(f"restarted beat of {env} (pid {old} had died)")
+        _write_stack(settings, stack)
+    return True
+
+
+def supervise(settings: Settings, say: Callable[[str], None], poll_s: float = 1.0) -> None:
+    while supervise_once(settings, say):
+        time.sleep(poll_s)
+    say("nothing left to supervise: stopping")
 
 
 def _wait_ready(settings, section, started, ping: Ping, say) -> None:
@@ -253,6 +310,11 @@ def down(settings: Settings, env: str | None = None, say: Callable[[str], None] 
     with _stack_lock(settings):
         stack = read_stack(settings)
         envs = stack.get("envs", {})
+        if not env or set(envs) <= {env}:
+            # First, or it would bring back what we are about to stop.
+            supervisor = stack.get("supervisor") or {}
+            stopped += process.stop(supervisor.get("pid"), supervisor.get("ticks"), grace_s=5)
+            stack["supervisor"] = None
         for name in ([env] if env else list(envs)):
             section = envs.pop(name, None)
             if not section:
@@ -297,8 +359,8 @@ def status(settings: Settings, ping: Ping) -> dict:
     envs = stack.get("envs", {})
     nodes = [w["node"] for section in envs.values() for w in section["workers"] if _alive(w)]
     answered = ping(nodes, 1.5) if nodes else set()
-    out = {"broker_url": broker_url, "redis_alive": _alive(stack.get("redis")) if stack.get("redis") else None,
-           "envs": {}}
+    out = {"broker_url": redact_url(broker_url), "redis_alive": _alive(stack.get("redis")) if stack.get("redis") else None,
+           "supervisor_alive": _alive(stack.get("supervisor")), "restarts": stack.get("restarts") or {}, "envs": {}}
     for name, section in envs.items():
         queues = [f"{name}.{agent}" for agent in AGENTS]
         depths = queue_depths(broker_url, queues) if broker_url else {}

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import quote
 
 ENVIRONMENTS = ("dev", "stage", "prod")
 AGENTS = ("onboard", "deploy", "detect", "decide", "orchestrate", "monitor")
@@ -48,6 +50,13 @@ def _env_int(name: str, default: int, minimum: int = 0) -> int:
     if value < minimum:
         raise ConfigError(f"{name}={raw!r}: must be at least {minimum}")
     return value
+
+
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = os.environ.get(name) or default
+    if raw not in choices:
+        raise ConfigError(f"{name}={raw!r}: must be one of {', '.join(choices)}")
+    return raw
 
 
 def _env_probability(name: str) -> float | None:
@@ -96,9 +105,14 @@ class Settings:
     stable_checks: int = 2
     max_attempts: int = 3
     # Orchestrator gates.
-    decision_max_age_s: float = 300.0
+    decision_max_age_s: float = 900.0
     budget_window_s: float = 600.0
     restart_budget: int = 6
+    # Restart backoff, as Kubernetes does it: 10 s after the first restart, doubling to 300 s,
+    # forgotten once the app has gone 600 s without one.
+    backoff_base_s: float = 10.0
+    backoff_max_s: float = 300.0
+    backoff_reset_s: float = 600.0
     scale_budget: int = 6
     underload_threshold: float = 0.2
     underload_probes: int = 10
@@ -110,6 +124,12 @@ class Settings:
     approval_ttl_s: float = 3600.0
     # The policy's exploration rate; None: the environment's default (dev 0.10, prod 0.02, stage 0).
     exploration: float | None = None
+    # Where apps run: real processes ("local"), or the simulated fleet ("sim", seeded).
+    runtime: str = "local"
+    sim_seed: int = 0
+    # An open incident with no progress for this long has its chain sent on again (a message
+    # lost with a killed worker or a restarted broker must not leave it open for ever).
+    stall_after_s: float = 120.0
 
     @classmethod
     def load(cls, env: str | None = None) -> "Settings":
@@ -131,9 +151,12 @@ class Settings:
             verify_timeout_s=_env_float("CICD_VERIFY_TIMEOUT", 20.0, 1.0),
             stable_checks=_env_int("CICD_STABLE_CHECKS", 2, 1),
             max_attempts=_env_int("CICD_MAX_ATTEMPTS", 3, 1),
-            decision_max_age_s=_env_float("CICD_DECISION_MAX_AGE", 300.0, 1.0),
+            decision_max_age_s=_env_float("CICD_DECISION_MAX_AGE", 900.0, 1.0),
             budget_window_s=_env_float("CICD_BUDGET_WINDOW", 600.0, 1.0),
             restart_budget=_env_int("CICD_RESTART_BUDGET", 6, 0),
+            backoff_base_s=_env_float("CICD_BACKOFF_BASE", 10.0, 0.0),
+            backoff_max_s=_env_float("CICD_BACKOFF_MAX", 300.0, 0.0),
+            backoff_reset_s=_env_float("CICD_BACKOFF_RESET", 600.0, 0.0),
             scale_budget=_env_int("CICD_SCALE_BUDGET", 6, 0),
             underload_threshold=_env_float("CICD_UNDERLOAD_THRESHOLD", 0.2, 0.0),
             underload_probes=_env_int("CICD_UNDERLOAD_PROBES", 10, 1),
@@ -141,7 +164,16 @@ class Settings:
             fresh_release_s=_env_float("CICD_FRESH_RELEASE", 120.0, 0.0),
             approval_ttl_s=_env_float("CICD_APPROVAL_TTL", 3600.0, 1.0),
             exploration=_env_probability("CICD_EXPLORATION"),
+            runtime=_env_choice("CICD_RUNTIME", ("local", "sim"), "local"),
+            sim_seed=_env_int("CICD_SIM_SEED", 0, 0),
+            stall_after_s=_env_float("CICD_STALL_AFTER", 120.0, 5.0),
         )
+
+    def __post_init__(self):
+        # A restart held back by the backoff must still be fresh enough to run when its time comes.
+        if self.decision_max_age_s < self.backoff_max_s + 60:
+            raise ConfigError(f"CICD_DECISION_MAX_AGE={self.decision_max_age_s:g}: must be at least "
+                              f"CICD_BACKOFF_MAX + 60 ({self.backoff_max_s + 60:g})")
 
     def for_env(self, env: str) -> "Settings":
         return replace(self, env=check_env_name(env))
@@ -188,13 +220,21 @@ class Settings:
 
     @property
     def broker_url(self) -> str:
-        """CICD_BROKER_URL if set, else the broker that `cicd up` started (var/stack.json)."""
-        if self.broker_url_override:
-            return self.broker_url_override
+        """CICD_BROKER_URL if set, else the broker that `cicd up` started (var/stack.json); with
+        the password from CICD_BROKER_PASSWORD_FILE (or the embedded Redis's file) put in."""
+        stack = {}
         try:
-            return json.loads(self.stack_file.read_text())["broker_url"]
-        except (OSError, ValueError, KeyError):
-            return "redis://127.0.0.1:6379/0"
+            stack = json.loads(self.stack_file.read_text())
+        except (OSError, ValueError):
+            pass
+        url = self.broker_url_override or stack.get("broker_url") or "redis://127.0.0.1:6379/0"
+        password_file = os.environ.get("CICD_BROKER_PASSWORD_FILE") or (
+            None if self.broker_url_override else stack.get("password_file"))
+        if password_file and "@" not in url.split("//", 1)[-1].split("/", 1)[0]:
+            password = quote(read_secret_file(Path(password_file), "broker password"), safe="")
+            scheme, rest = url.split("//", 1)
+            url = f"{scheme}//:{password}@{rest}"
+        return url
 
     def queue(self, agent: str) -> str:
         if agent not in AGENTS:
@@ -217,20 +257,37 @@ def signing_key(settings: Settings, create: bool = False) -> bytes:
         if not create:
             raise ConfigError(f"no signing key for {settings.env}: run `cicd up --env {settings.env}` "
                               f"or set CICD_SECRET_KEY_{settings.env.upper()}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written to a private temporary name, then linked into place: a reader never sees a
-        # half-written key, and of two racing creators exactly one wins.
-        tmp = path.with_name(f".secret.key.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    mode = stat.S_IMODE(path.stat().st_mode)
+        # A reader never sees a half-written key, and of two racing creators exactly one wins.
+        write_secret_file(path, secrets.token_hex(32))
+    return read_secret_file(path, "signing key").encode()
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """A secret from a file only its owner can read (0600 or stricter), else a clear error."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise ConfigError(f"{what} file {path}: {exc.strerror}") from None
     if mode & 0o077:
-        raise ConfigError(f"{path}: permissions {oct(mode)} are too open; the key file must be 0600")
-    return path.read_text().strip().encode()
+        raise ConfigError(f"{what} file {path}: permissions {oct(mode)} are too open; it must be 0600")
+    return path.read_text().strip()
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to print: any password in it replaced."""
+    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", url or "")
+
+
+def write_secret_file(path: Path, value: str) -> None:
+    """Create a 0600 file atomically (private temp name, then linked into place); keep an existing one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()

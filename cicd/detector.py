@@ -8,13 +8,13 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from . import proof
 from .config import Settings
-from .events import OPEN, MalformedEvent, Signal, as_utc, parse_iso, utcnow
-from .store import Incident, Release, get_app, keep_dead_letter, session_scope
+from .events import OPEN, MalformedEvent, Signal, Unprocessable, as_utc, parse_iso, utcnow
+from .store import Incident, Release, get_app, session_scope
 
 KIND_OF_SIGNAL = {
     "replica_down": "crash",          # process gone or connection refused
@@ -65,22 +65,27 @@ def context_of(session, settings: Settings, kind: str, signal: Signal, spec: dic
 
 
 def open_incident(settings: Settings, raw: dict) -> dict | None:
-    """Open an incident for the signal; None if dropped. Malformed input goes to dead letters."""
+    """Open an incident for the signal; None if there is nothing to heal (a duplicate, a stale
+    signal, an app a human was called for). Raises Unprocessable for input no one can act on
+    (malformed, unknown app): the agent keeps that as a dead letter."""
     env = settings.env
+    try:
+        signal = Signal.from_dict(raw)
+    except MalformedEvent as exc:
+        raise Unprocessable(f"malformed signal: {exc}") from None
+    if signal.env != env:
+        raise Unprocessable(f"malformed signal: env: signal is for {signal.env!r}, this detector serves {env!r}")
     with session_scope(settings) as session:
-        try:
-            signal = Signal.from_dict(raw)
-            if signal.env != env:
-                raise MalformedEvent("env", f"signal is for {signal.env!r}, this detector serves {env!r}")
-        except MalformedEvent as exc:
-            keep_dead_letter(session, env, "detect.classify", raw, f"malformed signal: {exc}")
-            return None
         app = get_app(session, env, signal.app)
         if app is None:
-            keep_dead_letter(session, env, "detect.classify", raw, f"unknown app {signal.app!r} in {env}")
-            return None
-        if utcnow() - parse_iso(signal.observed_at) > timedelta(seconds=SIGNAL_MAX_AGE_S):
+            raise Unprocessable(f"unknown app {signal.app!r} in {env}")
+        observed = parse_iso(signal.observed_at)
+        if utcnow() - observed > timedelta(seconds=SIGNAL_MAX_AGE_S):
             return None  # stale: the next probe reports what is true now
+        last_closed = session.scalar(select(func.max(Incident.closed_at)).where(
+            Incident.env == env, Incident.app == signal.app, Incident.status != OPEN))
+        if last_closed is not None and as_utc(last_closed) >= observed:
+            return None  # seen before the last incident of this app was resolved: it is about the past
         if app.attention:
             return None  # a human was called for this app; do not loop on it until it is healthy
         kind, severity = classify(signal)

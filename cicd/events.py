@@ -25,9 +25,12 @@ PROOF_EVENTS = frozenset({
     "INCIDENT_DETECTED", "RL_CONSUME", "RL_DECISION", "RL_INTAKE_VALIDATED", "EXECUTION_GATE_PASSED",
     "ORCH_EXEC", "ORCH_REFUSE", "EXECUTION_DEDUPLICATED", "REFUSAL_EMIT_SUCCESS",
     "SYSTEM_STABLE", "ATTEMPT_FAILED", "ESCALATED", "INCIDENT_REFUSED", "RL_UPDATE", "RL_TRAINED",
+    "INCIDENT_RESUMED",
     # specific refusals, one per gate
     "INTAKE_REFUSED", "UNSAFE_ACTION_REFUSED", "ACTION_NOT_ALLOWED", "DEMO_MODE_BLOCK",
-    "ENVIRONMENT_REFUSED", "BUDGET_EXCEEDED",
+    "ENVIRONMENT_REFUSED", "BUDGET_EXCEEDED", "RESTART_BACKOFF",
+    # dead letters, by an operator
+    "DLQ_RETRIED", "DLQ_PURGED",
 })
 
 INCIDENT_KINDS = ("crash", "overload", "false_alarm", "underload", "slow_deploy", "failed_deploy")
@@ -43,7 +46,11 @@ OPEN, STABLE, ESCALATED, REFUSED = "open", "stable", "escalated", "refused"
 INCIDENT_END_STATES = (STABLE, ESCALATED, REFUSED)
 
 
-class MalformedEvent(ValueError):
+class Unprocessable(ValueError):
+    """Input an agent cannot act on (malformed, unknown app, wrong environment): a dead letter."""
+
+
+class MalformedEvent(Unprocessable):
     """An input that does not match its schema; `field` and `rule` say what is wrong."""
 
     def __init__(self, field_name: str, rule: str):

@@ -150,3 +150,20 @@ def evaluate(raw: dict, ctx: GateContext) -> tuple[Verdict, Decision | None]:
         if not verdict.allowed:
             return verdict, decision
     return Verdict.allow(), decision
+
+
+def restart_backoff_s(restarts: list[datetime], now: datetime, base_s: float, max_s: float, reset_s: float) -> float:
+    """Seconds a restart must still wait (0: it may run now). Not a refusal: a delay.
+
+    restarts: when the app's earlier restarts ran. The streak is the run of restarts each within
+    reset_s of the next (and the last within reset_s of now); after the n-th, the next waits
+    base_s * 2**(n-1), at most max_s.
+    """
+    times = sorted(restarts, reverse=True)
+    if not times or (now - times[0]).total_seconds() > reset_s:
+        return 0.0
+    streak = 1
+    while streak < len(times) and (times[streak - 1] - times[streak]).total_seconds() <= reset_s:
+        streak += 1
+    wait = min(max_s, base_s * 2 ** (streak - 1))
+    return max(0.0, wait - (now - times[0]).total_seconds())

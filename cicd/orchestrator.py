@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from . import actions, approvals, deployer, gates, proof
 from .config import Settings, signing_key
-from .events import OPEN, Decision, utcnow
+from .events import OPEN, Decision, as_utc, iso, parse_iso, utcnow
 from .runtime.base import Runtime, RuntimeFailure
 from .store import Approval, Execution, Incident, get_app, session_scope
 
@@ -105,7 +105,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
         if incident is not None and attempt is not None:
             claim = session.scalar(select(Execution).where(Execution.incident_id == incident_id,
                                                            Execution.attempt == attempt))
-        if claim is not None and claim.status != "started":
+        if claim is not None and claim.status not in ("started", "deferred"):
             proof.append(session, env, "EXECUTION_DEDUPLICATED", incident_id=incident_id, app=claim.app,
                          payload={"attempt": attempt, "status": claim.status})
             return summary(claim, deduplicated=True)
@@ -120,6 +120,10 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
         if not verdict.allowed:
             return _refuse(session, settings, verdict, raw, decision, incident)
 
+        if decision.action == "restart_service":
+            wait = _restart_backoff(session, settings, decision.app)
+            if wait > 0:
+                return _defer(session, settings, decision, claim, wait)
         proof.append(session, env, "RL_INTAKE_VALIDATED", incident_id=incident_id, app=decision.app,
                      payload={"attempt": attempt, "nonce": decision.nonce})
         proof.append(session, env, "EXECUTION_GATE_PASSED", incident_id=incident_id, app=decision.app,
@@ -129,7 +133,50 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
             claim = Execution(env=env, app=decision.app, incident_id=incident_id, attempt=attempt,
                               action=decision.action, params=decision.params, status="started", nonce=decision.nonce)
             session.add(claim)
+        claim.status = "started"
     return _act(settings, runtime, request_deploy, claim.id, decision)
+
+
+def _restart_backoff(session, settings: Settings, app: str) -> float:
+    restarts = session.scalars(select(Execution.started_at).where(
+        Execution.env == settings.env, Execution.app == app, Execution.action == "restart_service",
+        Execution.status == "done")).all()
+    return gates.restart_backoff_s([as_utc(t) for t in restarts], utcnow(), settings.backoff_base_s,
+                                   settings.backoff_max_s, settings.backoff_reset_s)
+
+
+def _defer(session, settings: Settings, decision: Decision, claim: Execution | None, wait: float) -> dict:
+    """Hold the restart until its backoff is over: a row with a due time (the housekeeping task
+    sends it on then), not a message held for minutes in a worker."""
+    due = utcnow() + timedelta(seconds=wait)
+    if claim is None:
+        claim = Execution(env=settings.env, app=decision.app, incident_id=decision.incident_id,
+                          attempt=decision.attempt, action=decision.action, params=decision.params,
+                          status="deferred", nonce=decision.nonce)
+        session.add(claim)
+    claim.result = {"due_at": iso(due)}
+    proof.append(session, settings.env, "RESTART_BACKOFF", incident_id=decision.incident_id, app=decision.app,
+                 payload={"attempt": decision.attempt, "wait_s": round(wait, 3), "due_at": iso(due)})
+    return summary(claim)
+
+
+def due_deferred(settings: Settings, resend_after_s: float = 60.0) -> list[dict]:
+    """Decisions whose backoff is over, to send through the chain again (each at most once a
+    minute: a resend lost with a killed worker is made again)."""
+    now, out = utcnow(), []
+    with session_scope(settings) as session:
+        for claim in session.scalars(select(Execution).where(Execution.env == settings.env,
+                                                             Execution.status == "deferred")):
+            result = dict(claim.result or {})
+            resent = result.get("resent_at")
+            if parse_iso(result["due_at"]) > now or (resent and (now - parse_iso(resent)).total_seconds() < resend_after_s):
+                continue
+            incident = session.get(Incident, claim.incident_id)
+            if incident is None or incident.status != OPEN or (incident.decision or {}).get("attempt") != claim.attempt:
+                continue
+            claim.result = {**result, "resent_at": iso(now)}
+            out.append(incident.decision)
+    return out
 
 
 def execute_approved(settings: Settings, runtime: Runtime, approval_id: str, request_deploy) -> dict | None:

@@ -203,15 +203,31 @@ class AppHealth(Base):
     last_probe_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class SimAppState(Base):
+    """An app of the simulated fleet, when worker processes share it (CICD_RUNTIME=sim)."""
+    __tablename__ = "sim_apps"
+    env: Mapped[str] = mapped_column(String(10), primary_key=True)
+    app: Mapped[str] = mapped_column(String(40), primary_key=True)
+    state: Mapped[dict] = mapped_column(JSON)
+
+
 class DeadLetter(Base):
-    """Input that could not be processed, kept with the reason: never dropped silently."""
+    """A task that could not be processed, kept whole with the reason: never dropped silently.
+
+    Whole means enough to send it again: the task's name, its arguments and the rest of the
+    chain it was part of (`cicd dlq retry`)."""
     __tablename__ = "dead_letters"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     env: Mapped[str] = mapped_column(String(10))
-    source: Mapped[str] = mapped_column(String(60))
-    payload: Mapped[str] = mapped_column(Text)
+    task: Mapped[str] = mapped_column(String(80))
+    args: Mapped[list] = mapped_column(JSON)
+    kwargs: Mapped[dict] = mapped_column(JSON)
+    chain: Mapped[list | None] = mapped_column(JSON, nullable=True)
     reason: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(10), default="kept")  # kept, retried
+    retries: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    retried_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 _engines: dict[tuple[int, str], Engine] = {}
@@ -276,11 +292,6 @@ def session_scope(settings: Settings) -> Iterator[Session]:
 
 def get_app(session: Session, env: str, name: str) -> App | None:
     return session.scalar(select(App).where(App.env == env, App.name == name))
-
-
-def keep_dead_letter(session: Session, env: str, source: str, payload, reason: str) -> None:
-    text = payload if isinstance(payload, str) else json.dumps(payload, default=repr)
-    session.add(DeadLetter(env=env, source=source, payload=text[:100_000], reason=reason[:2000]))
 
 
 def dispose_engines() -> None:

@@ -44,8 +44,8 @@ def _awaited_release(session, execution: dict, incident: Incident):
 
 def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: int, started_at: str):
     """("wait", stable_checks so far) or ("done", outcome)."""
-    if execution.get("status") == "awaiting_approval":
-        return "done", None  # held for a human: `cicd approve` runs the rest of the chain
+    if execution.get("status") in ("awaiting_approval", "deferred"):
+        return "done", None  # held for a human, or for a backoff: the chain runs again from there
     if execution.get("status") == "refused":
         return "done", conclude(settings, execution, "refused")
     if execution.get("status") == "failed":

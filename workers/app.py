@@ -1,17 +1,37 @@
-"""The Celery app, and what every agent's tasks share: this process's settings and runtime."""
+"""The Celery app, and what every agent's tasks share: this process's settings and runtime, retry
+on passing trouble, and a dead letter for every task that cannot be done."""
 from __future__ import annotations
 
 from functools import lru_cache
 
-from celery import Celery
+import redis
+from celery import Celery, Task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_init
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import OperationalError as DatabaseError
 
-from cicd import store
+from cicd import deadletters, store
 from cicd.config import Settings
+from cicd.events import Unprocessable
 from cicd.runtime import Runtime, make_runtime
 
-celery_app = Celery("cicd-heal")
+
+class AgentTask(Task):
+    """Passing trouble (a locked or restarting database, a broker reconnecting) is retried with
+    backoff; anything else, or retries run out: the task goes to the dead-letter store whole,
+    with the rest of its chain, so `cicd dlq retry` can send it again."""
+    autoretry_for = (DatabaseError, BrokerError, redis.exceptions.ConnectionError)
+    retry_backoff = 0.5
+    retry_backoff_max = 30
+    retry_jitter = True
+    max_retries = 8
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        dead_letter(self, f"{type(exc).__name__}: {exc}")
+
+
+celery_app = Celery("cicd-heal", task_cls=AgentTask)
 celery_app.config_from_object("celeryconfig")
 
 
@@ -20,22 +40,29 @@ def process_settings() -> Settings:
     return Settings.load()
 
 
-def settings_for(env: str, source: str, payload) -> Settings:
+def dead_letter(task: Task, reason: str) -> None:
+    request = task.request
+    deadletters.keep(process_settings(), task.name, request.args or [], request.kwargs or {}, reason,
+                     chain=request.chain)
+
+
+def settings_for(task: Task, env: str) -> Settings:
     """This worker's settings, if the message belongs to its environment.
 
-    A message for another environment is never acted on: it is kept as a dead letter and the
-    task ends (Ignore also stops any chain it is part of).
+    A message for another environment is never acted on: it becomes a dead letter and the task
+    ends (Ignore also stops any chain it is part of).
     """
     settings = process_settings()
     if env != settings.env:
-        keep_dead_letter(settings, source, payload, f"message for environment {env!r} reached a {settings.env!r} worker")
+        dead_letter(task, f"message for environment {env!r} reached a {settings.env!r} worker")
         raise Ignore()
     return settings
 
 
-def keep_dead_letter(settings: Settings, source: str, payload, reason: str) -> None:
-    with store.session_scope(settings) as session:
-        store.keep_dead_letter(session, settings.env, source, payload, reason)
+def unprocessable(task: Task, exc: Unprocessable):
+    """Keep the task as a dead letter and stop its chain."""
+    dead_letter(task, str(exc))
+    return Ignore()
 
 
 @lru_cache(maxsize=1)

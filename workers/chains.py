@@ -17,6 +17,16 @@ def attempt_chain(env: str, incident_id: str, attempt: int):
     return chain(choose.s(incident, env=env), *_after_decision(env))
 
 
+def decision_chain(env: str, decision: dict):
+    """A signed decision sent on again (its restart backoff is over)."""
+    return chain(execute.s(decision, env=env), verify.s(env=env), learn.s(env=env))
+
+
+def verify_chain(env: str, execution: dict):
+    """An execution whose verification was lost: verify and learn again."""
+    return chain(verify.s(execution, env=env), learn.s(env=env))
+
+
 def approved_chain(env: str, approval_id: str):
     """A decision a human approved: execute it, then verify and learn as usual."""
     return chain(execute_approved.s(approval_id, env=env), verify.s(env=env), learn.s(env=env))

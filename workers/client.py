@@ -51,6 +51,10 @@ class ControlPlane:
                                                           "kind": kind, "request_id": request_id, "reason": reason})
         return request_id
 
+    def resend(self, task: str, args: list, kwargs: dict, chain: list | None) -> None:
+        """Send a dead letter again, with the rest of the chain it was part of."""
+        self.app.send_task(task, args=args, kwargs=kwargs, chain=chain or None)
+
     def run_approved(self, approval_id: str) -> None:
         """The rest of a held-back incident chain, now that a human approved its action."""
         self.app  # configure the broker before the chain is built

@@ -1,7 +1,8 @@
 """Deploy agent ({env}.deploy): fetch, build and start a release, health-gate it, switch; scale."""
 from cicd import deployer
+from cicd.events import Unprocessable
 
-from .app import celery_app, keep_dead_letter, runtime, settings_for
+from .app import celery_app, runtime, settings_for, unprocessable
 
 GATE_POLL_S = 0.25
 LOCK_POLL_S = 1.0
@@ -17,13 +18,11 @@ def _raise_incident(env: str, signal: dict | None) -> None:
 
 @celery_app.task(name="cicd.deploy.release", bind=True, max_retries=LOCK_WAIT_RETRIES)
 def release(self, app, env, request_id, ref="HEAD", reason="", kind="deploy", sha=None):
-    payload = {"app": app, "request_id": request_id, "ref": ref, "kind": kind}
-    settings = settings_for(env, "deploy.release", payload)
+    settings = settings_for(self, env)
     try:
         state = deployer.start(settings, runtime(), app, request_id, ref=ref, reason=reason, kind=kind, sha=sha)
     except (deployer.DeployError, deployer.gitsource.SourceError) as exc:
-        keep_dead_letter(settings, "deploy.release", payload, str(exc))
-        return {"app": app, "status": "refused", "detail": str(exc)}
+        raise unprocessable(self, Unprocessable(str(exc))) from None
     if state["status"] == "busy":
         raise self.retry(countdown=LOCK_POLL_S)  # one deploy per app: wait for the one under way
     if state["status"] == "starting":
@@ -36,7 +35,7 @@ def release(self, app, env, request_id, ref="HEAD", reason="", kind="deploy", sh
 @celery_app.task(name="cicd.deploy.health_gate", bind=True, max_retries=None)
 def health_gate(self, app, env, release, started_at):
     # Waiting for replicas to come up is a retry with countdown: the worker is free meanwhile.
-    settings = settings_for(env, "deploy.health_gate", {"app": app, "release": release})
+    settings = settings_for(self, env)
     result, signal = deployer.gate(settings, runtime(), app, release, started_at)
     _raise_incident(env, signal or (result or {}).pop("signal", None))
     if result is None:
@@ -44,9 +43,9 @@ def health_gate(self, app, env, release, started_at):
     return result
 
 
-@celery_app.task(name="cicd.deploy.scale", ignore_result=False)
-def scale(app, env, replicas, request_id):
-    settings = settings_for(env, "deploy.scale", {"app": app, "replicas": replicas})
+@celery_app.task(name="cicd.deploy.scale", bind=True, ignore_result=False)
+def scale(self, app, env, replicas, request_id):
+    settings = settings_for(self, env)
     try:
         return {"ok": True, **deployer.scale(settings, runtime(), app, replicas, request_id)}
     except deployer.DeployError as exc:

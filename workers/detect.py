@@ -2,14 +2,18 @@
 from celery.exceptions import Ignore
 
 from cicd import detector
+from cicd.events import Unprocessable
 
-from .app import celery_app, settings_for
+from .app import celery_app, settings_for, unprocessable
 
 
-@celery_app.task(name="cicd.detect.classify")
-def classify(signal, env):
-    settings = settings_for(env, "detect.classify", signal)
-    incident = detector.open_incident(settings, signal)
+@celery_app.task(name="cicd.detect.classify", bind=True)
+def classify(self, signal, env):
+    settings = settings_for(self, env)
+    try:
+        incident = detector.open_incident(settings, signal)
+    except Unprocessable as exc:
+        raise unprocessable(self, exc) from None
     if incident is None:
-        raise Ignore()  # nothing to heal (duplicate, stale or dead-lettered): the chain stops here
+        raise Ignore()  # nothing to heal (duplicate, stale, a human was called): the chain stops here
     return incident

@@ -1,13 +1,13 @@
 """Monitor agent ({env}.monitor): beat-scheduled probes of every app; verification after an action."""
-from cicd import approvals, monitor, verifier
+from cicd import approvals, monitor, orchestrator, reconciler, verifier
 from cicd.events import iso, utcnow
 
 from .app import celery_app, runtime, settings_for
 
 
-@celery_app.task(name="cicd.monitor.probe_all")
-def probe_all(env):
-    settings = settings_for(env, "monitor.probe_all", {})
+@celery_app.task(name="cicd.monitor.probe_all", bind=True)
+def probe_all(self, env):
+    settings = settings_for(self, env)
     signals = monitor.probe_cycle(settings, runtime())
     from .chains import healing_chain
     for signal in signals:
@@ -17,7 +17,7 @@ def probe_all(env):
 
 @celery_app.task(name="cicd.monitor.verify", bind=True, max_retries=None)
 def verify(self, execution, env, stable_checks=0, started_at=None):
-    settings = settings_for(env, "monitor.verify", execution)
+    settings = settings_for(self, env)
     started_at = started_at or iso(utcnow())
     state, value = verifier.check(settings, runtime(), execution, stable_checks, started_at)
     if state == "wait":
@@ -27,7 +27,20 @@ def verify(self, execution, env, stable_checks=0, started_at=None):
     return value
 
 
-@celery_app.task(name="cicd.monitor.housekeeping")
-def housekeeping(env):
-    settings = settings_for(env, "monitor.housekeeping", {})
-    return {"expired_approvals": approvals.expire_due(settings)}
+@celery_app.task(name="cicd.monitor.housekeeping", bind=True)
+def housekeeping(self, env):
+    settings = settings_for(self, env)
+    from .chains import attempt_chain, decision_chain, verify_chain
+    deferred = orchestrator.due_deferred(settings)
+    for decision in deferred:
+        decision_chain(env, decision).apply_async()
+    stalled = reconciler.stalled(settings)
+    for step in stalled:
+        if step["step"] == "decide":
+            attempt_chain(env, step["incident_id"], step["incident"]["attempt"]).apply_async()
+        elif step["step"] == "execute":
+            decision_chain(env, step["decision"]).apply_async()
+        else:
+            verify_chain(env, step["execution"]).apply_async()
+    return {"expired_approvals": approvals.expire_due(settings), "resumed_after_backoff": len(deferred),
+            "resumed_stalled": len(stalled)}

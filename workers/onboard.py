@@ -4,9 +4,9 @@ from cicd import onboarding
 from .app import celery_app, settings_for
 
 
-@celery_app.task(name="cicd.onboard.register", ignore_result=False)
-def register(name, repo, runtime, env):
-    settings = settings_for(env, "onboard.register", {"name": name, "repo": repo, "runtime": runtime})
+@celery_app.task(name="cicd.onboard.register", bind=True, ignore_result=False)
+def register(self, name, repo, runtime, env):
+    settings = settings_for(self, env)
     result = onboarding.register(settings, name, repo, runtime)
     if result["ok"]:
         from .deploy import release

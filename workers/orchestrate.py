@@ -15,15 +15,15 @@ def deploy_requester(env: str):
     return request_deploy
 
 
-@celery_app.task(name="cicd.orchestrate.execute")
-def execute(decision, env):
-    settings = settings_for(env, "orchestrate.execute", decision)
+@celery_app.task(name="cicd.orchestrate.execute", bind=True)
+def execute(self, decision, env):
+    settings = settings_for(self, env)
     return orchestrator.execute(settings, runtime(), decision, deploy_requester(env))
 
 
-@celery_app.task(name="cicd.orchestrate.execute_approved")
-def execute_approved(approval_id, env):
-    settings = settings_for(env, "orchestrate.execute_approved", {"approval": approval_id})
+@celery_app.task(name="cicd.orchestrate.execute_approved", bind=True)
+def execute_approved(self, approval_id, env):
+    settings = settings_for(self, env)
     execution = orchestrator.execute_approved(settings, runtime(), approval_id, deploy_requester(env))
     if execution is None:
         raise Ignore()  # not a granted action approval (or already carried out): nothing follows

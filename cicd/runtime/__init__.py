@@ -8,5 +8,9 @@ __all__ = ["ReplicaStatus", "Runtime", "RuntimeFailure", "make_runtime"]
 
 
 def make_runtime(settings: Settings) -> Runtime:
+    """Real processes (the default), or the simulated fleet shared by all agents (CICD_RUNTIME=sim)."""
+    if settings.runtime == "sim":
+        from .sim import SharedSimRuntime
+        return SharedSimRuntime(settings, settings.sim_seed)
     from .local import LocalRuntime
     return LocalRuntime(settings)

@@ -11,8 +11,10 @@ same outcomes. Time is virtual: actions advance an app's clock by what they woul
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 
 from ..onboarding import NAME_PATTERN
 from .base import ReplicaStatus, Runtime, RuntimeFailure
@@ -120,49 +122,94 @@ class SimApp:
     clock_s: float = 0.0                             # virtual time spent on this app's faults
     disruption_s: float = 0.0
     ops: dict = field(default_factory=dict)          # op_key -> fixed? (an action draws its outcome once)
+    applied: dict = field(default_factory=dict)      # op_key -> how many times an effect was applied
+    calls: int = 0                                   # actions announced, duplicates included
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "fault"}
+        out["releases"] = {str(n): r for n, r in self.releases.items()}
+        out["fault"] = self.fault.__dict__ if self.fault else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SimApp":
+        data = dict(data)
+        data["releases"] = {int(n): r for n, r in data["releases"].items()}
+        data["fault"] = Fault(**data["fault"]) if data.get("fault") else None
+        return cls(**data)
+
+
+def draw(seed: int, op_key: str) -> float:
+    """The outcome's random number for an op: the same in whichever process draws it."""
+    return random.Random(f"{seed}/{op_key}").random()
 
 
 class SimRuntime(Runtime):
+    """The fleet in this process's memory: fast, for training, evaluation and replay. The
+    SharedSimRuntime below keeps the same fleet in the database for worker processes."""
+
     def __init__(self, settings=None, seed: int = 0):
         self.settings = settings
+        self.seed = seed
         self.rng = random.Random(seed)
         self.fleet: dict[str, SimApp] = {}
 
-    # -- apps ----------------------------------------------------------------------------
-    def _app(self, app: str) -> SimApp:
-        try:
-            return self.fleet[app]
-        except KeyError:
-            raise RuntimeFailure(f"{app} is not deployed in the simulated fleet") from None
+    # -- where the fleet lives (overridden by SharedSimRuntime) -------------------------------
+    def _load(self, app: str) -> SimApp | None:
+        return self.fleet.get(app)
 
+    def _load_all(self, apps: list[str]) -> dict[str, SimApp]:
+        return {a: self.fleet[a] for a in apps if a in self.fleet}
+
+    @contextlib.contextmanager
+    def _edit(self, app: str):
+        sim = self._load(app)
+        if sim is None:
+            raise RuntimeFailure(f"{app} is not deployed in the simulated fleet")
+        yield sim
+
+    def _store(self, app: str, sim: SimApp | None) -> None:
+        if sim is None:
+            self.fleet.pop(app, None)
+        else:
+            self.fleet[app] = sim
+
+    def _app(self, app: str) -> SimApp:
+        sim = self._load(app)
+        if sim is None:
+            raise RuntimeFailure(f"{app} is not deployed in the simulated fleet")
+        return sim
+
+    # -- apps ----------------------------------------------------------------------------
     def add_app(self, spec: dict) -> SimApp:
         """An app already live at release 1 (the simulation needs no build)."""
         if not NAME_PATTERN.fullmatch(spec["name"]):
             raise RuntimeFailure(f"app name {spec['name']!r}: not a valid app name")
         sim = SimApp(spec=spec, replicas=spec["replicas"],
                      releases={1: {"status": "live", "ref": "main", "sha": "1" * 40}})
-        self.fleet[spec["name"]] = sim
+        self._store(spec["name"], sim)
         return sim
 
     def apps(self) -> list[str]:
         return sorted(self.fleet)
 
     def replica_count(self, app: str) -> int:
-        return self.fleet[app].replicas if app in self.fleet else 0
+        sim = self._load(app)
+        return sim.replicas if sim else 0
 
     # -- faults ------------------------------------------------------------------------------
     def set_fault(self, app: str, fault: Fault) -> None:
         """Start a fault on an app, with a history: release 1 superseded by release 2, which is
         live (fresh or long-stable); a deploy fault adds release 3 (still starting, or failed)."""
-        sim = self._app(app)
-        sim.fault, sim.clock_s, sim.disruption_s, sim.ops = fault, 0.0, 0.0, {}
-        sim.replicas = sim.spec["replicas"] * (2 if fault.kind == "underload" else 1)
-        sim.releases = {1: {"status": "superseded", "ref": "main", "sha": "1" * 40},
-                        2: {"status": "live", "ref": "main", "sha": "2" * 40}}
-        sim.live = 2
-        if fault.kind in ("slow_deploy", "failed_deploy"):
-            sim.releases[3] = {"status": "starting" if fault.kind == "slow_deploy" else "failed", "ref": "main",
-                               "sha": "3" * 40}
+        with self._edit(app) as sim:
+            sim.fault, sim.clock_s, sim.disruption_s = fault, 0.0, 0.0
+            sim.replicas = sim.spec["replicas"] * (2 if fault.kind == "underload" else 1)
+            sim.releases = {1: {"status": "superseded", "ref": "main", "sha": "1" * 40},
+                            2: {"status": "live", "ref": "main", "sha": "2" * 40}}
+            sim.live = 2
+            if fault.kind in ("slow_deploy", "failed_deploy"):
+                sim.releases[3] = {"status": "starting" if fault.kind == "slow_deploy" else "failed", "ref": "main",
+                                   "sha": "3" * 40}
 
     def context(self, app: str) -> dict:
         """What the detector would know about the app's releases (as detector.context_of)."""
@@ -197,24 +244,25 @@ class SimRuntime(Runtime):
         sim = self._app(app)
         return sim.clock_s, sim.disruption_s
 
-    def advance(self, app: str, seconds: float) -> None:
-        self._app(app).clock_s += seconds
-
     def note_action(self, app: str, action: str, params: dict, op_key: str) -> None:
         """The fault model decides here, once per op key, whether this action fixes the fault."""
-        sim = self._app(app)
-        if op_key in sim.ops or sim.fault is None:
-            return
-        effect = effect_of(sim.fault.cause, action)
-        fixed = self.rng.random() < effect.p_fix
-        sim.ops[op_key] = fixed
-        sim.clock_s += effect.seconds
-        sim.disruption_s += effect.disruption_s
-        if fixed:
-            sim.fault = None
+        with self._edit(app) as sim:
+            sim.calls += 1
+            if op_key in sim.ops or sim.fault is None:
+                sim.ops.setdefault(op_key, sim.fault is None)
+                return
+            effect = effect_of(sim.fault.cause, action)
+            fixed = draw(self.seed, op_key) < effect.p_fix
+            sim.ops[op_key] = fixed
+            sim.applied[op_key] = sim.applied.get(op_key, 0) + 1
+            sim.clock_s += effect.seconds
+            sim.disruption_s += effect.disruption_s
+            if fixed:
+                sim.fault = None
 
     # -- probes ------------------------------------------------------------------------------
-    def _statuses(self, sim: SimApp) -> list[ReplicaStatus]:
+    @staticmethod
+    def _statuses(sim: SimApp) -> list[ReplicaStatus]:
         fault = sim.fault
         out = []
         for slot in range(sim.replicas):
@@ -233,7 +281,8 @@ class SimRuntime(Runtime):
         return out
 
     def probe(self, apps: list[str]) -> dict[str, list[ReplicaStatus]]:
-        return {app: self._statuses(self.fleet[app]) if app in self.fleet else [] for app in apps}
+        fleet = self._load_all(apps)
+        return {app: self._statuses(fleet[app]) if app in fleet else [] for app in apps}
 
     # -- actions through the Runtime interface ---------------------------------------------------
     def restart(self, app: str, slots: list[int], op_key: str) -> dict:
@@ -241,8 +290,8 @@ class SimRuntime(Runtime):
         return {"effect": "restarted", "replicas": [{"slot": s} for s in slots], "failed": []}
 
     def scale(self, app: str, replicas: int, op_key: str) -> dict:
-        sim = self._app(app)
-        before, sim.replicas = sim.replicas, replicas
+        with self._edit(app) as sim:
+            before, sim.replicas = sim.replicas, replicas
         return {"effect": "scaled", "from": before, "to": replicas}
 
     def release_info(self, app: str, number: int) -> dict | None:
@@ -251,27 +300,31 @@ class SimRuntime(Runtime):
 
     def request_deploy(self, app, request_id, kind, ref, sha, reason) -> None:
         """The deploy agent's part: the release lives if the fault model said the action fixes it."""
-        sim = self._app(app)
-        number = max(sim.releases) + 1
-        fixed = sim.ops.get(request_id, False)
-        sim.releases[number] = {"status": "live" if fixed else "failed", "ref": ref, "sha": sha or "3" * 40}
-        if fixed:
+        with self._edit(app) as sim:
+            number = max(sim.releases) + 1
+            fixed = sim.ops.get(request_id, False)
             for release in sim.releases.values():
-                if release["status"] == "live" and release is not sim.releases[number]:
+                if fixed and release["status"] == "live":
                     release["status"] = "superseded"
-            sim.live = number
+            sim.releases[number] = {"status": "live" if fixed else "failed", "ref": ref, "sha": sha or "3" * 40}
+            if fixed:
+                sim.live = number
 
     def cancel_release(self, app: str, number: int, why: str) -> bool:
-        release = self._app(app).releases.get(number)
-        if release is None or release["status"] != "starting":
-            return False
-        release["status"] = "failed"
-        return True
+        with self._edit(app) as sim:
+            release = sim.releases.get(number)
+            if release is None or release["status"] != "starting":
+                return False
+            release["status"] = "failed"
+            return True
 
     # -- the rest of the interface: releases exist only as records here --------------------------
     def stage_release(self, spec: dict, number: int, source_dir) -> dict:
-        sim = self.fleet.get(spec["name"]) or self.add_app(spec)
-        sim.releases[number] = {"status": "starting", "ref": "main", "sha": None}
+        if self._load(spec["name"]) is None:
+            self.add_app(spec)
+        with self._edit(spec["name"]) as sim:
+            sim.releases[number] = {"status": "starting", "ref": "main", "sha": None}
+        shutil.rmtree(source_dir, ignore_errors=True)  # nothing to run: the code is not needed
         return {"release": number, "slots": list(range(spec["replicas"]))}
 
     def probe_release(self, app: str, number: int) -> list[ReplicaStatus]:
@@ -281,24 +334,84 @@ class SimRuntime(Runtime):
         return [ReplicaStatus(s, None, None, True, "ok", 0.0, 4) for s in range(sim.spec["replicas"])]
 
     def activate_release(self, app: str, number: int) -> dict:
-        sim = self._app(app)
-        for release in sim.releases.values():
-            if release["status"] == "live":
-                release["status"] = "superseded"
-        sim.releases[number]["status"], sim.live = "live", number
-        return {"release": number, "replicas": sim.replicas, "stopped": sim.replicas}
+        with self._edit(app) as sim:
+            for release in sim.releases.values():
+                if release["status"] == "live":
+                    release["status"] = "superseded"
+            sim.releases[number]["status"], sim.live = "live", number
+            return {"release": number, "replicas": sim.replicas, "stopped": sim.replicas}
 
     def discard_release(self, app: str, number: int) -> dict:
-        self._app(app).releases[number]["status"] = "failed"
+        with self._edit(app) as sim:
+            sim.releases[number]["status"] = "failed"
         return {"release": number, "stopped": 0}
 
     def stop_load(self, app: str) -> bool:
-        sim = self._app(app)
-        if sim.fault and sim.fault.kind == "overload" and sim.fault.cause == "traffic":
-            sim.fault = None
-            return True
+        with self._edit(app) as sim:
+            if sim.fault and sim.fault.kind == "overload" and sim.fault.cause == "traffic":
+                sim.fault = None
+                return True
         return False
 
     def stop_app(self, app: str) -> int:
-        sim = self.fleet.pop(app, None)
+        sim = self._load(app)
+        self._store(app, None)
         return sim.replicas if sim else 0
+
+
+class SharedSimRuntime(SimRuntime):
+    """The simulated fleet in a database of its own (var/ENV/sim-fleet.db), so every worker
+    process sees one fleet (`CICD_RUNTIME=sim`): what the chaos tests and the benchmarks run the
+    real agents against. Its own file, not the environment's database: the agents call the
+    runtime inside their own transactions, and one SQLite file has one write lock."""
+
+    def __init__(self, settings, seed: int = 0):
+        super().__init__(settings, seed)
+        self.fleet_settings = replace(settings, database_url_override=f"sqlite:///{settings.env_dir / 'sim-fleet.db'}")
+
+    def _load(self, app: str) -> SimApp | None:
+        from ..store import SimAppState, session_scope
+        with session_scope(self.fleet_settings) as session:
+            row = session.get(SimAppState, (self.settings.env, app))
+            return SimApp.from_dict(row.state) if row else None
+
+    def _load_all(self, apps: list[str]) -> dict[str, SimApp]:
+        from sqlalchemy import select
+
+        from ..store import SimAppState, session_scope
+        with session_scope(self.fleet_settings) as session:
+            rows = session.execute(select(SimAppState.app, SimAppState.state).where(
+                SimAppState.env == self.settings.env)).all()
+        wanted = set(apps)
+        return {app: SimApp.from_dict(state) for app, state in rows if app in wanted}
+
+    @contextlib.contextmanager
+    def _edit(self, app: str):
+        # One transaction (on SQLite: the write lock) around read, change and write back.
+        from ..store import SimAppState, session_scope
+        with session_scope(self.fleet_settings) as session:
+            row = session.get(SimAppState, (self.settings.env, app), with_for_update=True)
+            if row is None:
+                raise RuntimeFailure(f"{app} is not deployed in the simulated fleet")
+            sim = SimApp.from_dict(row.state)
+            yield sim
+            row.state = sim.to_dict()
+
+    def _store(self, app: str, sim: SimApp | None) -> None:
+        from ..store import SimAppState, session_scope
+        with session_scope(self.fleet_settings) as session:
+            row = session.get(SimAppState, (self.settings.env, app), with_for_update=True)
+            if sim is None:
+                if row is not None:
+                    session.delete(row)
+            elif row is None:
+                session.add(SimAppState(env=self.settings.env, app=app, state=sim.to_dict()))
+            else:
+                row.state = sim.to_dict()
+
+    def apps(self) -> list[str]:
+        from sqlalchemy import select
+
+        from ..store import SimAppState, session_scope
+        with session_scope(self.fleet_settings) as session:
+            return sorted(session.scalars(select(SimAppState.app).where(SimAppState.env == self.settings.env)))

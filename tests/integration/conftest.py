@@ -19,7 +19,8 @@ from cicd.runtime.local import LocalRuntime
 CICD = Path(sys.executable).with_name("cicd")
 # Faster probes than the default 1 s, and shorter waits for slow deploys, so the suite stays
 # short; everything else is as shipped.
-STACK_ENV = {"CICD_ENV": "stage", "CICD_PROBE_INTERVAL": "0.5", "CICD_VERIFY_TIMEOUT": "6", "CICD_SLOW_DEPLOY": "3"}
+STACK_ENV = {"CICD_ENV": "stage", "CICD_PROBE_INTERVAL": "0.5", "CICD_VERIFY_TIMEOUT": "6", "CICD_SLOW_DEPLOY": "3",
+             "CICD_BACKOFF_BASE": "1", "CICD_BACKOFF_MAX": "4", "CICD_BACKOFF_RESET": "20"}
 
 
 @dataclass

@@ -36,12 +36,26 @@ def test_scaling_an_agent_adds_and_removes_worker_processes(stack):
     assert not process.is_alive(extra["pid"], extra["ticks"])
 
 
-def test_a_dead_worker_is_replaced_by_up(stack):
-    worker = [w for w in cluster.read_stack(stack.settings)["envs"]["stage"]["workers"] if w["agent"] == "detect"][0]
+def test_the_supervisor_restarts_a_killed_worker_and_beat(stack):
     import os
     import signal
-    os.kill(worker["pid"], signal.SIGKILL)
-    stack.cicd("up")
-    now = [w for w in cluster.read_stack(stack.settings)["envs"]["stage"]["workers"] if w["agent"] == "detect"][0]
-    assert now["pid"] != worker["pid"] and process.is_alive(now["pid"], now["ticks"])
-    assert agents_status(stack)["detect"]["alive"] == 1
+    import time
+
+    def current(kind):
+        section = cluster.read_stack(stack.settings)["envs"]["stage"]
+        return section["beat"] if kind == "beat" else [w for w in section["workers"] if w["agent"] == kind][0]
+
+    for kind in ("detect", "beat"):
+        dead = current(kind)
+        os.kill(dead["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while current(kind)["pid"] == dead["pid"]:
+            assert time.monotonic() < deadline, f"{kind} was not restarted"
+            time.sleep(0.2)
+        assert process.is_alive(current(kind)["pid"], current(kind)["ticks"])
+    deadline = time.monotonic() + 60
+    while agents_status(stack)["detect"]["alive"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    state = json.loads(stack.cicd("status", "--json").stdout)["stack"]
+    assert state["supervisor_alive"] and state["restarts"]["workers"] >= 1 and state["restarts"]["beat"] >= 1

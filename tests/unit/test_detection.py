@@ -9,9 +9,9 @@ from sqlalchemy import select
 
 from cicd import detector, monitor, onboarding
 from cicd.config import Settings
-from cicd.events import Signal, iso, utcnow
+from cicd.events import Signal, Unprocessable, iso, utcnow
 from cicd.runtime.local import LocalRuntime
-from cicd.store import App, AppHealth, DeadLetter, session_scope
+from cicd.store import App, AppHealth, Incident, session_scope
 
 from .test_local_runtime import sample_source, wait_for
 
@@ -113,17 +113,16 @@ def signal_dict(**overrides):
     ({"env": "dev"}, "env"),
     ({"app": "x" * 500}, "app"),
 ], ids=["unknown-kind", "no-slots", "bool-slot", "bad-time", "other-env", "huge-app"])
-def test_malformed_signals_go_to_dead_letters(settings, app, overrides, reason):
-    assert detector.open_incident(settings, signal_dict(**overrides)) is None
+def test_malformed_signals_are_unprocessable_and_name_the_field(settings, app, overrides, reason):
+    with pytest.raises(Unprocessable, match=reason):
+        detector.open_incident(settings, signal_dict(**overrides))
     with session_scope(settings) as s:
-        letters = s.scalars(select(DeadLetter)).all()
-    assert len(letters) == 1 and reason in letters[0].reason
+        assert s.scalars(select(Incident)).all() == []
 
 
-def test_unknown_app_goes_to_dead_letters(settings, app):
-    assert detector.open_incident(settings, signal_dict(app="ghost-api")) is None
-    with session_scope(settings) as s:
-        assert "unknown app" in s.scalars(select(DeadLetter)).one().reason
+def test_an_unknown_app_is_unprocessable(settings, app):
+    with pytest.raises(Unprocessable, match="unknown app 'ghost-api'"):
+        detector.open_incident(settings, signal_dict(app="ghost-api"))
 
 
 def test_stale_signals_and_apps_awaiting_a_human_are_dropped(settings, app):
@@ -133,7 +132,7 @@ def test_stale_signals_and_apps_awaiting_a_human_are_dropped(settings, app):
         s.scalar(select(App)).attention = "escalated: needs a human"
     assert detector.open_incident(settings, signal_dict()) is None
     with session_scope(settings) as s:
-        assert s.scalars(select(DeadLetter)).all() == []
+        assert s.scalars(select(Incident)).all() == []
 
 
 def test_attention_is_cleared_once_the_app_is_healthy_again(settings, runtime, app):

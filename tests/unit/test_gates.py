@@ -467,3 +467,24 @@ def test_demo_mode_blocks_deploy_actions():
     for action, params in [("retry_deployment", {"release": 3}), ("rollback_deployment", {"to_release": 2})]:
         verdict, _ = gates.evaluate(make_decision(action=action, params=params), make_ctx(demo_mode=True))
         assert_refused(verdict, "allowlist", "DEMO_MODE_BLOCK")
+
+
+# --- restart backoff: 10 s doubling to 300 s, reset after 600 s without a restart ---------------
+
+def _ago(now, *seconds):
+    return [now - timedelta(seconds=s) for s in seconds]
+
+
+@pytest.mark.parametrize("ago, expected", [
+    ((), 0.0),                          # never restarted
+    ((700,), 0.0),                      # the last one long ago: forgotten
+    ((4,), 6.0),                        # 1st restart 4 s ago: 10 s backoff, 6 s left
+    ((15,), 0.0),                       # ... over
+    ((1, 30), 19.0),                    # 2nd in the streak: 20 s
+    ((5, 50, 100), 35.0),               # 3rd: 40 s
+    ((0, 10, 20, 30, 40, 50, 60), 300.0),   # capped at 300 s
+    ((0, 700), 10.0),                   # a gap over 600 s breaks the streak
+])
+def test_restart_backoff(ago, expected):
+    now = events.utcnow()
+    assert gates.restart_backoff_s(_ago(now, *ago), now, 10, 300, 600) == pytest.approx(expected, abs=1e-6)

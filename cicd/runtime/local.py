@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..config import Settings
-from ..onboarding import NAME_PATTERN
+from ..onboarding import check_name
 from . import process
 from .base import ReplicaStatus, Runtime, RuntimeFailure
 
@@ -47,7 +47,7 @@ class LocalRuntime(Runtime):
     def app_dir(self, app: str) -> Path:
         # The registry validated the name already; checking again here means no caller can make
         # the runtime touch a path outside var/ENV/apps.
-        if not isinstance(app, str) or not NAME_PATTERN.fullmatch(app) or len(app) > 40:
+        if check_name(app):
             raise RuntimeFailure(f"app name {app!r}: not a valid app name")
         return self.root / app
 

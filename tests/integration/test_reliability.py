@@ -78,3 +78,16 @@ def test_restarts_of_a_flapping_app_back_off(stack):
     from cicd.reports import seconds_between
     gaps = [seconds_between(a, b) for a, b in zip(restarts, restarts[1:])]
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps  # never sooner than the backoff allows
+
+
+def test_no_secret_is_printed_or_logged(stack):
+    """The signing key and the broker password appear in no log, no output, no stack record."""
+    secrets_ = [(stack.settings.env_dir / "secret.key").read_text().strip(),
+                (stack.home / "var" / "redis" / "password").read_text().strip()]
+    outputs = [stack.cicd("status").stdout, stack.cicd("status", "--json").stdout,
+               stack.cicd("proof", "tail", "-n", "500").stdout]
+    files = list((stack.home / "logs").rglob("*")) + [stack.home / "var" / "stack.json"]
+    texts = outputs + [f.read_text(errors="replace") for f in files if f.is_file()]
+    for secret in secrets_:
+        assert len(secret) >= 24
+        assert not any(secret in text for text in texts)

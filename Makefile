@@ -18,8 +18,8 @@ demo: $(STAMP)  ## start the embedded stack, run the end-to-end demo, print the 
 test: $(STAMP)  ## the whole test suite: unit, then integration (real Redis, real workers)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)  ## benchmarks: figures and ratios, printed (never timed assertions)
-	$(BIN)/python tests/bench/bench_policy.py
+bench: $(STAMP)  ## benchmarks: every figure beside its baseline, from one run (never timed assertions)
+	$(BIN)/cicd bench
 
 chaos: $(STAMP)  ## the big chaos run: kills workers and Redis under a burst of incidents, prints the table
 	$(BIN)/python -m tests.chaos.harness

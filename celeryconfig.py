@@ -42,12 +42,16 @@ def route_task(name, args, kwargs, options, task=None, **kw):
 
 
 task_routes = (route_task,)
+
+# A worker loads its own agent's tasks (CICD_AGENT, set by `cicd up` and the compose file) and
+# so only the domain code it needs. Everything else (commands, beat) sends tasks by name and
+# loads none: every task sent anywhere is named in workers/chains.py or by its caller.
+_agent = os.environ.get("CICD_AGENT", "")
+imports = (f"workers.{_agent}",) if _agent in AGENTS else ()
 task_create_missing_queues = True
 # A task without a route would land in a queue nobody consumes; make that queue's name say so.
 task_default_queue = "unrouted"
 
-imports = ("workers.onboard", "workers.deploy", "workers.detect", "workers.decide",
-           "workers.orchestrate", "workers.monitor")
 
 # -- reliability (each line: why) --------------------------------------------------------------
 # Ack after the task ran, not before: a worker that dies mid-task leaves the message to be redone.
@@ -60,7 +64,6 @@ worker_prefetch_multiplier = 1
 # longer than any task and any countdown, or a slow task runs twice at once; it should be short, or
 # a killed worker's work waits. So per agent, each with its own bookkeeping keys (a worker only
 # ever restores its own agent's messages): deploys may take minutes, everything else seconds.
-_agent = os.environ.get("CICD_AGENT", "")
 _long_running = _agent in ("deploy", "")  # "": the CLI and beat publish only; they restore nothing
 task_time_limit = 600 if _long_running else 30
 task_soft_time_limit = task_time_limit - 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -122,13 +123,21 @@ def down(env, stop_apps):
 
 
 @main.command(hidden=True)
-def supervise():
-    """(Started by `cicd up`.) Restart whatever of the stack dies, until `cicd down`."""
+def watch():
+    """(Started by `cicd up`.) Send a replica_down signal the moment a replica process exits."""
+    from cicd import watcher
     settings = load_settings(None)
+    if not watcher.available():
+        click.echo("pidfds are not available here: crashes are found by the probes alone")
+        return
+    plane = control_plane(settings)
+    plane.app  # configure the broker before the chains are built
+    from workers.chains import healing_chain
 
-    def say(text):
-        click.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}")
-    cluster.supervise(settings, say)
+    def send(signal):
+        click.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {signal['app']} replica {signal['slots'][0]} exited")
+        healing_chain(settings.env, signal).apply_async()
+    watcher.watch(settings, send)
 
 
 @main.command()
@@ -569,6 +578,29 @@ def replay(trace, env, seed, as_json):
     same = sum(1 for r in results if r["recorded"]["actions"][:1] == r["replayed"]["actions"][:1])
     click.echo(f"{len(results)} incidents; the first action is the same in {same}; "
                f"replayed outcomes: {sum(r['replayed']['outcome'] == 'stable' for r in results)} stable")
+
+
+# -- benchmarks --------------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with every figure (chain.throughput_ratio, ...).")
+@click.option("--quick", is_flag=True, help="Fewer incidents and kills: a smoke run, not figures to quote.")
+def bench(as_json, quick):
+    """Benchmarks, each figure beside its baseline measured in the same run (takes minutes).
+
+    \b
+    chain         the healing chain on the simulated fleet vs bare Celery chains of the same hops
+    recover_real  SIGKILL a real replica: time until healthy (probes alone, and exits watched)
+    fanout        one probe cycle over 1,000 and 10,000 simulated apps
+    footprint     resident memory of the whole stack, idle and under load
+    policy        one policy decision, in-process
+
+    It starts its own stacks in a temporary directory; a stack you run is not touched.
+    """
+    root = Path(__file__).resolve().parent
+    if not (root / "tests" / "bench" / "__main__.py").exists():
+        raise click.ClickException(f"the benchmarks live in the source tree (tests/bench), not found under {root}")
+    argv = [sys.executable, "-m", "tests.bench"] + (["--json"] if as_json else []) + (["--quick"] if quick else [])
+    sys.exit(subprocess.run(argv, cwd=root).returncode)
 
 
 # -- dead letters ------------------------------------------------------------------------------

@@ -26,8 +26,12 @@ from .events import iso, utcnow
 from .runtime import process
 
 CELERY_APP = "workers.app:celery_app"
-# Agents whose worker runs two tasks at once: the monitor's probes must not wait behind verifies.
-DEFAULT_CONCURRENCY = {"monitor": 2}
+# Each agent replica is one process with a thread pool: a forked pool child per worker would
+# double the stack's memory, and every task here either returns in milliseconds or waits on
+# another process (git, a build). Two threads where two things must not wait for each other: the
+# monitor's probes and its verifications, a long build and another app's health gate.
+POOL = "threads"
+DEFAULT_CONCURRENCY = {"monitor": 2, "deploy": 2}
 READY_TIMEOUT_S = 90.0
 
 Ping = Callable[[list[str], float], set[str]]  # (node names, timeout) -> the nodes that answered
@@ -142,8 +146,12 @@ def worker_argv(settings: Settings, agent: str, index: int) -> list[str]:
     """The command of one agent replica; docker-compose runs the same."""
     concurrency = DEFAULT_CONCURRENCY.get(agent, 1)
     return [sys.executable, "-m", "celery", "-A", CELERY_APP, "worker", "-Q", settings.queue(agent),
-            "-n", node_name(settings.env, agent, index), "--pool", "prefork", "--concurrency", str(concurrency),
-            "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-E"]
+            "-n", node_name(settings.env, agent, index), "--pool", POOL, "--concurrency", str(concurrency),
+            "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+
+
+def watcher_argv() -> list[str]:
+    return [sys.executable, "-m", "cli", "watch"]
 
 
 def beat_argv(settings: Settings) -> list[str]:
@@ -197,12 +205,16 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
                                                        stack["gitserver"]["port"])
             say(f"git server {stack['gitserver']['url']} (example repositories)")
         if not _alive(section.get("beat")):
-            section["beat"] = _spawn(settings, beat_argv(settings), stack, "beat.log")
+            section["beat"] = _spawn(settings, beat_argv(settings), stack, "beat.log", "beat")
             say(f"beat       pid {section['beat']['pid']}")
+        if settings.runtime == "local" and settings.watch_exits and not _alive(section.get("watcher")):
+            section["watcher"] = _spawn(settings, watcher_argv(), stack, "watcher.log")
+            say(f"watcher    pid {section['watcher']['pid']} (replica exits, as they happen)")
         section["workers"] = sorted(keep + started, key=lambda w: (AGENTS.index(w["agent"]), w["index"]))
         section["started_at"] = section.get("started_at") or iso(utcnow())
         if not _alive(stack.get("supervisor")):
-            stack["supervisor"] = _spawn(settings, [sys.executable, "-m", "cli", "supervise"], stack, "supervisor.log")
+            stack["supervisor"] = _spawn(settings, [sys.executable, "-m", "cicd.cluster", "supervise"], stack,
+                                         "supervisor.log")
             say(f"supervisor pid {stack['supervisor']['pid']} (restarts whatever of this stack dies)")
         _write_stack(settings, stack)
     process.stop_all([(w["pid"], w["ticks"]) for w in stopping], grace_s=15)
@@ -239,9 +251,13 @@ def supervise_once(settings: Settings, say: Callable[[str], None]) -> bool:
                     say(f"restarted {worker['node']} (pid {worker['pid']} had died)")
             if section.get("beat") and not _alive(section["beat"]):
                 old = section["beat"]["pid"]
-                section["beat"] = _spawn(env_settings, beat_argv(env_settings), stack, "beat.log")
+                section["beat"] = _spawn(env_settings, beat_argv(env_settings), stack, "beat.log", "beat")
                 restarts["beat"] += 1
                 say(f"restarted beat of {env} (pid {old} had died)")
+            if section.get("watcher") and not _alive(section["watcher"]):
+                old = section["watcher"]["pid"]
+                section["watcher"] = _spawn(env_settings, watcher_argv(), stack, "watcher.log")
+                say(f"restarted the watcher of {env} (pid {old} had died)")
         _write_stack(settings, stack)
     return True
 
@@ -319,9 +335,9 @@ def down(settings: Settings, env: str | None = None, say: Callable[[str], None] 
             section = envs.pop(name, None)
             if not section:
                 continue
-            # Beat first, so nothing new is scheduled while workers finish what they hold.
-            beat = section.get("beat") or {}
-            stopped += process.stop(beat.get("pid"), beat.get("ticks"), grace_s=5)
+            # Beat (and the watcher) first, so nothing new is sent while workers finish what they hold.
+            for helper in (section.get("beat") or {}, section.get("watcher") or {}):
+                stopped += process.stop(helper.get("pid"), helper.get("ticks"), grace_s=5)
             stopped += process.stop_all([(w["pid"], w["ticks"]) for w in section["workers"]], grace_s=15)
             say(f"stopped {name}: {len(section['workers'])} workers and beat")
         if not envs and _alive(stack.get("gitserver")):
@@ -373,3 +389,13 @@ def status(settings: Settings, ping: Ping) -> dict:
         out["envs"][name] = {"agents": agents, "beat_alive": _alive(section.get("beat")),
                              "started_at": section.get("started_at")}
     return out
+
+
+if __name__ == "__main__":
+    # `python -m cicd.cluster supervise`: what `cicd up` starts, without the weight of the CLI.
+    if sys.argv[1:] != ["supervise"]:
+        sys.exit("usage: python -m cicd.cluster supervise")
+
+    def _say(text: str) -> None:
+        print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}", flush=True)
+    supervise(Settings.load(), _say)

@@ -5,6 +5,7 @@ started by `cicd up` and a `cicd` command typed in another shell agree on where 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -127,6 +128,8 @@ class Settings:
     # Where apps run: real processes ("local"), or the simulated fleet ("sim", seeded).
     runtime: str = "local"
     sim_seed: int = 0
+    # Notice a replica's exit the moment it happens (Linux pidfds), not only at the next probe.
+    watch_exits: bool = True
     # An open incident with no progress for this long has its chain sent on again (a message
     # lost with a killed worker or a restarted broker must not leave it open for ever).
     stall_after_s: float = 120.0
@@ -166,6 +169,7 @@ class Settings:
             exploration=_env_probability("CICD_EXPLORATION"),
             runtime=_env_choice("CICD_RUNTIME", ("local", "sim"), "local"),
             sim_seed=_env_int("CICD_SIM_SEED", 0, 0),
+            watch_exits=_env_bool("CICD_WATCH_EXITS", True),
             stall_after_s=_env_float("CICD_STALL_AFTER", 120.0, 5.0),
         )
 
@@ -259,6 +263,14 @@ def signing_key(settings: Settings, create: bool = False) -> bytes:
                               f"or set CICD_SECRET_KEY_{settings.env.upper()}")
         # A reader never sees a half-written key, and of two racing creators exactly one wins.
         write_secret_file(path, secrets.token_hex(32))
+    st = path.stat()
+    return _read_key_file(path, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_key_file(path: Path, mtime_ns: int, ctime_ns: int, mode: int) -> bytes:
+    # Cached while the file is unchanged (contents, owner, permissions): every decision and every
+    # gate needs the key.
     return read_secret_file(path, "signing key").encode()
 
 

@@ -75,7 +75,8 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
         raise Unprocessable(f"malformed signal: {exc}") from None
     if signal.env != env:
         raise Unprocessable(f"malformed signal: env: signal is for {signal.env!r}, this detector serves {env!r}")
-    with session_scope(settings) as session:
+    # Judge the signal without the write lock; only opening the incident needs it.
+    with session_scope(settings, readonly=True) as session:
         app = get_app(session, env, signal.app)
         if app is None:
             raise Unprocessable(f"unknown app {signal.app!r} in {env}")
@@ -88,8 +89,11 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
             return None  # seen before the last incident of this app was resolved: it is about the past
         if app.attention:
             return None  # a human was called for this app; do not loop on it until it is healthy
+        if session.scalar(select(Incident.id).where(Incident.open_key == f"{env}/{signal.app}")):
+            return None  # already being healed
         kind, severity = classify(signal)
         context = context_of(session, settings, kind, signal, app.spec)
+    with session_scope(settings) as session:
         incident = Incident(id=f"inc-{secrets.token_hex(6)}", env=env, app=signal.app, kind=kind,
                             severity=severity, status=OPEN, attempt=1, slot=signal.slots[0] if signal.slots else 0,
                             signal=signal.to_dict(), context=context, open_key=f"{env}/{signal.app}")

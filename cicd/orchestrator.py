@@ -97,10 +97,21 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
     """request_deploy(app, request_id, kind, ref, sha, reason) hands a deploy to the deploy agent."""
     env = settings.env
     incident_id, attempt = _field(raw, "incident_id", str), _field(raw, "attempt", int)
-    with session_scope(settings) as session:
+    # Look first, without the write lock: the gates read a lot and write nothing.
+    with session_scope(settings, readonly=True) as session:
         incident = session.get(Incident, incident_id) if incident_id else None
         if incident is not None and incident.env != env:
             incident = None
+        verdict, decision = gates.evaluate(raw, _gate_context(settings, session, runtime, _field(raw, "app", str)))
+        names_open_incident = (incident is not None and decision is not None and incident.app == decision.app
+                               and incident.status == OPEN)
+        if (verdict.allowed or verdict.approval) and not names_open_incident:
+            verdict = gates.Verdict(False, "intake", "INTAKE_REFUSED", "decision names no open incident of that app")
+        wait = (_restart_backoff(session, settings, decision.app, decision.params["slots"])
+                if verdict.allowed and decision.action == "restart_service" else 0.0)
+    # Then record, under the lock, with the claim checked again: another delivery of this decision
+    # may have got here first, and the unique key says which one acts.
+    with session_scope(settings) as session:
         claim = None
         if incident is not None and attempt is not None:
             claim = session.scalar(select(Execution).where(Execution.incident_id == incident_id,
@@ -109,21 +120,12 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
             proof.append(session, env, "EXECUTION_DEDUPLICATED", incident_id=incident_id, app=claim.app,
                          payload={"attempt": attempt, "status": claim.status})
             return summary(claim, deduplicated=True)
-
-        verdict, decision = gates.evaluate(raw, _gate_context(settings, session, runtime, _field(raw, "app", str)))
-        names_open_incident = (incident is not None and decision is not None and incident.app == decision.app
-                               and incident.status == OPEN)
-        if (verdict.allowed or verdict.approval) and not names_open_incident:
-            verdict = gates.Verdict(False, "intake", "INTAKE_REFUSED", "decision names no open incident of that app")
         if verdict.approval:
             return _hold_for_approval(session, settings, verdict, raw, decision)
         if not verdict.allowed:
             return _refuse(session, settings, verdict, raw, decision, incident)
-
-        if decision.action == "restart_service":
-            wait = _restart_backoff(session, settings, decision.app)
-            if wait > 0:
-                return _defer(session, settings, decision, claim, wait)
+        if wait > 0:
+            return _defer(session, settings, decision, claim, wait)
         proof.append(session, env, "RL_INTAKE_VALIDATED", incident_id=incident_id, app=decision.app,
                      payload={"attempt": attempt, "nonce": decision.nonce})
         proof.append(session, env, "EXECUTION_GATE_PASSED", incident_id=incident_id, app=decision.app,
@@ -137,12 +139,14 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
     return _act(settings, runtime, request_deploy, claim.id, decision)
 
 
-def _restart_backoff(session, settings: Settings, app: str) -> float:
-    restarts = session.scalars(select(Execution.started_at).where(
+def _restart_backoff(session, settings: Settings, app: str, slots: list[int]) -> float:
+    """Per replica, as Kubernetes backs off per container: the longest wait any of these slots owes."""
+    restarts = session.execute(select(Execution.started_at, Execution.params).where(
         Execution.env == settings.env, Execution.app == app, Execution.action == "restart_service",
         Execution.status == "done")).all()
-    return gates.restart_backoff_s([as_utc(t) for t in restarts], utcnow(), settings.backoff_base_s,
-                                   settings.backoff_max_s, settings.backoff_reset_s)
+    return max((gates.restart_backoff_s([as_utc(t) for t, params in restarts if slot in params.get("slots", [])],
+                                        utcnow(), settings.backoff_base_s, settings.backoff_max_s,
+                                        settings.backoff_reset_s) for slot in slots), default=0.0)
 
 
 def _defer(session, settings: Settings, decision: Decision, claim: Execution | None, wait: float) -> dict:

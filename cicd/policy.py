@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from . import actions, proof, signing
@@ -100,8 +100,25 @@ def prior_table() -> np.ndarray:
     return table
 
 
+_tables: dict = {}
+
+
 def load_table(session: Session, env: str) -> np.ndarray:
-    """Priors overlaid with what this environment has learned."""
+    """Priors overlaid with what this environment has learned (a read-only copy, cached while
+    nothing has been learned since: one small query instead of every row, on every decision)."""
+    fingerprint = session.execute(select(func.count(), func.max(PolicyValue.updated_at), func.sum(PolicyValue.updates))
+                                  .where(PolicyValue.env == env)).one()
+    key = (env, session.get_bind().url.render_as_string(hide_password=True), tuple(fingerprint))
+    cached = _tables.get(key)
+    if cached is None:
+        cached = _build_table(session, env)
+        cached.setflags(write=False)
+        _tables.clear()  # one table per environment and process is enough
+        _tables[key] = cached
+    return cached
+
+
+def _build_table(session: Session, env: str) -> np.ndarray:
     table = prior_table()
     for row in session.scalars(select(PolicyValue).where(PolicyValue.env == env)):
         try:
@@ -188,26 +205,33 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
     decision (same nonce) instead of deciding twice.
     """
     env = settings.env
-    with session_scope(settings) as session:
+    # Decide without the write lock; then store the decision under it, unless another delivery of
+    # this task stored one first (that one stands: same incident, same attempt, one decision).
+    with session_scope(settings, readonly=True) as session:
         incident = session.get(Incident, incident_id)
         if incident is None or incident.env != env or incident.status != OPEN or incident.attempt != attempt:
             return None
-        stored = incident.decision or {}
-        if stored.get("attempt") == attempt:
-            return stored
-        proof.append(session, env, "RL_CONSUME", incident_id=incident_id, app=incident.app,
-                     payload={"attempt": attempt, "kind": incident.kind, "severity": incident.severity,
-                              "context": incident.context or {}})
+        if (incident.decision or {}).get("attempt") == attempt:
+            return incident.decision
         state = State.of(incident.kind, incident.severity, attempt, (incident.context or {}).get("fresh_release"))
-        table = load_table(session, env)
-        action, q_values, reason = choose(table, state, settings.policy_mode, allowed_actions(settings, incident),
-                                          rng_for(incident_id, attempt), settings.exploration)
+        action, q_values, reason = choose(load_table(session, env), state, settings.policy_mode,
+                                          allowed_actions(settings, incident), rng_for(incident_id, attempt),
+                                          settings.exploration)
         spec = get_app(session, env, incident.app).spec
         decision = Decision(env=env, incident_id=incident_id, attempt=attempt, app=incident.app, action=action,
                             params=action_params(action, incident, spec), issued_at=iso(utcnow()),
                             nonce=secrets.token_hex(16), mode=settings.policy_mode,
                             state=state.to_dict(), q_values=q_values, reason=reason)
-        signed = {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), signing_key(settings))}
+    signed = {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), signing_key(settings))}
+    with session_scope(settings) as session:
+        incident = session.get(Incident, incident_id)
+        if incident.status != OPEN or incident.attempt != attempt:
+            return None
+        if (incident.decision or {}).get("attempt") == attempt:
+            return incident.decision
+        proof.append(session, env, "RL_CONSUME", incident_id=incident_id, app=incident.app,
+                     payload={"attempt": attempt, "kind": incident.kind, "severity": incident.severity,
+                              "context": incident.context or {}})
         incident.decision = signed
         proof.append(session, env, "RL_DECISION", incident_id=incident_id, app=incident.app,
                      payload={k: signed[k] for k in ("attempt", "action", "params", "mode", "state", "q_values",

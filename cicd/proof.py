@@ -53,9 +53,9 @@ def append(session: Session, env: str, event_name: str, *, incident_id: str | No
     record = ProofRecord(env=env, seq=seq, ts=ts, event_name=event_name, incident_id=incident_id,
                          app=app, payload=payload_text, prev_hash=head.hash, hash=digest)
     session.add(record)
-    head.seq, head.hash = seq, digest
-    session.flush()
-    session.info["proof_appended"] = True
+    head.seq, head.hash = seq, digest  # (written at commit, with the record: no flush per append)
+    # Kept for the mirror: after commit these lines go to the file without reading them back.
+    session.info.setdefault("proof_appended", []).append(record)
     return record
 
 
@@ -128,7 +128,7 @@ def _db_rows(session: Session, env: str, after_seq: int = 0, batch: int = 2000) 
 
 
 def verify(settings: Settings) -> VerifyResult:
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         head = session.get(ProofHead, settings.env)
         rows = ({"seq": r.seq, "ts": r.ts, "env": r.env, "event_name": r.event_name,
                  "incident_id": r.incident_id, "app": r.app, "payload": r.payload,
@@ -149,7 +149,7 @@ def verify_file(path) -> VerifyResult:
 
 
 def tail(settings: Settings, n: int = 20, incident_id: str | None = None) -> list[dict]:
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         query = select(ProofRecord).where(ProofRecord.env == settings.env)
         if incident_id:
             query = query.where(ProofRecord.incident_id == incident_id)
@@ -158,12 +158,12 @@ def tail(settings: Settings, n: int = 20, incident_id: str | None = None) -> lis
 
 
 def records_since(settings: Settings, after_seq: int) -> list[dict]:
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         return [as_dict(r) for r in _db_rows(session, settings.env, after_seq)]
 
 
 def head_seq(settings: Settings) -> int:
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         head = session.get(ProofHead, settings.env)
         return head.seq if head else 0
 
@@ -171,7 +171,7 @@ def head_seq(settings: Settings) -> int:
 def export(settings: Settings, fmt: str, out) -> int:
     """Write the whole chain as JSONL or CSV (payload as a JSON string); returns the count."""
     count = 0
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         if fmt == "jsonl":
             for r in _db_rows(session, settings.env):
                 out.write(canonical(as_dict(r)) + "\n")
@@ -208,12 +208,14 @@ def _mirror_tail(fh) -> int:
     return 0
 
 
-def sync_mirror(settings: Settings) -> None:
+def sync_mirror(settings: Settings, committed: list[ProofRecord] | None = None) -> None:
     """Bring logs/ENV/proof.jsonl up to the database, in order, whichever process appended.
 
-    Catch-up under an exclusive file lock rather than one write per append: two workers that
-    commit seq 7 and 8 may reach this point in either order, and the file must not. Bytes, not
-    text: a seek into the middle of a multi-byte character must not break the reader.
+    Under an exclusive file lock: two workers that commit seq 7 and 8 may reach this point in
+    either order, and the file must not. If the file ends just before what this transaction
+    committed, those records are written as they are; otherwise the file catches up from the
+    database. Bytes, not text: a seek into the middle of a multi-byte character must not break
+    the reader.
     """
     path = settings.proof_mirror_path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,10 +223,13 @@ def sync_mirror(settings: Settings) -> None:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             last = _mirror_tail(fh)
-            lines = [canonical(record) + "\n" for record in records_since(settings, last)]
-            if lines:
+            if committed and committed[0].seq == last + 1:
+                records = [as_dict(r) for r in committed]
+            else:
+                records = records_since(settings, last)
+            if records:
                 fh.seek(0, os.SEEK_END)
-                fh.write("".join(lines).encode("utf-8"))
+                fh.write("".join(canonical(record) + "\n" for record in records).encode("utf-8"))
                 fh.flush()
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)

@@ -25,7 +25,7 @@ def incident_dict(i: Incident) -> dict:
 
 
 def incidents(settings: Settings, limit: int = 20, app: str | None = None) -> list[dict]:
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         query = select(Incident).where(Incident.env == settings.env)
         if app:
             query = query.where(Incident.app == app)
@@ -34,7 +34,7 @@ def incidents(settings: Settings, limit: int = 20, app: str | None = None) -> li
 
 
 def apps(settings: Settings, runtime: Runtime) -> list[dict]:
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         rows = session.scalars(select(App).where(App.env == settings.env).order_by(App.name)).all()
         health = {h.app: h for h in session.scalars(select(AppHealth).where(AppHealth.env == settings.env))}
         live = {r.app: r.number for r in session.scalars(select(Release).where(Release.env == settings.env,
@@ -57,7 +57,7 @@ def apps(settings: Settings, runtime: Runtime) -> list[dict]:
 
 def timeline(settings: Settings, incident_id: str, extra_seqs: tuple[int, ...] = ()) -> list[dict]:
     """The incident's proof records (and any extra ones, like the injection), in chain order."""
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         query = select(ProofRecord).where(ProofRecord.env == settings.env)
         if extra_seqs:
             query = query.where((ProofRecord.incident_id == incident_id) | ProofRecord.seq.in_(extra_seqs))
@@ -76,7 +76,7 @@ def follow(settings: Settings, app: str, after_seq: int, timeout_s: float,
     deadline = time.monotonic() + timeout_s
     incident_id, seen, closed, learned = None, after_seq, None, False
     while time.monotonic() < deadline:
-        with session_scope(settings) as session:
+        with session_scope(settings, readonly=True) as session:
             query = select(ProofRecord).where(ProofRecord.env == settings.env, ProofRecord.seq > seen)
             for record in session.scalars(query.order_by(ProofRecord.seq)):
                 seen = record.seq
@@ -110,7 +110,7 @@ def payload_text(record: dict, width: int = 90) -> str:
 
 def latest_release(settings: Settings, app: str, status: str | None = None) -> dict | None:
     """The app's newest release (with that status, if given)."""
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         query = select(Release).where(Release.env == settings.env, Release.app == app)
         if status:
             query = query.where(Release.status == status)

@@ -10,6 +10,7 @@ locked"; on PostgreSQL the proof chain head is taken with SELECT ... FOR UPDATE.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import threading
@@ -19,8 +20,7 @@ from typing import Iterator
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint, create_engine, event, select)
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import NullPool
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .config import Settings
 from .events import utcnow
@@ -235,7 +235,9 @@ _lock = threading.Lock()
 
 
 def _sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url, poolclass=NullPool)
+    # A pool (one engine per process, made after any fork): connecting and the PRAGMAs below cost
+    # more than most of our transactions, so each connection is made once and reused.
+    engine = create_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=False)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
@@ -251,7 +253,9 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the lock up front (no deadlock on upgrade); readers do not take it at all
+        # (in WAL mode they see the last commit and never wait for, or block, a writer).
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -273,21 +277,50 @@ def engine_for(settings: Settings) -> Engine:
         return engine
 
 
+_writer_locks: dict[tuple[int, str], int] = {}
+
+
 @contextlib.contextmanager
-def session_scope(settings: Settings) -> Iterator[Session]:
-    """A transaction: commit on success, roll back on any error, then write the proof mirror."""
-    session = sessionmaker(bind=engine_for(settings), expire_on_commit=False)()
+def _one_writer(settings: Settings):
+    """On SQLite, writers queue on a file lock before BEGIN IMMEDIATE. SQLite's own wait for a
+    busy database polls with sleeps of up to 100 ms; the kernel wakes a flock waiter the moment
+    the lock is free. Under load that is the difference between queueing and idling."""
+    url = settings.database_url
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    key = (os.getpid(), url)
+    fd = _writer_locks.get(key)
+    if fd is None:
+        fd = _writer_locks[key] = os.open(url[len("sqlite:///"):] + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def session_scope(settings: Settings, readonly: bool = False) -> Iterator[Session]:
+    """A transaction: commit on success, roll back on any error, then write the proof mirror.
+
+    readonly: for reads only; on SQLite it neither waits for nor blocks the writers."""
+    engine = engine_for(settings)
+    session = Session(bind=engine.execution_options(readonly=True) if readonly else engine, expire_on_commit=False)
+    try:
+        with contextlib.nullcontext() if readonly else _one_writer(settings):
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
     finally:
         session.close()
-    if session.info.get("proof_appended"):
+    appended = session.info.get("proof_appended")
+    if appended:
         from .proof import sync_mirror
-        sync_mirror(settings)
+        sync_mirror(settings, appended)
 
 
 def get_app(session: Session, env: str, name: str) -> App | None:

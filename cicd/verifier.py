@@ -50,7 +50,7 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
         return "done", conclude(settings, execution, "refused")
     if execution.get("status") == "failed":
         return "done", conclude(settings, execution, "failed", detail=execution.get("result", {}).get("error", ""))
-    with session_scope(settings) as session:
+    with session_scope(settings, readonly=True) as session:
         incident = session.get(Incident, execution["incident_id"])
         if incident is None or incident.status != OPEN or incident.attempt != execution["attempt"]:
             return "done", None  # already concluded by an earlier delivery of this task

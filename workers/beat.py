@@ -55,7 +55,11 @@ class SingleBeatScheduler(PersistentScheduler):
         return bool(self._redis.eval(_SWAP, 1, self._lock_key, holder, self._token, LOCK_TTL_S))
 
     def tick(self, *args, **kwargs):
-        if not self._redis.eval(_RENEW, 1, self._lock_key, self._token, LOCK_TTL_S):
+        try:
+            held = self._redis.eval(_RENEW, 1, self._lock_key, self._token, LOCK_TTL_S)
+        except redis.ConnectionError:
+            return 1.0  # the broker is restarting: send nothing, look again in a second
+        if not held:
             raise SystemExit(f"lost the beat lock {self._lock_key}: another beat took over; stopping")
         return super().tick(*args, **kwargs)
 

@@ -1,36 +1,51 @@
-"""The healing chain, built in one place: detect -> decide -> orchestrate -> verify -> learn."""
+"""The healing chain, built in one place: detect -> decide -> orchestrate -> verify -> learn.
+
+Steps are named, not imported: a worker loads only its own agent's module (and its domain code),
+and can still send work on to every other agent.
+"""
 from celery import chain
 
-from .decide import choose, learn
-from .detect import classify
-from .monitor import verify
-from .orchestrate import execute, execute_approved
+from .app import celery_app
+
+
+def _step(name: str, *args, env: str):
+    return celery_app.signature(name, args=args, kwargs={"env": env})
 
 
 def healing_chain(env: str, signal: dict):
-    return chain(classify.s(signal, env=env), choose.s(env=env), *_after_decision(env))
+    return chain(_step("cicd.detect.classify", signal, env=env), _step("cicd.decide.choose", env=env),
+                 *_after_decision(env))
 
 
 def attempt_chain(env: str, incident_id: str, attempt: int):
     """A further attempt on an open incident: the same chain, without detection."""
     incident = {"env": env, "incident_id": incident_id, "attempt": attempt}
-    return chain(choose.s(incident, env=env), *_after_decision(env))
+    return chain(_step("cicd.decide.choose", incident, env=env), *_after_decision(env))
 
 
 def decision_chain(env: str, decision: dict):
     """A signed decision sent on again (its restart backoff is over)."""
-    return chain(execute.s(decision, env=env), verify.s(env=env), learn.s(env=env))
+    return chain(_step("cicd.orchestrate.execute", decision, env=env), *_verify_and_learn(env))
 
 
 def verify_chain(env: str, execution: dict):
     """An execution whose verification was lost: verify and learn again."""
-    return chain(verify.s(execution, env=env), learn.s(env=env))
+    return chain(_step("cicd.monitor.verify", execution, env=env), _step("cicd.decide.learn", env=env))
 
 
 def approved_chain(env: str, approval_id: str):
     """A decision a human approved: execute it, then verify and learn as usual."""
-    return chain(execute_approved.s(approval_id, env=env), verify.s(env=env), learn.s(env=env))
+    return chain(_step("cicd.orchestrate.execute_approved", approval_id, env=env), *_verify_and_learn(env))
+
+
+def deploy(env: str, **kwargs):
+    """A deploy, for the agents that ask the deploy agent for one."""
+    return celery_app.signature("cicd.deploy.release", kwargs={**kwargs, "env": env})
 
 
 def _after_decision(env: str):
-    return execute.s(env=env), verify.s(env=env), learn.s(env=env)
+    return (_step("cicd.orchestrate.execute", env=env), *_verify_and_learn(env))
+
+
+def _verify_and_learn(env: str):
+    return _step("cicd.monitor.verify", env=env), _step("cicd.decide.learn", env=env)

@@ -9,7 +9,15 @@ def register(self, name, repo, runtime, env):
     settings = settings_for(self, env)
     result = onboarding.register(settings, name, repo, runtime)
     if result["ok"]:
-        from .deploy import release
-        release.apply_async(kwargs={"app": name, "env": env, "request_id": f"onboard/{env}/{name}",
-                                    "reason": "onboarded"})
+        from .chains import deploy
+        deploy(env, app=name, request_id=f"onboard/{env}/{name}", reason="onboarded").apply_async()
     return result
+
+
+@celery_app.task(name="cicd.onboard.noop")
+def noop(previous=None, env=None, done_key=None):
+    """A hop that does nothing: `cicd bench` chains these as the bare-Celery baseline."""
+    if done_key:
+        from .bench import record_done
+        record_done(done_key, previous)
+    return previous

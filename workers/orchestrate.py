@@ -9,9 +9,8 @@ from .app import celery_app, runtime, settings_for
 def deploy_requester(env: str):
     """Deploy actions hand the deploy to the deploy agent, under the execution's key."""
     def request_deploy(app, request_id, kind, ref, sha, reason):
-        from .deploy import release
-        release.apply_async(kwargs={"app": app, "env": env, "request_id": request_id, "kind": kind, "ref": ref,
-                                    "sha": sha, "reason": reason})
+        from .chains import deploy
+        deploy(env, app=app, request_id=request_id, kind=kind, ref=ref, sha=sha, reason=reason).apply_async()
     return request_deploy
 
 
@@ -28,3 +27,12 @@ def execute_approved(self, approval_id, env):
     if execution is None:
         raise Ignore()  # not a granted action approval (or already carried out): nothing follows
     return execution
+
+
+@celery_app.task(name="cicd.orchestrate.noop")
+def noop(previous=None, env=None, done_key=None):
+    """A hop that does nothing: `cicd bench` chains these as the bare-Celery baseline."""
+    if done_key:
+        from .bench import record_done
+        record_done(done_key, previous)
+    return previous

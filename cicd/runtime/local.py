@@ -231,6 +231,10 @@ class LocalRuntime(Runtime):
     def replica_count(self, app: str) -> int:
         return len(self._read(app).get("replicas", {}))
 
+    def replicas(self, app: str) -> list[dict]:
+        """The live replicas as recorded: slot, pid, start ticks, port."""
+        return [{**r, "slot": int(r["slot"])} for r in self._read(app).get("replicas", {}).values()]
+
     def apps(self) -> list[str]:
         if not self.root.exists():
             return []

@@ -30,7 +30,7 @@ def per_call_us(fn, n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def main(argv=None) -> dict:
+def main(argv=None, quiet: bool = False) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decisions", type=int, default=100_000)
     parser.add_argument("--json", action="store_true")
@@ -59,7 +59,9 @@ def main(argv=None) -> dict:
         "decision_us": round(per_call_us(decide, args.decisions // 4), 2),
         "gates_us": round(per_call_us(lambda: gates.evaluate(signed, ctx), args.decisions // 4), 2),
     }
-    if args.json:
+    if quiet:
+        pass
+    elif args.json:
         print(json.dumps(figures))
     else:
         print(f"policy decision, in-process, {args.decisions} calls (goal: one decision under 100 us)")

@@ -7,6 +7,7 @@ every kill after the first wait on purpose. What is measured is the healing path
 from __future__ import annotations
 
 import os
+import random
 import signal
 import statistics
 import time
@@ -37,10 +38,11 @@ def run(home: Path, kills: int, watch: bool) -> dict:
             rows = {r["app"]: r for r in reports.apps(settings, runtime)}
             return all_healthy() and rows[APP]["open_incident"] is None
 
-        times = []
+        times, jitter = [], random.Random(kills)
         for i in range(kills):
             wait_for(settled, timeout=120, poll=0.05)
-            time.sleep(0.3)  # a fresh probe cycle has seen it healthy
+            # Kill at a random point of the probe cycle, not always just after one.
+            time.sleep(0.3 + jitter.uniform(0, settings.probe_interval_s))
             replica = runtime.replicas(APP)[i % 2]
             started = time.monotonic()
             os.kill(replica["pid"], signal.SIGKILL)

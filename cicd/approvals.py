@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import secrets
 from datetime import timedelta
+from types import SimpleNamespace
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from . import proof
 from .config import ENVIRONMENTS, Settings, check_env_name
 from .events import ESCALATED, OPEN, REFUSED, as_utc, iso, utcnow
-from .store import Approval, Execution, Incident, Release, get_app, session_scope
+from .store import Approval, Execution, Incident, Release, connection_of, get_app, session_scope
 
 
 class ApprovalError(ValueError):
@@ -30,7 +31,8 @@ def env_of(approval_id: str) -> str:
     return parts[1]
 
 
-def as_dict(a: Approval, now=None) -> dict:
+def as_dict(a, now=None) -> dict:
+    """An approval (ORM object or row) as shown and returned."""
     now = now or utcnow()
     status = a.status
     if status == "pending" and as_utc(a.expires_at) <= now:
@@ -41,24 +43,26 @@ def as_dict(a: Approval, now=None) -> dict:
             "decided_at": iso(a.decided_at) if a.decided_at else None, "reason": a.reason, "payload": a.payload}
 
 
-def _new(session, settings: Settings, kind: str, app: str, payload: dict, summary: str, requested_by: str,
-         incident_id: str | None = None, attempt: int | None = None) -> Approval:
+def _new(tx, settings: Settings, kind: str, app: str, payload: dict, summary: str, requested_by: str,
+         incident_id: str | None = None, attempt: int | None = None) -> dict:
+    """Inside the caller's transaction (an ORM session or a Core connection): the request, as_dict."""
     now = utcnow()
-    approval = Approval(id=f"apr-{settings.env}-{secrets.token_hex(4)}", env=settings.env, kind=kind, app=app,
-                        incident_id=incident_id, attempt=attempt, payload=payload, summary=summary, status="pending",
-                        requested_by=requested_by, requested_at=now,
-                        expires_at=now + timedelta(seconds=settings.approval_ttl_s))
-    session.add(approval)
-    proof.append(session, settings.env, "APPROVAL_REQUESTED", incident_id=incident_id, app=app,
-                 payload={"approval": approval.id, "kind": kind, "summary": summary, "requested_by": requested_by,
-                          "expires_at": iso(approval.expires_at)})
-    return approval
+    row = {"id": f"apr-{settings.env}-{secrets.token_hex(4)}", "env": settings.env, "kind": kind, "app": app,
+           "incident_id": incident_id, "attempt": attempt, "payload": payload, "summary": summary,
+           "status": "pending", "requested_by": requested_by, "requested_at": now,
+           "expires_at": now + timedelta(seconds=settings.approval_ttl_s), "decided_by": None, "decided_at": None,
+           "reason": ""}
+    connection_of(tx).execute(insert(Approval.__table__), row)
+    proof.append(tx, settings.env, "APPROVAL_REQUESTED", incident_id=incident_id, app=app,
+                 payload={"approval": row["id"], "kind": kind, "summary": summary, "requested_by": requested_by,
+                          "expires_at": iso(row["expires_at"])})
+    return as_dict(SimpleNamespace(**row), now)
 
 
-def request_action(session, settings: Settings, decision: dict, why: str) -> Approval:
+def request_action(tx, settings: Settings, decision: dict, why: str) -> dict:
     """Inside the orchestrator's transaction: hold a signed decision back for a human."""
     summary = f"{decision['action']} {decision['params']} for {decision['incident_id']} ({why})"
-    return _new(session, settings, "action", decision["app"], {"decision": decision}, summary, "orchestrator",
+    return _new(tx, settings, "action", decision["app"], {"decision": decision}, summary, "orchestrator",
                 decision["incident_id"], decision["attempt"])
 
 
@@ -79,7 +83,7 @@ def request_promotion(target: Settings, source: Settings, app: str, requested_by
         payload = {"from": source.env, "release": live.number, "sha": live.sha, "ref": live.ref, "spec": spec}
     summary = f"promote {app} release {payload['release']} ({payload['sha'][:12]}) from {source.env} to {target.env}"
     with session_scope(target) as session:
-        return as_dict(_new(session, target, "promotion", app, payload, summary, requested_by))
+        return _new(session, target, "promotion", app, payload, summary, requested_by)
 
 
 def pending(settings: Settings, include_decided: bool = False) -> list[dict]:

@@ -182,36 +182,37 @@ class Settings:
     def for_env(self, env: str) -> "Settings":
         return replace(self, env=check_env_name(env))
 
-    # Where things live. Everything an environment owns sits under its own directory.
-    @property
+    # Where things live. Everything an environment owns sits under its own directory. (Cached:
+    # the fields they derive from never change, and the hot path asks on every transaction.)
+    @functools.cached_property
     def var_dir(self) -> Path:
         return self.home / "var"
 
-    @property
+    @functools.cached_property
     def env_dir(self) -> Path:
         return self.var_dir / self.env
 
-    @property
+    @functools.cached_property
     def apps_dir(self) -> Path:
         return self.env_dir / "apps"
 
-    @property
+    @functools.cached_property
     def logs_dir(self) -> Path:
         return self.home / "logs" / self.env
 
-    @property
+    @functools.cached_property
     def registry_dir(self) -> Path:
         return self.home / "apps" / "registry" / self.env
 
-    @property
+    @functools.cached_property
     def proof_mirror_path(self) -> Path:
         return self.logs_dir / "proof.jsonl"
 
-    @property
+    @functools.cached_property
     def stack_file(self) -> Path:
         return self.var_dir / "stack.json"
 
-    @property
+    @functools.cached_property
     def database_url(self) -> str:
         if self.database_url_override:
             # One server can hold every environment: "{env}" picks a database per environment.

@@ -8,13 +8,13 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from . import proof
 from .config import Settings
 from .events import OPEN, MalformedEvent, Signal, Unprocessable, as_utc, parse_iso, utcnow
-from .store import Incident, Release, get_app, session_scope
+from .store import Incident, Release, app_row, transaction
 
 KIND_OF_SIGNAL = {
     "replica_down": "crash",          # process gone or connection refused
@@ -43,10 +43,17 @@ def classify(signal: Signal) -> tuple[str, str]:
     return kind, "low"
 
 
-def context_of(session, settings: Settings, kind: str, signal: Signal, spec: dict) -> dict:
+_RELEASES = (select(Release.__table__).where(Release.env == bindparam("env"), Release.app == bindparam("app"))
+             .order_by(Release.number.desc()))
+_LAST_CLOSED = select(func.max(Incident.closed_at)).where(Incident.env == bindparam("env"),
+                                                          Incident.app == bindparam("app"), Incident.status != OPEN)
+_OPEN_INCIDENT = select(Incident.id).where(Incident.open_key == bindparam("open_key"))
+_NEW_INCIDENT = insert(Incident.__table__)
+
+
+def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) -> dict:
     """What the policy needs to know beyond the signal, read from the releases."""
-    releases = session.scalars(select(Release).where(Release.env == settings.env, Release.app == signal.app)
-                               .order_by(Release.number.desc())).all()
+    releases = conn.execute(_RELEASES, {"env": settings.env, "app": signal.app}).all()
     live = next((r for r in releases if r.status == "live"), None)
     good_before = next((r for r in releases if r.status == "superseded" and r.sha
                         and (live is None or r.number < live.number)), None)
@@ -75,34 +82,34 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
         raise Unprocessable(f"malformed signal: {exc}") from None
     if signal.env != env:
         raise Unprocessable(f"malformed signal: env: signal is for {signal.env!r}, this detector serves {env!r}")
+    open_key = f"{env}/{signal.app}"
     # Judge the signal without the write lock; only opening the incident needs it.
-    with session_scope(settings, readonly=True) as session:
-        app = get_app(session, env, signal.app)
+    with transaction(settings, readonly=True) as conn:
+        app = app_row(conn, env, signal.app)
         if app is None:
             raise Unprocessable(f"unknown app {signal.app!r} in {env}")
         observed = parse_iso(signal.observed_at)
         if utcnow() - observed > timedelta(seconds=SIGNAL_MAX_AGE_S):
             return None  # stale: the next probe reports what is true now
-        last_closed = session.scalar(select(func.max(Incident.closed_at)).where(
-            Incident.env == env, Incident.app == signal.app, Incident.status != OPEN))
+        last_closed = conn.execute(_LAST_CLOSED, {"env": env, "app": signal.app}).scalar()
         if last_closed is not None and as_utc(last_closed) >= observed:
             return None  # seen before the last incident of this app was resolved: it is about the past
         if app.attention:
             return None  # a human was called for this app; do not loop on it until it is healthy
-        if session.scalar(select(Incident.id).where(Incident.open_key == f"{env}/{signal.app}")):
+        if conn.execute(_OPEN_INCIDENT, {"open_key": open_key}).first():
             return None  # already being healed
         kind, severity = classify(signal)
-        context = context_of(session, settings, kind, signal, app.spec)
-    with session_scope(settings) as session:
-        incident = Incident(id=f"inc-{secrets.token_hex(6)}", env=env, app=signal.app, kind=kind,
-                            severity=severity, status=OPEN, attempt=1, slot=signal.slots[0] if signal.slots else 0,
-                            signal=signal.to_dict(), context=context, open_key=f"{env}/{signal.app}")
-        session.add(incident)
-        try:
-            session.flush()
-        except IntegrityError:
-            session.rollback()
-            return None  # an incident is already open for this app
-        proof.append(session, env, "INCIDENT_DETECTED", incident_id=incident.id, app=signal.app,
-                     payload={"kind": kind, "severity": severity, "signal": signal.to_dict(), "context": context})
-        return {"env": env, "incident_id": incident.id, "attempt": 1}
+        context = context_of(conn, settings, kind, signal, app.spec)
+    incident_id = f"inc-{secrets.token_hex(6)}"
+    try:
+        with transaction(settings) as conn:
+            conn.execute(_NEW_INCIDENT, {
+                "id": incident_id, "env": env, "app": signal.app, "kind": kind, "severity": severity,
+                "status": OPEN, "attempt": 1, "slot": signal.slots[0] if signal.slots else 0,
+                "signal": signal.to_dict(), "context": context, "resolution": "", "decision": None,
+                "open_key": open_key})
+            proof.append(conn, env, "INCIDENT_DETECTED", incident_id=incident_id, app=signal.app,
+                         payload={"kind": kind, "severity": severity, "signal": signal.to_dict(), "context": context})
+    except IntegrityError:
+        return None  # an incident is already open for this app (the open key is unique)
+    return {"env": env, "incident_id": incident_id, "attempt": 1}

@@ -49,5 +49,5 @@ def inject(settings: Settings, runtime: Runtime, app: str, kind: str,
     with session_scope(settings) as session:
         logged = proof.append(session, settings.env, "FAILURE_INJECTED", app=app,
                               payload={**detail, "kind": kind, "at": iso(injected_at)})
-        seq = logged.seq
+        seq = logged["seq"]
     return {**detail, "injected_at": iso(injected_at), "seq": seq}

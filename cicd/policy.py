@@ -16,13 +16,14 @@ import secrets
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from . import actions, proof, signing
 from .config import Settings, signing_key
 from .events import INCIDENT_KINDS, OPEN, SEVERITIES, Decision, iso, utcnow
-from .store import Incident, PolicyValue, get_app, session_scope
+from .store import Incident, PolicyValue, app_row, connection_of, incident_row, transaction
 
 MAX_ATTEMPT = 3            # attempts 3, 4, ... share one state: "still failing after two tries"
 ALPHA, GAMMA = 0.2, 0.9
@@ -101,26 +102,35 @@ def prior_table() -> np.ndarray:
 
 
 _tables: dict = {}
+_POLICY = PolicyValue.__table__
+_FINGERPRINT = (select(func.count(), func.max(_POLICY.c.updated_at), func.sum(_POLICY.c.updates))
+                .where(_POLICY.c.env == bindparam("env")))
+_VALUE = (select(_POLICY.c.q, _POLICY.c.updates)
+          .where(_POLICY.c.env == bindparam("env"), _POLICY.c.state == bindparam("state"),
+                 _POLICY.c.action == bindparam("action")).with_for_update())
+_SET_VALUE = (update(_POLICY).where(_POLICY.c.env == bindparam("k_env"), _POLICY.c.state == bindparam("k_state"),
+                                    _POLICY.c.action == bindparam("k_action"))
+              .values(q=bindparam("q"), updates=bindparam("updates"), updated_at=bindparam("updated_at")))
 
 
-def load_table(session: Session, env: str) -> np.ndarray:
+def load_table(tx: Session | Connection, env: str) -> np.ndarray:
     """Priors overlaid with what this environment has learned (a read-only copy, cached while
     nothing has been learned since: one small query instead of every row, on every decision)."""
-    fingerprint = session.execute(select(func.count(), func.max(PolicyValue.updated_at), func.sum(PolicyValue.updates))
-                                  .where(PolicyValue.env == env)).one()
-    key = (env, session.get_bind().url.render_as_string(hide_password=True), tuple(fingerprint))
+    conn = connection_of(tx)
+    fingerprint = conn.execute(_FINGERPRINT, {"env": env}).one()
+    key = (env, conn.engine.url.render_as_string(hide_password=True), tuple(fingerprint))
     cached = _tables.get(key)
     if cached is None:
-        cached = _build_table(session, env)
+        cached = _build_table(conn, env)
         cached.setflags(write=False)
         _tables.clear()  # one table per environment and process is enough
         _tables[key] = cached
     return cached
 
 
-def _build_table(session: Session, env: str) -> np.ndarray:
+def _build_table(conn: Connection, env: str) -> np.ndarray:
     table = prior_table()
-    for row in session.scalars(select(PolicyValue).where(PolicyValue.env == env)):
+    for row in conn.execute(select(_POLICY.c.state, _POLICY.c.action, _POLICY.c.q).where(_POLICY.c.env == env)):
         try:
             state = State.from_key(row.state)
             table[state.index + (actions.ACTIONS.index(row.action),)] = row.q
@@ -129,7 +139,7 @@ def _build_table(session: Session, env: str) -> np.ndarray:
     return table
 
 
-def choose(table: np.ndarray, state: State, mode: str, allowed: tuple[str, ...], rng: np.random.Generator,
+def choose(table: np.ndarray, state: State, mode: str, allowed: tuple[str, ...], rng: np.random.Generator | None,
            epsilon: float | None = None):
     """(action, q_values, reason). Greedy ties go to the earliest action in the catalogue.
 
@@ -207,36 +217,41 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
     env = settings.env
     # Decide without the write lock; then store the decision under it, unless another delivery of
     # this task stored one first (that one stands: same incident, same attempt, one decision).
-    with session_scope(settings, readonly=True) as session:
-        incident = session.get(Incident, incident_id)
+    with transaction(settings, readonly=True) as conn:
+        incident = incident_row(conn, incident_id)
         if incident is None or incident.env != env or incident.status != OPEN or incident.attempt != attempt:
             return None
         if (incident.decision or {}).get("attempt") == attempt:
             return incident.decision
         state = State.of(incident.kind, incident.severity, attempt, (incident.context or {}).get("fresh_release"))
-        action, q_values, reason = choose(load_table(session, env), state, settings.policy_mode,
-                                          allowed_actions(settings, incident), rng_for(incident_id, attempt),
-                                          settings.exploration)
-        spec = get_app(session, env, incident.app).spec
-        decision = Decision(env=env, incident_id=incident_id, attempt=attempt, app=incident.app, action=action,
-                            params=action_params(action, incident, spec), issued_at=iso(utcnow()),
-                            nonce=secrets.token_hex(16), mode=settings.policy_mode,
-                            state=state.to_dict(), q_values=q_values, reason=reason)
+        # (greedy never draws a random number: no generator to seed)
+        rng = rng_for(incident_id, attempt) if settings.policy_mode != "greedy" else None
+        action, q_values, reason = choose(load_table(conn, env), state, settings.policy_mode,
+                                          allowed_actions(settings, incident), rng, settings.exploration)
+        spec = app_row(conn, env, incident.app).spec
+    decision = Decision(env=env, incident_id=incident_id, attempt=attempt, app=incident.app, action=action,
+                        params=action_params(action, incident, spec), issued_at=iso(utcnow()),
+                        nonce=secrets.token_hex(16), mode=settings.policy_mode,
+                        state=state.to_dict(), q_values=q_values, reason=reason)
     signed = {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), signing_key(settings))}
-    with session_scope(settings) as session:
-        incident = session.get(Incident, incident_id)
+    with transaction(settings) as conn:
+        incident = incident_row(conn, incident_id, lock=True)
         if incident.status != OPEN or incident.attempt != attempt:
             return None
         if (incident.decision or {}).get("attempt") == attempt:
             return incident.decision
-        proof.append(session, env, "RL_CONSUME", incident_id=incident_id, app=incident.app,
+        proof.append(conn, env, "RL_CONSUME", incident_id=incident_id, app=incident.app,
                      payload={"attempt": attempt, "kind": incident.kind, "severity": incident.severity,
                               "context": incident.context or {}})
-        incident.decision = signed
-        proof.append(session, env, "RL_DECISION", incident_id=incident_id, app=incident.app,
+        conn.execute(_STORE_DECISION, {"k_id": incident_id, "decision": signed})
+        proof.append(conn, env, "RL_DECISION", incident_id=incident_id, app=incident.app,
                      payload={k: signed[k] for k in ("attempt", "action", "params", "mode", "state", "q_values",
                                                       "reason", "issued_at", "nonce")})
         return signed
+
+
+_STORE_DECISION = (update(Incident.__table__).where(Incident.__table__.c.id == bindparam("k_id"))
+                   .values(decision=bindparam("decision")))
 
 
 def reward(result: str, action: str, time_to_recover_s: float | None, timeout_s: float) -> float:
@@ -271,21 +286,22 @@ def store_table(session: Session, env: str, table: np.ndarray, visits: np.ndarra
     return written
 
 
-def learn(settings: Settings, session: Session, state: State, action: str, r: float,
+def learn(settings: Settings, tx: Session | Connection, state: State, action: str, r: float,
           next_state: State | None) -> dict:
     """One Q update, read-modify-write under the row lock, so concurrent learners lose nothing."""
     if settings.policy_mode == "greedy":
         return {"applied": False, "why": "stage policy is frozen (deterministic)"}
-    env = settings.env
-    row = session.get(PolicyValue, (env, state.key, action), with_for_update=True)
+    env, conn = settings.env, connection_of(tx)
+    row = conn.execute(_VALUE, {"env": env, "state": state.key, "action": action}).first()
     old = row.q if row else float(prior_table()[state.index + (actions.ACTIONS.index(action),)])
-    future = float(np.max(load_table(session, env)[next_state.index])) if next_state is not None else 0.0
+    future = float(np.max(load_table(conn, env)[next_state.index])) if next_state is not None else 0.0
     new = q_update(old, r, future)
     if row is None:
-        session.add(PolicyValue(env=env, state=state.key, action=action, q=new, updates=1, updated_at=utcnow()))
+        conn.execute(insert(_POLICY), {"env": env, "state": state.key, "action": action, "q": new, "updates": 1,
+                                       "updated_at": utcnow()})
     else:
-        row.q, row.updates, row.updated_at = new, row.updates + 1, utcnow()
-    session.flush()
+        conn.execute(_SET_VALUE, {"k_env": env, "k_state": state.key, "k_action": action, "q": new,
+                                  "updates": row.updates + 1, "updated_at": utcnow()})
     return {"applied": True, "old_q": round(old, 6), "new_q": round(new, 6), "target": round(r + GAMMA * future, 6)}
 
 
@@ -296,11 +312,11 @@ def learn_from_outcome(settings: Settings, outcome: dict) -> dict:
     next_state = (State.of(outcome["kind"], outcome["severity"], outcome["next_attempt"], fresh)
                   if outcome.get("next_attempt") else None)
     r = reward(outcome["result"], outcome["action"], outcome.get("time_to_recover_s"), settings.verify_timeout_s)
-    with session_scope(settings) as session:
-        update = {"applied": False, "why": f"{outcome['action']!r} is not a catalogued action"}
+    with transaction(settings) as conn:
+        change = {"applied": False, "why": f"{outcome['action']!r} is not a catalogued action"}
         if outcome["action"] in actions.ACTIONS:
-            update = learn(settings, session, state, outcome["action"], r, next_state)
-        proof.append(session, settings.env, "RL_UPDATE", incident_id=outcome["incident_id"], app=outcome["app"],
+            change = learn(settings, conn, state, outcome["action"], r, next_state)
+        proof.append(conn, settings.env, "RL_UPDATE", incident_id=outcome["incident_id"], app=outcome["app"],
                      payload={"state": state.to_dict(), "action": outcome["action"], "result": outcome["result"],
-                              "reward": r, "mode": settings.policy_mode, **update})
-    return update
+                              "reward": r, "mode": settings.policy_mode, **change})
+    return change

@@ -15,12 +15,13 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from .config import Settings
 from .events import PROOF_EVENTS, canonical, iso, utcnow
-from .store import ProofHead, ProofRecord, session_scope
+from .store import PROOF_PENDING, ProofHead, ProofRecord, connection_of, session_scope
 
 GENESIS = "0" * 64
 EXPORT_COLUMNS = ("seq", "ts", "env", "event_name", "incident_id", "app", "payload", "prev_hash", "hash")
@@ -37,29 +38,48 @@ def record_hash(seq: int, ts: str, env: str, event_name: str, incident_id, app, 
     return hashlib.sha256(canonical(body).encode()).hexdigest()
 
 
-def append(session: Session, env: str, event_name: str, *, incident_id: str | None = None,
-           app: str | None = None, payload: dict | None = None) -> ProofRecord:
-    """Add one record to the chain inside the session's transaction."""
+_HEADS, _RECORDS = ProofHead.__table__, ProofRecord.__table__
+_HEAD = select(_HEADS.c.seq, _HEADS.c.hash).where(_HEADS.c.env == bindparam("env")).with_for_update()
+_NEW_HEAD = insert(_HEADS)
+_MOVE_HEAD = update(_HEADS).where(_HEADS.c.env == bindparam("head_env")).values(seq=bindparam("seq"),
+                                                                              hash=bindparam("hash"))
+_ADD_RECORD = insert(_RECORDS)
+
+
+def append(tx: Session | Connection, env: str, event_name: str, *, incident_id: str | None = None,
+           app: str | None = None, payload: dict | None = None) -> dict:
+    """Add one record to the chain inside the caller's transaction (an ORM session, or a Core
+    connection from store.transaction); returns the record as a dict."""
     if event_name not in PROOF_EVENTS:
         raise ProofError(f"unknown proof event {event_name!r}")
-    head = session.get(ProofHead, env, with_for_update=True)
+    if isinstance(tx, Session):
+        conn, pending = connection_of(tx), tx.info.setdefault(PROOF_PENDING, [])
+    else:
+        conn, pending = tx, tx.info.get(PROOF_PENDING)
+        if pending is None:
+            raise ProofError("proof.append needs a connection from store.transaction")
+    # This transaction's own last record is the head (it holds the lock: nobody else moved it);
+    # otherwise read it, which locks the row on PostgreSQL (SQLite's writer holds the database).
+    mine = next((r for r in reversed(pending) if r["env"] == env), None)
+    head = (mine["seq"], mine["hash"]) if mine else conn.execute(_HEAD, {"env": env}).first()
     if head is None:
-        head = ProofHead(env=env, seq=0, hash=GENESIS)
-        session.add(head)
+        conn.execute(_NEW_HEAD, {"env": env, "seq": 0, "hash": GENESIS})
+        head = (0, GENESIS)
+    prev_seq, prev_hash = head
     payload_text = canonical(payload or {})
-    seq = head.seq + 1
-    ts = iso(utcnow())
-    digest = record_hash(seq, ts, env, event_name, incident_id, app, payload_text, head.hash)
-    record = ProofRecord(env=env, seq=seq, ts=ts, event_name=event_name, incident_id=incident_id,
-                         app=app, payload=payload_text, prev_hash=head.hash, hash=digest)
-    session.add(record)
-    head.seq, head.hash = seq, digest  # (written at commit, with the record: no flush per append)
+    # The record as it is hashed (payload as the JSON the stored text parses back to).
+    record = {"seq": prev_seq + 1, "ts": iso(utcnow()), "env": env, "event_name": event_name,
+              "incident_id": incident_id, "app": app, "payload": json.loads(payload_text), "prev_hash": prev_hash}
+    record["hash"] = hashlib.sha256(canonical(record).encode()).hexdigest()
+    conn.execute(_ADD_RECORD, {**record, "payload": payload_text})
+    conn.execute(_MOVE_HEAD, {"head_env": env, "seq": record["seq"], "hash": record["hash"]})
     # Kept for the mirror: after commit these lines go to the file without reading them back.
-    session.info.setdefault("proof_appended", []).append(record)
+    pending.append(record)
     return record
 
 
-def as_dict(record: ProofRecord) -> dict:
+def as_dict(record) -> dict:
+    """A stored record (ORM object or row) as the chain's dict, payload parsed."""
     return {"seq": record.seq, "ts": record.ts, "env": record.env, "event_name": record.event_name,
             "incident_id": record.incident_id, "app": record.app, "payload": json.loads(record.payload),
             "prev_hash": record.prev_hash, "hash": record.hash}
@@ -193,9 +213,12 @@ def _mirror_tail(fh) -> int:
     size = fh.seek(0, os.SEEK_END)
     if size == 0:
         return 0
-    start = max(0, size - 65536)
-    fh.seek(start)
-    tail = fh.read()
+    for chunk in (4096, 65536, size):  # most records are short: read little first
+        start = max(0, size - chunk)
+        fh.seek(start)
+        tail = fh.read()
+        if start == 0 or tail.count(b"\n") >= 2:
+            break
     if not tail.endswith(b"\n"):
         cut = tail.rfind(b"\n")
         fh.truncate(start + cut + 1 if cut >= 0 else start)
@@ -208,7 +231,7 @@ def _mirror_tail(fh) -> int:
     return 0
 
 
-def sync_mirror(settings: Settings, committed: list[ProofRecord] | None = None) -> None:
+def sync_mirror(settings: Settings, committed: list[dict] | None = None) -> None:
     """Bring logs/ENV/proof.jsonl up to the database, in order, whichever process appended.
 
     Under an exclusive file lock: two workers that commit seq 7 and 8 may reach this point in
@@ -218,13 +241,19 @@ def sync_mirror(settings: Settings, committed: list[ProofRecord] | None = None) 
     the reader.
     """
     path = settings.proof_mirror_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
+    try:
+        fh = open(path, "a+b")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+b")
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             last = _mirror_tail(fh)
-            if committed and committed[0].seq == last + 1:
-                records = [as_dict(r) for r in committed]
+            if committed and committed[0]["seq"] == last + 1:
+                records = committed
+            elif committed and committed[-1]["seq"] <= last:
+                records = []  # a later transaction's sync already caught the file up past these
             else:
                 records = records_since(settings, last)
             if records:

@@ -3,9 +3,14 @@
 SQLite (WAL) under var/ENV/ by default, PostgreSQL by CICD_DATABASE_URL. Every table carries
 the environment, so one server may hold several environments without them meeting.
 
-Concurrency: on SQLite every transaction starts with BEGIN IMMEDIATE, so writers from many
-worker processes queue on the database lock instead of failing half-way with "database is
+Concurrency: on SQLite every write transaction starts with BEGIN IMMEDIATE, so writers from
+many worker processes queue on the database lock instead of failing half-way with "database is
 locked"; on PostgreSQL the proof chain head is taken with SELECT ... FOR UPDATE.
+
+Two ways in, one per kind of code: `session_scope` (the ORM) for commands, reports and
+everything else that runs now and then; `transaction` (SQLAlchemy Core, prebuilt statements) for
+the healing chain's hops, which run for every incident and where the ORM's unit of work cost
+more than the work itself (`make bench`). Both commit the same way and write the proof mirror.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ from datetime import datetime
 from typing import Iterator
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
-                        UniqueConstraint, create_engine, event, select)
-from sqlalchemy.engine import Engine
+                        UniqueConstraint, bindparam, create_engine, event, select)
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .config import Settings
@@ -277,27 +282,78 @@ def engine_for(settings: Settings) -> Engine:
         return engine
 
 
-_writer_locks: dict[tuple[int, str], int] = {}
+_writer_locks: dict[tuple[int, str], tuple[threading.RLock, int]] = {}
 
 
 @contextlib.contextmanager
 def _one_writer(settings: Settings):
     """On SQLite, writers queue on a file lock before BEGIN IMMEDIATE. SQLite's own wait for a
     busy database polls with sleeps of up to 100 ms; the kernel wakes a flock waiter the moment
-    the lock is free. Under load that is the difference between queueing and idling."""
+    the lock is free. Under load that is the difference between queueing and idling.
+
+    A flock belongs to the open file, which a process's threads share: the threads of one
+    worker queue on a thread lock first, then the process on the file lock."""
     url = settings.database_url
     if not url.startswith("sqlite:///"):
         yield
         return
     key = (os.getpid(), url)
-    fd = _writer_locks.get(key)
-    if fd is None:
-        fd = _writer_locks[key] = os.open(url[len("sqlite:///"):] + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    entry = _writer_locks.get(key)
+    if entry is None:
+        with _lock:
+            entry = _writer_locks.get(key)
+            if entry is None:
+                fd = os.open(url[len("sqlite:///"):] + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+                entry = _writer_locks[key] = (threading.RLock(), fd)
+    in_process, fd = entry
+    with in_process:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_readonly: dict[Engine, Engine] = {}
+
+
+def _engine(settings: Settings, readonly: bool) -> Engine:
+    engine = engine_for(settings)
+    if not readonly:
+        return engine
+    ro = _readonly.get(engine)
+    if ro is None:
+        ro = _readonly[engine] = engine.execution_options(readonly=True)
+    return ro
+
+
+@contextlib.contextmanager
+def transaction(settings: Settings, readonly: bool = False) -> Iterator[Connection]:
+    """A Core transaction (the healing chain's hot path): commit on success, roll back on any
+    error, then write the proof mirror. readonly: as for session_scope."""
+    pending: list = []
+    engine = _engine(settings, readonly)
+    with contextlib.nullcontext() if readonly else _one_writer(settings):
+        with engine.begin() as conn:
+            # The connection is pooled: what proof.append leaves here must not outlive this
+            # transaction (a rolled-back record must never reach the mirror).
+            conn.info[PROOF_PENDING] = pending
+            try:
+                yield conn
+            finally:
+                conn.info.pop(PROOF_PENDING, None)
+    if pending:
+        from .proof import sync_mirror
+        sync_mirror(settings, pending)
+
+
+PROOF_PENDING = "proof_appended"
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back_records(session: Session) -> None:
+    # A record rolled back must neither reach the mirror nor serve as the chain's head.
+    session.info.pop(PROOF_PENDING, None)
 
 
 @contextlib.contextmanager
@@ -305,8 +361,7 @@ def session_scope(settings: Settings, readonly: bool = False) -> Iterator[Sessio
     """A transaction: commit on success, roll back on any error, then write the proof mirror.
 
     readonly: for reads only; on SQLite it neither waits for nor blocks the writers."""
-    engine = engine_for(settings)
-    session = Session(bind=engine.execution_options(readonly=True) if readonly else engine, expire_on_commit=False)
+    session = Session(bind=_engine(settings, readonly), expire_on_commit=False)
     try:
         with contextlib.nullcontext() if readonly else _one_writer(settings):
             try:
@@ -317,7 +372,7 @@ def session_scope(settings: Settings, readonly: bool = False) -> Iterator[Sessio
                 raise
     finally:
         session.close()
-    appended = session.info.get("proof_appended")
+    appended = session.info.get(PROOF_PENDING)
     if appended:
         from .proof import sync_mirror
         sync_mirror(settings, appended)
@@ -327,8 +382,29 @@ def get_app(session: Session, env: str, name: str) -> App | None:
     return session.scalar(select(App).where(App.env == env, App.name == name))
 
 
+# -- The healing chain's shared statements (Core, built once; rows read like the ORM objects) --
+_APP_ROW = select(App.__table__).where(App.env == bindparam("env"), App.name == bindparam("name"))
+_INCIDENT_ROW = select(Incident.__table__).where(Incident.id == bindparam("id"))
+_INCIDENT_ROW_LOCKED = _INCIDENT_ROW.with_for_update()
+
+
+def connection_of(tx: Session | Connection) -> Connection:
+    """The Core connection of a transaction, whichever way it was begun."""
+    return tx.connection() if isinstance(tx, Session) else tx
+
+
+def app_row(conn: Connection, env: str, name: str):
+    return conn.execute(_APP_ROW, {"env": env, "name": name}).first()
+
+
+def incident_row(conn: Connection, incident_id: str, lock: bool = False):
+    """lock: for a read-modify-write (a row lock on PostgreSQL; SQLite's writer holds the file)."""
+    return conn.execute(_INCIDENT_ROW_LOCKED if lock else _INCIDENT_ROW, {"id": incident_id}).first()
+
+
 def dispose_engines() -> None:
     with _lock:
         for engine in _engines.values():
             engine.dispose()
         _engines.clear()
+        _readonly.clear()

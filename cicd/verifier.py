@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 
 from . import proof
 from .config import Settings
 from .events import ESCALATED, OPEN, REFUSED, STABLE, as_utc, parse_iso, utcnow
 from .monitor import mean_utilization
 from .runtime.base import ReplicaStatus, Runtime
-from .store import App, Execution, Incident, Release, get_app, session_scope
+from .store import App, Execution, Incident, Release, app_row, incident_row, transaction
 
 
 def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expected: int) -> bool:
@@ -30,15 +30,24 @@ def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expe
 DEPLOY_ALLOWANCE_S = 60.0
 
 
-def _awaited_release(session, execution: dict, incident: Incident):
-    """The release this attempt's outcome depends on: (True, Release or None) or (False, None)."""
+_RELEASES = Release.__table__
+_RELEASE_OF_REQUEST = select(_RELEASES).where(_RELEASES.c.request_id == bindparam("request_id"))
+_RELEASE_NUMBER = select(_RELEASES).where(_RELEASES.c.env == bindparam("env"), _RELEASES.c.app == bindparam("app"),
+                                          _RELEASES.c.number == bindparam("number"))
+_CLOSE = update(Incident.__table__).where(Incident.__table__.c.id == bindparam("k_id"))
+_CALL_A_HUMAN = (update(App.__table__).where(App.__table__.c.env == bindparam("k_env"),
+                                             App.__table__.c.name == bindparam("k_name"))
+                 .values(attention=bindparam("attention")))
+
+
+def _awaited_release(conn, execution: dict, incident):
+    """The release this attempt's outcome depends on: (True, release row or None) or (False, None)."""
     result = execution.get("result") or {}
     if result.get("effect") == "deploy_requested":
-        return True, session.scalar(select(Release).where(Release.request_id == result["request_id"]))
+        return True, conn.execute(_RELEASE_OF_REQUEST, {"request_id": result["request_id"]}).first()
     if incident.kind == "slow_deploy" and execution.get("action") == "noop":
         number = (incident.context or {}).get("release")
-        return True, session.scalar(select(Release).where(Release.env == incident.env, Release.app == incident.app,
-                                                           Release.number == number))
+        return True, conn.execute(_RELEASE_NUMBER, {"env": incident.env, "app": incident.app, "number": number}).first()
     return False, None
 
 
@@ -50,16 +59,16 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
         return "done", conclude(settings, execution, "refused")
     if execution.get("status") == "failed":
         return "done", conclude(settings, execution, "failed", detail=execution.get("result", {}).get("error", ""))
-    with session_scope(settings, readonly=True) as session:
-        incident = session.get(Incident, execution["incident_id"])
+    with transaction(settings, readonly=True) as conn:
+        incident = incident_row(conn, execution["incident_id"])
         if incident is None or incident.status != OPEN or incident.attempt != execution["attempt"]:
             return "done", None  # already concluded by an earlier delivery of this task
         kind, app = incident.kind, incident.app
-        awaiting, release = _awaited_release(session, execution, incident)
+        awaiting, release = _awaited_release(conn, execution, incident)
         release_status = (release.number, release.status, release.detail) if release else None
         timeout = settings.verify_timeout_s
         if awaiting:
-            timeout += get_app(session, settings.env, app).spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
+            timeout += app_row(conn, settings.env, app).spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
     timed_out = utcnow() - parse_iso(started_at) > timedelta(seconds=timeout)
     if awaiting and (release_status is None or release_status[1] in ("fetching", "starting", "switching")):
         if timed_out:
@@ -84,8 +93,8 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
 def conclude(settings: Settings, execution: dict, result: str, detail: str = "") -> dict | None:
     """Close the incident or move it to its next attempt; returns the outcome for learning."""
     env = settings.env
-    with session_scope(settings) as session:
-        incident = session.get(Incident, execution.get("incident_id") or "")
+    with transaction(settings) as conn:
+        incident = incident_row(conn, execution.get("incident_id") or "", lock=True)
         if incident is None or incident.status != OPEN:
             return None
         attempt = incident.attempt
@@ -98,41 +107,42 @@ def conclude(settings: Settings, execution: dict, result: str, detail: str = "")
         base = {"attempt": attempt, "action": outcome["action"], "kind": incident.kind}
         if result == "stable":
             outcome["time_to_recover_s"] = ttr
-            _close(incident, STABLE, f"recovered by {outcome['action']} on attempt {attempt}", now)
-            proof.append(session, env, "SYSTEM_STABLE", incident_id=incident.id, app=incident.app,
+            _close(conn, incident, STABLE, f"recovered by {outcome['action']} on attempt {attempt}", now)
+            proof.append(conn, env, "SYSTEM_STABLE", incident_id=incident.id, app=incident.app,
                          payload={**base, "time_to_recover_s": ttr})
         elif result == "refused":
             # Past a budget the design says escalate; any other refusal closes the incident as refused.
             over_budget = execution.get("gate") == "budget"
             why = f"{outcome['action'] or 'decision'} refused by the {execution.get('gate')} gate: {execution.get('reason')}"
-            _close(incident, ESCALATED if over_budget else REFUSED, why, now)
-            _call_a_human(session, env, incident.app, why)
-            proof.append(session, env, "ESCALATED" if over_budget else "INCIDENT_REFUSED",
+            _close(conn, incident, ESCALATED if over_budget else REFUSED, why, now)
+            _call_a_human(conn, env, incident.app, why)
+            proof.append(conn, env, "ESCALATED" if over_budget else "INCIDENT_REFUSED",
                          incident_id=incident.id, app=incident.app, payload={**base, "reason": why})
         elif attempt < settings.max_attempts:
-            incident.attempt, incident.decision = attempt + 1, None
+            conn.execute(_CLOSE, {"k_id": incident.id, "attempt": attempt + 1, "decision": None})
             outcome["next_attempt"] = attempt + 1
-            proof.append(session, env, "ATTEMPT_FAILED", incident_id=incident.id, app=incident.app,
+            proof.append(conn, env, "ATTEMPT_FAILED", incident_id=incident.id, app=incident.app,
                          payload={**base, "detail": detail, "next_attempt": attempt + 1})
         else:
             why = f"not recovered after {attempt} attempts; last: {outcome['action']} ({detail})"
-            _close(incident, ESCALATED, why, now)
-            _call_a_human(session, env, incident.app, why)
-            proof.append(session, env, "ESCALATED", incident_id=incident.id, app=incident.app,
-                         payload={**base, "reason": why, "history": _history(session, incident)})
+            _close(conn, incident, ESCALATED, why, now)
+            _call_a_human(conn, env, incident.app, why)
+            proof.append(conn, env, "ESCALATED", incident_id=incident.id, app=incident.app,
+                         payload={**base, "reason": why, "history": _history(conn, incident)})
         return outcome
 
 
-def _close(incident: Incident, status: str, resolution: str, now) -> None:
-    incident.status, incident.resolution, incident.closed_at, incident.open_key = status, resolution, now, None
+def _close(conn, incident, status: str, resolution: str, now) -> None:
+    conn.execute(_CLOSE, {"k_id": incident.id, "status": status, "resolution": resolution, "closed_at": now,
+                          "open_key": None})
 
 
-def _call_a_human(session, env: str, app_name: str, why: str) -> None:
-    app: App | None = get_app(session, env, app_name)
-    if app is not None:
-        app.attention = why[:200]
+def _call_a_human(conn, env: str, app_name: str, why: str) -> None:
+    conn.execute(_CALL_A_HUMAN, {"k_env": env, "k_name": app_name, "attention": why[:200]})
 
 
-def _history(session, incident: Incident) -> list[dict]:
-    rows = session.scalars(select(Execution).where(Execution.incident_id == incident.id).order_by(Execution.attempt))
+def _history(conn, incident) -> list[dict]:
+    e = Execution.__table__.c
+    rows = conn.execute(select(e.attempt, e.action, e.status, e.reason).where(e.incident_id == incident.id)
+                        .order_by(e.attempt))
     return [{"attempt": r.attempt, "action": r.action, "status": r.status, "reason": r.reason} for r in rows]

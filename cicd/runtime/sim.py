@@ -372,50 +372,67 @@ class SharedSimRuntime(SimRuntime):
         self.fleet_settings = replace(settings, database_url_override=f"sqlite:///{settings.env_dir / 'sim-fleet.db'}")
 
     def _load(self, app: str) -> SimApp | None:
-        from ..store import SimAppState, session_scope
-        with session_scope(self.fleet_settings, readonly=True) as session:
-            row = session.get(SimAppState, (self.settings.env, app))
-            return SimApp.from_dict(row.state) if row else None
+        from ..store import transaction
+        with transaction(self.fleet_settings, readonly=True) as conn:
+            state = conn.execute(_SIM_STATE, {"env": self.settings.env, "app": app}).scalar()
+        return SimApp.from_dict(state) if state is not None else None
 
     def _load_all(self, apps: list[str]) -> dict[str, SimApp]:
-        from sqlalchemy import select
-
-        from ..store import SimAppState, session_scope
-        query = select(SimAppState.app, SimAppState.state).where(SimAppState.env == self.settings.env)
-        if len(apps) <= 500:  # a few apps (verification): only their rows; a probe cycle: all of them
-            query = query.where(SimAppState.app.in_(apps))
-        with session_scope(self.fleet_settings, readonly=True) as session:
-            rows = session.execute(query).all()
+        from ..store import transaction
+        with transaction(self.fleet_settings, readonly=True) as conn:
+            if len(apps) <= 500:  # a few apps (verification): only their rows; a probe cycle: all of them
+                rows = conn.execute(_SIM_STATES_OF, {"env": self.settings.env, "apps": list(apps)}).all()
+            else:
+                rows = conn.execute(_SIM_STATES, {"env": self.settings.env}).all()
         wanted = set(apps)
         return {app: SimApp.from_dict(state) for app, state in rows if app in wanted}
 
     @contextlib.contextmanager
     def _edit(self, app: str):
         # One transaction (on SQLite: the write lock) around read, change and write back.
-        from ..store import SimAppState, session_scope
-        with session_scope(self.fleet_settings) as session:
-            row = session.get(SimAppState, (self.settings.env, app), with_for_update=True)
-            if row is None:
+        from ..store import transaction
+        key = {"env": self.settings.env, "app": app}
+        with transaction(self.fleet_settings) as conn:
+            state = conn.execute(_SIM_STATE_FOR_UPDATE, key).scalar()
+            if state is None:
                 raise RuntimeFailure(f"{app} is not deployed in the simulated fleet")
-            sim = SimApp.from_dict(row.state)
+            sim = SimApp.from_dict(state)
             yield sim
-            row.state = sim.to_dict()
+            conn.execute(_SIM_SAVE, {"k_env": key["env"], "k_app": app, "state": sim.to_dict()})
 
     def _store(self, app: str, sim: SimApp | None) -> None:
-        from ..store import SimAppState, session_scope
-        with session_scope(self.fleet_settings) as session:
-            row = session.get(SimAppState, (self.settings.env, app), with_for_update=True)
+        from ..store import SimAppState, transaction
+        table, key = SimAppState.__table__, {"env": self.settings.env, "app": app}
+        with transaction(self.fleet_settings) as conn:
+            exists = conn.execute(_SIM_STATE_FOR_UPDATE, key).scalar() is not None
             if sim is None:
-                if row is not None:
-                    session.delete(row)
-            elif row is None:
-                session.add(SimAppState(env=self.settings.env, app=app, state=sim.to_dict()))
+                if exists:
+                    conn.execute(table.delete().where(table.c.env == key["env"], table.c.app == app))
+            elif exists:
+                conn.execute(_SIM_SAVE, {"k_env": key["env"], "k_app": app, "state": sim.to_dict()})
             else:
-                row.state = sim.to_dict()
+                conn.execute(table.insert(), {**key, "state": sim.to_dict()})
 
     def apps(self) -> list[str]:
-        from sqlalchemy import select
+        from ..store import transaction
+        with transaction(self.fleet_settings, readonly=True) as conn:
+            return sorted(conn.execute(_SIM_APPS, {"env": self.settings.env}).scalars())
 
-        from ..store import SimAppState, session_scope
-        with session_scope(self.fleet_settings, readonly=True) as session:
-            return sorted(session.scalars(select(SimAppState.app).where(SimAppState.env == self.settings.env)))
+
+def _statements():
+    """The shared fleet's statements, built once (the store imports this module's users)."""
+    from sqlalchemy import bindparam, select, update
+
+    from ..store import SimAppState
+    t = SimAppState.__table__
+    mine = t.c.env == bindparam("env")
+    return (select(t.c.state).where(mine, t.c.app == bindparam("app")),
+            select(t.c.state).where(mine, t.c.app == bindparam("app")).with_for_update(),
+            select(t.c.app, t.c.state).where(mine, t.c.app.in_(bindparam("apps", expanding=True))),
+            select(t.c.app, t.c.state).where(mine),
+            select(t.c.app).where(mine),
+            # (an UPDATE's own columns may not name a WHERE parameter: hence k_env, k_app)
+            update(t).where(t.c.env == bindparam("k_env"), t.c.app == bindparam("k_app")).values(state=bindparam("state")))
+
+
+_SIM_STATE, _SIM_STATE_FOR_UPDATE, _SIM_STATES_OF, _SIM_STATES, _SIM_APPS, _SIM_SAVE = _statements()

@@ -110,7 +110,7 @@ def held_action(settings):
         approval = approvals.request_action(s, settings, decision, "rollback in prod needs approval")
         s.add(Execution(env="prod", app="shop-api", incident_id="inc-aaaaaaaaaaaa", attempt=1,
                         action="rollback_deployment", params={"to_release": 3}, status="awaiting_approval"))
-        return approval.id
+        return approval["id"]
 
 
 def incident_and_app(settings):

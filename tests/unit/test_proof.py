@@ -140,6 +140,45 @@ def test_a_failed_transaction_rolls_back_its_valid_appends_too(tmp_path):
     assert proof.verify(settings).ok
 
 
+
+def test_core_transactions_chain_with_orm_ones_and_roll_back_whole(tmp_path):
+    # The healing chain appends through store.transaction (Core); commands through sessions.
+    settings = _chain(tmp_path, 2)
+    with store.transaction(settings) as conn:
+        first = proof.append(conn, ENV, "ORCH_EXEC", incident_id="inc-c", payload={"n": 1})
+        second = proof.append(conn, ENV, "SYSTEM_STABLE", incident_id="inc-c", payload={"n": 2})
+    assert (first["seq"], second["seq"], second["prev_hash"]) == (3, 4, first["hash"])
+    with pytest.raises(RuntimeError):
+        with store.transaction(settings) as conn:
+            proof.append(conn, ENV, "ORCH_EXEC", incident_id="inc-d")
+            raise RuntimeError("the hop failed after appending")
+    _append(settings, 5)
+    assert [r["seq"] for r in _db_records(settings)] == [1, 2, 3, 4, 5]
+    assert [json.loads(line)["seq"] for line in _mirror_lines(settings)] == [1, 2, 3, 4, 5]
+    assert proof.verify(settings).ok and proof.verify_file(settings.proof_mirror_path).ok
+
+
+def test_a_session_rolled_back_midway_forgets_its_records(tmp_path):
+    # A rolled-back record must neither reach the mirror nor be taken for the chain's head.
+    settings = _chain(tmp_path, 1)
+    with store.session_scope(settings) as s:
+        proof.append(s, ENV, "ORCH_EXEC", incident_id="inc-r", payload={"gone": True})
+        s.rollback()
+        proof.append(s, ENV, "ORCH_EXEC", incident_id="inc-r", payload={"kept": True})
+    records = _db_records(settings)
+    assert [(r["seq"], r["payload"]) for r in records][1:] == [(2, {"kept": True})]
+    assert _mirror_lines(settings) == [canonical(r) for r in records]
+    assert proof.verify(settings).ok
+
+
+def test_append_refuses_a_connection_not_begun_by_the_store(tmp_path):
+    # Only store.transaction knows when its records are committed (and may go to the mirror).
+    settings = _chain(tmp_path, 1)
+    with store.engine_for(settings).begin() as conn:
+        with pytest.raises(proof.ProofError, match="store.transaction"):
+            proof.append(conn, ENV, "ORCH_EXEC")
+    assert proof.head_seq(settings) == 1
+
 # --- the JSONL mirror --------------------------------------------------------------------
 
 def test_mirror_holds_the_same_records_in_order(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from cicd import detector, onboarding, orchestrator, policy, verifier
 from cicd.config import Settings
 from cicd.events import iso, utcnow
-from cicd.runtime.base import Runtime
+from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.runtime.sim import CAUSES, Fault, SimRuntime, effect_of
 
 
@@ -96,3 +96,25 @@ def test_the_agents_domain_steps_run_unchanged_on_the_simulated_fleet(tmp_path):
         state, value = verifier.check(settings, sim, execution, stable_checks, iso(utcnow()))
         stable_checks = value if state == "wait" else stable_checks
     assert value["result"] == "stable"
+
+
+def test_the_shared_fleet_is_one_fleet_for_every_instance_and_matches_the_in_memory_one(tmp_path):
+    # Worker processes each make their own SharedSimRuntime on the same file: what one does,
+    # the others see; and the fault model draws the same outcomes as the in-memory fleet.
+    from cicd.runtime.sim import SharedSimRuntime
+    settings = Settings(env="stage", home=tmp_path)
+    writer, reader, memory = SharedSimRuntime(settings, 3), SharedSimRuntime(settings, 3), fleet(3)
+    writer.add_app(onboarding.generate_spec("sim-api", "https://sim.invalid/a.git", "backend", "stage"))
+    assert reader.apps() == ["sim-api"] and reader.replica_count("sim-api") == 2
+    for i in range(40):
+        for sim in (writer, memory):
+            sim.set_fault("sim-api", Fault("crash", False, "high", "process"))
+            sim.note_action("sim-api", "restart_service", {}, f"k{i}")
+        assert (reader.fault("sim-api") is None) == (memory.fault("sim-api") is None)
+    assert [s.status for s in reader.probe(["sim-api", "nope"])["sim-api"]] == \
+        [s.status for s in memory.probe(["sim-api"])["sim-api"]]
+    assert reader.scale("sim-api", 4, "op-s")["to"] == 4 and writer.replica_count("sim-api") == 4
+    writer._store("sim-api", None)
+    assert reader.apps() == [] and reader.probe(["sim-api"]) == {"sim-api": []}
+    with pytest.raises(RuntimeFailure, match="not deployed"):
+        reader.note_action("sim-api", "noop", {}, "op-x")

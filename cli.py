@@ -520,28 +520,17 @@ def rl_show(env, as_json):
 
     Values marked * were learned; the others are the priors.
     """
-    import numpy as np
-    from sqlalchemy import select
-
-    from cicd import actions, policy
-    from cicd.store import PolicyValue, session_scope
+    from cicd import api
     settings = load_settings(env)
-    with session_scope(settings) as session:
-        learned = {(r.state, r.action): r.updates for r in
-                   session.scalars(select(PolicyValue).where(PolicyValue.env == env))}
-        table_ = policy.load_table(session, env)
-    rows = []
-    for state in policy.detected_states():
-        q = table_[state.index]
-        row = {"state": state.key, "greedy": actions.ACTIONS[int(np.argmax(q))]}
-        for i, action in enumerate(actions.ACTIONS):
-            row[action] = f"{q[i]:+.3f}{'*' if (state.key, action) in learned else ''}"
-        rows.append(row)
+    policy_table = api.policy_table(settings)
+    rows = [{"state": s["state"], "greedy": s["greedy"],
+             **{a: f"{q:+.3f}{'*' if a in s['learned'] else ''}" for a, q in s["q"].items()}}
+            for s in policy_table["states"]]
     if as_json:
         echo_json({"env": env, "mode": settings.policy_mode, "states": rows})
         return
     click.echo(f"policy of {env} (mode {settings.policy_mode}); * = learned")
-    table(rows, [("state", "state"), ("greedy", "greedy")] + [(a, a) for a in actions.ACTIONS])
+    table(rows, [("state", "state"), ("greedy", "greedy")] + [(a, a) for a in policy_table["actions"]])
 
 
 @main.command()

@@ -190,7 +190,7 @@
     replace(body, rows.length ? rows : [el("tr", {}, el("td", { colspan: 9, class: "muted" },
       "no apps onboarded yet: cicd onboard NAME --repo URL --runtime backend"))]);
     const attention = view.apps.filter((a) => a.attention).length;
-    byId("apps-note").textContent = `${view.apps.length} apps` + (attention ? `, ${attention} waiting for a human` : "");
+    byId("apps-note").textContent = `${view.apps.length} ${view.apps.length === 1 ? "app" : "apps"}` + (attention ? `, ${attention} waiting for a human` : "");
   }
 
   function barFill(ratio) {

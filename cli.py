@@ -344,7 +344,15 @@ def dashboard(env, host, port):
     """Serve the dashboard: apps, incidents over time, decisions and gates, the policy, live events.
 
     \b
-    One page at http://HOST:PORT/, and beside it:
+    The page at http://HOST:PORT/ (default http://127.0.0.1:8088/, this machine only) shows
+      - each app's state, replicas, health and uptime
+      - incidents as severity against time (shape: kind, colour: outcome)
+      - each incident's chain: decision, gates passed or refused, execution, outcome
+      - the policy's Q-table as a heatmap
+      - the proof log, updated live as events land
+
+    \b
+    Beside it, for scripts and other systems (JSON; Python: cicd.api):
       /api/health             each app: replicas, health, uptime, open incident
       /api/events?limit=N     the last N proof records (1-1000); &after=SEQ for newer ones only
       /api/incidents?limit=N  recent incidents with their decisions and gates; &app=NAME
@@ -354,6 +362,12 @@ def dashboard(env, host, port):
 
     It reads the environment's store and broker; the stack need not be up to look at history.
     Ctrl-C stops it.
+
+    \b
+    Examples:
+      cicd dashboard                    http://127.0.0.1:8088/
+      cicd dashboard --port 0           any free port; the URL is printed
+      curl -s 'http://127.0.0.1:8088/api/events?limit=5'
     """
     import logging
     import signal

@@ -197,7 +197,8 @@ def test_cli_help_lists_the_urls(tmp_path):
     out = run_cli(tmp_path, "dashboard", "--help")
     assert out.returncode == 0
     for text in ("--host", "127.0.0.1", "--port", "8088", "/api/health", "/api/events?limit=N", "/api/incidents",
-                 "/metrics", "no login"):
+                 "/metrics", "no login", "health and uptime", "severity against time", "gates", "heatmap", "live",
+                 "cicd.api", "--port 0"):
         assert text in out.stdout, text
 
 

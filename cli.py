@@ -62,6 +62,7 @@ def main():
       cicd onboard my-api --repo https://git.example.com/my-api.git --runtime backend
       cicd inject crash my-api --wait     break it, watch it heal, see the timeline
       cicd proof verify            check the tamper-evident proof log
+      cicd dashboard               see it all in a browser (http://127.0.0.1:8088/), and /metrics
       cicd demo                    all of the above, end to end, with a summary
 
     Everything lives under $CICD_HOME (default: the current directory): var/ for state,
@@ -333,6 +334,69 @@ def incidents(env, limit, app, as_json):
                  ("attempt", "attempt"), ("action", "action"), ("opened_at", "opened"), ("resolution", "resolution")])
 
 
+@main.command()
+@ENV_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. It has no login: keep it on loopback unless a proxy guards it.")
+@click.option("--port", default=8088, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port; the URL is printed).")
+def dashboard(env, host, port):
+    """Serve the dashboard: apps, incidents over time, decisions and gates, the policy, live events.
+
+    \b
+    The page at http://HOST:PORT/ (default http://127.0.0.1:8088/, this machine only) shows
+      - each app's state, replicas, health and uptime
+      - incidents as severity against time (shape: kind, colour: outcome)
+      - each incident's chain: decision, gates passed or refused, execution, outcome
+      - the policy's Q-table as a heatmap
+      - the proof log, updated live as events land
+
+    \b
+    Beside it, for scripts and other systems (JSON; Python: cicd.api):
+      /api/health             each app: replicas, health, uptime, open incident
+      /api/events?limit=N     the last N proof records (1-1000); &after=SEQ for newer ones only
+      /api/incidents?limit=N  recent incidents with their decisions and gates; &app=NAME
+      /api/policy             the Q-table, as `cicd rl show`
+      /api/stream             the proof log as it grows (Server-Sent Events)
+      /metrics                Prometheus metrics (cicd_*)
+
+    It reads the environment's store and broker; the stack need not be up to look at history.
+    Ctrl-C stops it.
+
+    \b
+    Examples:
+      cicd dashboard                    http://127.0.0.1:8088/
+      cicd dashboard --port 0           any free port; the URL is printed
+      curl -s 'http://127.0.0.1:8088/api/events?limit=5'
+    """
+    import logging
+    import signal
+
+    from cicd import dashboard as dashboard_module
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    settings = load_settings(env)
+    try:
+        server = dashboard_module.make_server(settings, host, port)
+    except dashboard_module.DashboardError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not dashboard_module.is_loopback(host):
+        click.echo(f"warning: serving on {host}, beyond this machine; the dashboard has no login, so anyone who "
+                   f"can reach it reads the {settings.env} proof log", err=True)
+    click.echo(f"dashboard of {settings.env}: {server.url}  (JSON under {server.url}api/, "
+               f"Prometheus at {server.url}metrics; Ctrl-C stops it)")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # a service manager's SIGTERM stops it as cleanly as Ctrl-C
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    except KeyboardInterrupt:
+        click.echo("dashboard stopped")
+    finally:
+        server.stopping.set()
+        server.server_close()
+
+
 # -- promotion and approval --------------------------------------------------------------------
 def whoami() -> str:
     return os.environ.get("CICD_USER") or os.environ.get("USER") or getpass.getuser()
@@ -520,28 +584,17 @@ def rl_show(env, as_json):
 
     Values marked * were learned; the others are the priors.
     """
-    import numpy as np
-    from sqlalchemy import select
-
-    from cicd import actions, policy
-    from cicd.store import PolicyValue, session_scope
+    from cicd import api
     settings = load_settings(env)
-    with session_scope(settings) as session:
-        learned = {(r.state, r.action): r.updates for r in
-                   session.scalars(select(PolicyValue).where(PolicyValue.env == env))}
-        table_ = policy.load_table(session, env)
-    rows = []
-    for state in policy.detected_states():
-        q = table_[state.index]
-        row = {"state": state.key, "greedy": actions.ACTIONS[int(np.argmax(q))]}
-        for i, action in enumerate(actions.ACTIONS):
-            row[action] = f"{q[i]:+.3f}{'*' if (state.key, action) in learned else ''}"
-        rows.append(row)
+    policy_table = api.policy_table(settings)
+    rows = [{"state": s["state"], "greedy": s["greedy"],
+             **{a: f"{q:+.3f}{'*' if a in s['learned'] else ''}" for a, q in s["q"].items()}}
+            for s in policy_table["states"]]
     if as_json:
         echo_json({"env": env, "mode": settings.policy_mode, "states": rows})
         return
     click.echo(f"policy of {env} (mode {settings.policy_mode}); * = learned")
-    table(rows, [("state", "state"), ("greedy", "greedy")] + [(a, a) for a in actions.ACTIONS])
+    table(rows, [("state", "state"), ("greedy", "greedy")] + [(a, a) for a in policy_table["actions"]])
 
 
 @main.command()

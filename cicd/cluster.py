@@ -357,7 +357,8 @@ def down(settings: Settings, env: str | None = None, say: Callable[[str], None] 
 def queue_depths(broker_url: str, queues: list[str]) -> dict[str, int | None]:
     """Messages waiting in each queue (kombu keeps a Redis list per queue, plus priority lists)."""
     try:
-        client = redis.Redis.from_url(broker_url, socket_timeout=2)
+        # Both timeouts: a broker host that drops packets must not hang `cicd status` or a scrape.
+        client = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
         pipe = client.pipeline()
         for queue in queues:
             for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169"):

@@ -32,6 +32,9 @@ PROOF_EVENTS = frozenset({
     # dead letters, by an operator
     "DLQ_RETRIED", "DLQ_PURGED",
 })
+# The specific refusal each gate writes after ORCH_REFUSE (see cicd.gates).
+REFUSAL_EVENTS = ("INTAKE_REFUSED", "UNSAFE_ACTION_REFUSED", "ACTION_NOT_ALLOWED", "DEMO_MODE_BLOCK",
+                  "ENVIRONMENT_REFUSED", "BUDGET_EXCEEDED")
 
 INCIDENT_KINDS = ("crash", "overload", "false_alarm", "underload", "slow_deploy", "failed_deploy")
 SEVERITIES = ("low", "medium", "high", "critical")

@@ -47,6 +47,8 @@ def apps(settings: Settings, runtime: Runtime) -> list[dict]:
             out.append({"app": app.name, "runtime": app.runtime, "release": live.get(app.name),
                         "replicas": runtime.replica_count(app.name),
                         "healthy": h.healthy_replicas if h else None,
+                        # What the last probe saw (healthy is out of these), beside what the runtime holds now.
+                        "probed_replicas": h.replicas if h else None,
                         "utilization": round(h.utilization, 3) if h else None,
                         "uptime": round(h.up_probes / h.probes, 5) if h and h.probes else None,
                         "probes": h.probes if h else 0,
@@ -64,6 +66,18 @@ def timeline(settings: Settings, incident_id: str, extra_seqs: tuple[int, ...] =
         else:
             query = query.where(ProofRecord.incident_id == incident_id)
         return [proof.as_dict(r) for r in session.scalars(query.order_by(ProofRecord.seq))]
+
+
+def timelines(settings: Settings, incident_ids: list[str]) -> dict[str, list[dict]]:
+    """Several incidents' proof records in one query (a page of incidents, not one query each)."""
+    out: dict[str, list[dict]] = {incident_id: [] for incident_id in incident_ids}
+    if not incident_ids:
+        return out
+    with session_scope(settings, readonly=True) as session:
+        query = select(ProofRecord).where(ProofRecord.env == settings.env, ProofRecord.incident_id.in_(incident_ids))
+        for record in session.scalars(query.order_by(ProofRecord.seq)):
+            out[record.incident_id].append(proof.as_dict(record))
+    return out
 
 
 def follow(settings: Settings, app: str, after_seq: int, timeout_s: float,

@@ -166,9 +166,14 @@ def watcher_argv() -> list[str]:
     return [sys.executable, "-m", "cli", "watch"]
 
 
+def beat_args(schedule: str) -> list[str]:
+    """Beat's Python arguments, after the interpreter: `cicd up` and the beat service of
+    docker-compose.yml run the same, each with its own schedule file."""
+    return ["-m", "celery", "-A", CELERY_APP, "beat", "--loglevel", "INFO", "-s", schedule]
+
+
 def beat_argv(settings: Settings) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "beat", "--loglevel", "INFO",
-            "-s", str(settings.env_dir / "celerybeat-schedule")]
+    return [sys.executable, *beat_args(str(settings.env_dir / "celerybeat-schedule"))]
 
 
 # -- Flower ------------------------------------------------------------------------------------
@@ -236,7 +241,7 @@ def _start_flower(settings: Settings, stack: dict, say: Callable[[str], None], p
         raise StackError(f"flower: port {port} on 127.0.0.1 is in use; choose another with "
                          f"`cicd up --flower --flower-port N`")
     data_dir = settings.var_dir / "flower"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Flower reads FLOWER_* variables as options: none of the caller's may change ours (address,
     # auth, prefix); the credentials go in the one we set, never on the command line.
     env = {k: v for k, v in _child_env(settings, stack).items() if not k.startswith("FLOWER_")}
@@ -286,6 +291,16 @@ def _spawn(settings: Settings, argv: list[str], stack: dict, log_name: str, agen
     return {"pid": pid, "ticks": ticks, "log": str(log)}
 
 
+def prepare(settings: Settings) -> None:
+    """What an environment needs before its agents start, made by `cicd up` and by the bootstrap
+    service of docker-compose.yml: its signing key (var/<env>/secret.key, 0600, unless
+    CICD_SECRET_KEY_<ENV> is set: without it decide cannot sign nor orchestrate verify), its log
+    directory, and the directory of Flower's state."""
+    signing_key(settings, create=True)
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    (settings.var_dir / "flower").mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str], None] = print,
        flower: bool | None = None, flower_port: int | None = None) -> dict:
     """Bring the environment's stack to the wanted shape; start only what is missing.
@@ -307,8 +322,7 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
             stack["redis"] = _start_redis(settings, say, (stack.get("redis") or {}).get("port"))
             stack["broker_url"], stack["password_file"] = stack["redis"]["url"], stack["redis"]["password_file"]
         _write_stack(settings, stack)
-        signing_key(settings, create=True)
-        settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        prepare(settings)
         section = stack.setdefault("envs", {}).setdefault(env, {"workers": [], "beat": None})
         if not any(_alive(w) for w in section["workers"]):
             section["demo_mode"] = settings.demo_mode  # what the workers about to start will enforce
@@ -561,8 +575,15 @@ def status(settings: Settings, ping: Ping) -> dict:
 
 if __name__ == "__main__":
     # `python -m cicd.cluster supervise`: what `cicd up` starts, without the weight of the CLI.
+    # `python -m cicd.cluster prepare`: docker-compose.yml's bootstrap, before any agent starts.
+    if sys.argv[1:] == ["prepare"]:
+        try:
+            prepare(Settings.load())
+        except ConfigError as exc:
+            sys.exit(f"prepare: {exc}")
+        sys.exit(0)
     if sys.argv[1:] != ["supervise"]:
-        sys.exit("usage: python -m cicd.cluster supervise")
+        sys.exit("usage: python -m cicd.cluster supervise|prepare")
 
     def _say(text: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}", flush=True)

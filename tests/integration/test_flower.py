@@ -169,7 +169,11 @@ def test_the_supervisor_brings_a_killed_flower_back_on_its_port(fstack):
     wait_for(lambda: flower_entry(fstack).get("pid") not in (None, dead["pid"]), 30, "a new Flower")
     entry = flower_entry(fstack)
     assert process.is_alive(entry["pid"], entry["ticks"]) and entry["port"] == dead["port"]
-    assert api(fstack, "/api/workers?status=1")  # the same credentials work
+    # The same credentials work (api() asserts 200), and it sees every worker alive again. Only after
+    # their next heartbeats: it answers before it has heard from any, so wait instead of asking once.
+    nodes = [w["node"] for w in cluster.read_stack(fstack.settings)["envs"]["stage"]["workers"]]
+    wait_for(lambda: all(api(fstack, "/api/workers?status=1").get(node) is True for node in nodes), 20,
+             f"the new Flower to see {nodes} alive", lambda: api(fstack, "/api/workers?status=1"))
     state = json.loads(fstack.cicd("status", "--json").stdout)["stack"]
     assert state["restarts"]["flower"] >= 1 and state["flower"]["alive"]
 

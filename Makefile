@@ -16,7 +16,7 @@ demo: $(STAMP)  ## start the embedded stack, run the end-to-end demo, print the 
 	$(BIN)/cicd demo
 
 test: $(STAMP)  ## the whole test suite: unit, then integration (real Redis, real workers)
-	@sh .ci/install-chromium || true  # for the dashboard's browser test; it skips, with a reason, without it
+	@sh .ci/install-test-tools || true  # chromium, docker-compose, postgresql: tests that need them skip without
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)  ## benchmarks: every figure beside its baseline, from one run (never timed assertions)

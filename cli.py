@@ -86,26 +86,45 @@ def parse_scale(values: tuple[str, ...]) -> dict[str, int]:
 @ENV_OPTION
 @click.option("--scale", "scale", multiple=True, metavar="AGENT=N",
               help="Worker replicas for an agent (repeatable), e.g. --scale deploy=3. Default 1 each.")
-def up(env, scale):
+@click.option("--flower/--no-flower", "flower", default=None,
+              help="Also start Flower on 127.0.0.1 (basic auth: user $CICD_FLOWER_USER, default admin; password "
+                   "from $CICD_FLOWER_PASSWORD_FILE, else var/flower/password, made on first start), or stop it. "
+                   "Default: leave it as it is.")
+@click.option("--flower-port", type=click.IntRange(1, 65535), default=None,
+              help="Flower's port (implies --flower). Default: the port it had, else 5555.")
+def up(env, scale, flower, flower_port):
     """Start the embedded stack for an environment, or bring it to the wanted scale.
 
     Starts Redis on loopback (unless CICD_BROKER_URL points at one) with AOF on and its data in
     var/redis, one Celery worker process per agent replica on the {env}.{agent} queues, and beat.
-    Returns when every worker answers a ping. Running it again starts only what is missing.
+    With --flower, also Flower, watching every environment on the broker. Returns when every
+    worker answers a ping. Running it again starts only what is missing.
     """
+    if flower is False and flower_port is not None:
+        raise click.BadParameter("--flower-port starts Flower; --no-flower stops it: give one of them",
+                                 param_hint="--flower-port")
     settings = load_settings(env)
     started = time.monotonic()
+    plane = control_plane(settings)
     try:
-        cluster.up(settings, parse_scale(scale), control_plane(settings).ping, say=click.echo)
+        stack = cluster.up(settings, parse_scale(scale), plane.ping, say=click.echo,
+                           flower=True if flower_port is not None else flower, flower_port=flower_port)
     except cluster.StackError as exc:
         raise click.ClickException(str(exc)) from None
+    # Workers send task events only when asked. Flower asks every 5 s, its first time 5 s after it
+    # starts: ask now, so that the tasks of a command run right after `up` show in Flower too. Once
+    # Flower is stopped, nobody reads them: stop paying for them.
+    if (stack.get("flower") or {}).get("pid"):
+        plane.app.control.enable_events()
+    elif flower is False:
+        plane.app.control.disable_events()
     click.echo(f"{settings.env} stack is up ({time.monotonic() - started:.1f} s). "
                f"`cicd status` shows it; `cicd down` stops it.")
 
 
 @main.command()
 @click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default=None,
-              help="Stop only this environment's workers and beat (default: everything, Redis too).")
+              help="Stop only this environment's workers and beat (default: everything, Redis and Flower too).")
 @click.option("--apps", "stop_apps", is_flag=True, help="Also stop the apps' replica processes.")
 def down(env, stop_apps):
     """Stop exactly the processes `cicd up` started (recorded in var/stack.json).
@@ -157,6 +176,10 @@ def status(env, as_json):
                + (f"  supervisor: {'alive' if state['supervisor_alive'] else 'DOWN'}" if state["envs"] else "")
                + ("  restarts: " + ", ".join(f"{k} {v}" for k, v in state["restarts"].items())
                   if any(state["restarts"].values()) else ""))
+    if state["flower"]:
+        flower = state["flower"]
+        click.echo(f"flower: {flower['url']} {'alive' if flower['alive'] else 'DOWN'} "
+                   f"(user {flower['user']}, password in {flower['password_file']})")
     if not state["envs"]:
         click.echo("no environment is up: `cicd up` starts one")
     for name, section in state["envs"].items():

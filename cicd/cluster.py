@@ -7,21 +7,25 @@ the workers (ping) needs the Celery app, which lives outside this package: calle
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
 import redis
 
 from . import examples
-from .config import AGENTS, Settings, read_secret_file, redact_url, signing_key, write_secret_file
+from .config import AGENTS, ConfigError, Settings, read_secret_file, redact_url, signing_key, write_secret_file
 from .events import iso, utcnow
 from .runtime import process
 
@@ -142,21 +146,142 @@ def node_name(env: str, agent: str, index: int) -> str:
     return f"{env}-{agent}-{index}@{os.uname().nodename}"
 
 
+def worker_args(env: str, agent: str, node: str) -> list[str]:
+    """The Python arguments of one agent replica, after the interpreter. The one definition of a
+    worker's command line: `cicd up` runs it, and each worker service of docker-compose.yml must run
+    the same (tests/unit/test_compose.py holds the file to it). No -E: task events cost a message
+    per task state, so they are off until a Flower asks the workers for them (enable_events)."""
+    return ["-m", "celery", "-A", CELERY_APP, "worker", "-Q", f"{env}.{agent}", "-n", node, "--pool", POOL,
+            "--concurrency", str(DEFAULT_CONCURRENCY.get(agent, 1)), "--loglevel", "INFO",
+            "--without-mingle", "--without-gossip"]
+
+
 def worker_argv(settings: Settings, agent: str, index: int) -> list[str]:
-    """The command of one agent replica; docker-compose runs the same."""
-    concurrency = DEFAULT_CONCURRENCY.get(agent, 1)
-    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "worker", "-Q", settings.queue(agent),
-            "-n", node_name(settings.env, agent, index), "--pool", POOL, "--concurrency", str(concurrency),
-            "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+    """The command of one agent replica of `cicd up`."""
+    settings.queue(agent)  # a clear error for an unknown agent
+    return [sys.executable, *worker_args(settings.env, agent, node_name(settings.env, agent, index))]
 
 
 def watcher_argv() -> list[str]:
     return [sys.executable, "-m", "cli", "watch"]
 
 
+def beat_args(schedule: str) -> list[str]:
+    """Beat's Python arguments, after the interpreter: `cicd up` and the beat service of
+    docker-compose.yml run the same, each with its own schedule file."""
+    return ["-m", "celery", "-A", CELERY_APP, "beat", "--loglevel", "INFO", "-s", schedule]
+
+
 def beat_argv(settings: Settings) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", CELERY_APP, "beat", "--loglevel", "INFO",
-            "-s", str(settings.env_dir / "celerybeat-schedule")]
+    return [sys.executable, *beat_args(str(settings.env_dir / "celerybeat-schedule"))]
+
+
+# -- Flower ------------------------------------------------------------------------------------
+FLOWER_PORT = 5555
+FLOWER_USER = "admin"
+# Tasks Flower keeps (in memory and in its db): with a probe every second, a few hours of history,
+# small enough that its periodic save takes well under a second.
+FLOWER_MAX_TASKS = 10_000
+# Flower saves its state on a clean stop; every minute too, so a killed Flower loses at most that.
+FLOWER_SAVE_INTERVAL_MS = 60_000
+FLOWER_READY_TIMEOUT_S = 30.0
+# Flower takes its credentials as "user:password[,user:password...]".
+_FLOWER_USER = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def flower_args(address: str, port: int, db: str) -> list[str]:
+    """Flower's Python arguments, after the interpreter: `cicd up --flower` and the flower service of
+    docker-compose.yml run the same. Read-only, because shutting workers down, restarting pools,
+    revoking or sending tasks from a browser would go round the orchestrator's gates and the proof
+    log. No credentials: every user can read a command line (`ps`); they go in Flower's environment."""
+    return ["-m", "celery", "-A", CELERY_APP, "flower", f"--address={address}", f"--port={port}",
+            "--persistent=True", f"--db={db}", f"--max_tasks={FLOWER_MAX_TASKS}",
+            f"--state_save_interval={FLOWER_SAVE_INTERVAL_MS}", "--read_only=True"]
+
+
+def flower_credentials(settings: Settings, user: str | None = None,
+                       password_file: str | Path | None = None) -> tuple[str, str, Path]:
+    """Flower's basic-auth user (CICD_FLOWER_USER, default admin) and password. The password comes
+    from a 0600 file, as the broker's does: CICD_FLOWER_PASSWORD_FILE, else var/flower/password,
+    made on the first start. Returns (user, password, the password's file)."""
+    user = user or os.environ.get("CICD_FLOWER_USER") or FLOWER_USER
+    if not _FLOWER_USER.fullmatch(user):
+        raise ConfigError(f"CICD_FLOWER_USER={user!r}: must be 1-64 letters, digits, '.', '_' or '-'")
+    path = Path(password_file or os.environ.get("CICD_FLOWER_PASSWORD_FILE") or settings.var_dir / "flower" / "password")
+    if not path.exists():
+        write_secret_file(path, secrets.token_urlsafe(24))
+    password = read_secret_file(path, "flower password")
+    if len(password) < 12 or "," in password or any(c.isspace() for c in password):
+        raise ConfigError(f"flower password file {path} (CICD_FLOWER_PASSWORD_FILE): the password must be at least "
+                          "12 characters, with no comma and no whitespace (Flower splits its credentials on commas)")
+    return user, password, path
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Flower binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _start_flower(settings: Settings, stack: dict, say: Callable[[str], None], port: int,
+                  user: str | None = None, password_file: str | None = None) -> dict:
+    """Flower on loopback, watching every environment on this broker, with basic auth and its state
+    kept in var/flower/. Ready when it answers an authenticated request with our credentials."""
+    if not 1 <= port <= 65535:
+        raise StackError(f"--flower-port {port}: must be 1-65535")
+    try:
+        user, password, path = flower_credentials(settings, user, password_file)
+    except ConfigError as exc:
+        raise StackError(str(exc)) from None
+    if _port_taken(port):
+        raise StackError(f"flower: port {port} on 127.0.0.1 is in use; choose another with "
+                         f"`cicd up --flower --flower-port N`")
+    data_dir = settings.var_dir / "flower"
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Flower reads FLOWER_* variables as options: none of the caller's may change ours (address,
+    # auth, prefix); the credentials go in the one we set, never on the command line.
+    env = {k: v for k, v in _child_env(settings, stack).items() if not k.startswith("FLOWER_")}
+    env.update(CICD_AGENT="", FLOWER_BASIC_AUTH=f"{user}:{password}")
+    log = settings.home / "logs" / "flower.log"
+    argv = [sys.executable, *flower_args("127.0.0.1", port, str(data_dir / "flower.db"))]
+    pid, ticks = process.spawn_detached(argv, str(settings.home), env, str(log))
+    entry = {"pid": pid, "ticks": ticks, "port": port, "url": f"http://127.0.0.1:{port}/", "user": user,
+             "password_file": str(path), "log": str(log)}
+    _wait_flower(entry, password)
+    say(f"flower     {entry['url']} (pid {pid}; user {user}, password in {path})")
+    return entry
+
+
+def _wait_flower(entry: dict, password: str) -> None:
+    token = base64.b64encode(f"{entry['user']}:{password}".encode()).decode()
+    request = urllib.request.Request(entry["url"] + "api/task/types", headers={"Authorization": f"Basic {token}"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+    deadline = time.monotonic() + FLOWER_READY_TIMEOUT_S
+    while True:
+        try:
+            with opener.open(request, timeout=2) as response:
+                if response.status == 200:  # with our password: our Flower, not another on the port
+                    return
+        except OSError:
+            pass
+        if not _alive(entry) or time.monotonic() > deadline:
+            process.stop(entry["pid"], entry["ticks"], grace_s=2)
+            log = Path(entry["log"])
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise StackError(f"flower did not start on port {entry['port']}; its log ({log}) ends:\n{tail}")
+        time.sleep(0.1)
+
+
+def _stop_flower(stack: dict) -> bool:
+    """Stop the recorded Flower; keep its port (the next `--flower` uses it), forget its process."""
+    entry = stack.get("flower") or {}
+    stopped = process.stop(entry.get("pid"), entry.get("ticks"), grace_s=10)  # it saves its state on SIGTERM
+    stack["flower"] = {"port": entry["port"]} if entry.get("port") else None
+    return stopped
 
 
 def _spawn(settings: Settings, argv: list[str], stack: dict, log_name: str, agent: str = "") -> dict:
@@ -166,8 +291,22 @@ def _spawn(settings: Settings, argv: list[str], stack: dict, log_name: str, agen
     return {"pid": pid, "ticks": ticks, "log": str(log)}
 
 
-def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str], None] = print) -> dict:
-    """Bring the environment's stack to the wanted shape; start only what is missing."""
+def prepare(settings: Settings) -> None:
+    """What an environment needs before its agents start, made by `cicd up` and by the bootstrap
+    service of docker-compose.yml: its signing key (var/<env>/secret.key, 0600, unless
+    CICD_SECRET_KEY_<ENV> is set: without it decide cannot sign nor orchestrate verify), its log
+    directory, and the directory of Flower's state."""
+    signing_key(settings, create=True)
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    (settings.var_dir / "flower").mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str], None] = print,
+       flower: bool | None = None, flower_port: int | None = None) -> dict:
+    """Bring the environment's stack to the wanted shape; start only what is missing.
+
+    flower: True starts Flower (on flower_port, else the port it had, else 5555), False stops it,
+    None keeps it as it was (and brings it back if it died)."""
     for agent, n in scale.items():
         if agent not in AGENTS:
             raise StackError(f"--scale {agent}={n}: agent must be one of {', '.join(AGENTS)}")
@@ -183,8 +322,7 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
             stack["redis"] = _start_redis(settings, say, (stack.get("redis") or {}).get("port"))
             stack["broker_url"], stack["password_file"] = stack["redis"]["url"], stack["redis"]["password_file"]
         _write_stack(settings, stack)
-        signing_key(settings, create=True)
-        settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        prepare(settings)
         section = stack.setdefault("envs", {}).setdefault(env, {"workers": [], "beat": None})
         if not any(_alive(w) for w in section["workers"]):
             section["demo_mode"] = settings.demo_mode  # what the workers about to start will enforce
@@ -216,10 +354,36 @@ def up(settings: Settings, scale: dict[str, int], ping: Ping, say: Callable[[str
             stack["supervisor"] = _spawn(settings, [sys.executable, "-m", "cicd.cluster", "supervise"], stack,
                                          "supervisor.log")
             say(f"supervisor pid {stack['supervisor']['pid']} (restarts whatever of this stack dies)")
+        _write_stack(settings, stack)  # first: a Flower that fails to start must not orphan the workers
+        flower_error = None
+        try:
+            _shape_flower(settings, stack, say, flower, flower_port)
+        except StackError as exc:
+            flower_error = exc
         _write_stack(settings, stack)
     process.stop_all([(w["pid"], w["ticks"]) for w in stopping], grace_s=15)
     _wait_ready(settings, section, started, ping, say)
+    if flower_error:
+        raise flower_error
     return stack
+
+
+def _shape_flower(settings: Settings, stack: dict, say: Callable[[str], None], wanted: bool | None,
+                  port: int | None) -> None:
+    entry = stack.get("flower") or {}
+    if wanted is False:
+        if _stop_flower(stack):
+            say(f"stopped flower (pid {entry['pid']})")
+        return
+    if not (wanted or entry.get("pid")):
+        return  # never asked for, or stopped on purpose
+    port = port or entry.get("port") or FLOWER_PORT
+    if _alive(entry) and entry["port"] == port:
+        return
+    _stop_flower(stack)  # dead, or on another port
+    # Asked for now: the credentials of this shell's settings; brought back: the ones it had.
+    user, password_file = (None, None) if wanted else (entry.get("user"), entry.get("password_file"))
+    stack["flower"] = _start_flower(settings, stack, say, port, user, password_file)
 
 
 def _spawn_worker(settings: Settings, stack: dict, agent: str, index: int) -> dict:
@@ -258,6 +422,17 @@ def supervise_once(settings: Settings, say: Callable[[str], None]) -> bool:
                 old = section["watcher"]["pid"]
                 section["watcher"] = _spawn(env_settings, watcher_argv(), stack, "watcher.log")
                 say(f"restarted the watcher of {env} (pid {old} had died)")
+        flower = stack.get("flower") or {}
+        if flower.get("pid") and not _alive(flower) and time.time() >= flower.get("retry_at", 0):
+            try:
+                stack["flower"] = _start_flower(settings, stack, say, flower["port"], flower["user"],
+                                                flower["password_file"])
+                restarts["flower"] = restarts.get("flower", 0) + 1
+                say(f"restarted flower (pid {flower['pid']} had died)")
+            except StackError as exc:
+                # Its port taken meanwhile, say: keep the rest of the stack looked after, try again later.
+                flower["retry_at"] = time.time() + 30
+                say(f"could not restart flower, trying again in 30 s: {exc}")
         _write_stack(settings, stack)
     return True
 
@@ -340,6 +515,9 @@ def down(settings: Settings, env: str | None = None, say: Callable[[str], None] 
                 stopped += process.stop(helper.get("pid"), helper.get("ticks"), grace_s=5)
             stopped += process.stop_all([(w["pid"], w["ticks"]) for w in section["workers"]], grace_s=15)
             say(f"stopped {name}: {len(section['workers'])} workers and beat")
+        if not envs and _stop_flower(stack):
+            stopped += 1
+            say("stopped flower")
         if not envs and _alive(stack.get("gitserver")):
             process.stop(stack["gitserver"]["pid"], stack["gitserver"]["ticks"], grace_s=2)
             stack["gitserver"] = {"port": stack["gitserver"]["port"]}
@@ -378,6 +556,10 @@ def status(settings: Settings, ping: Ping) -> dict:
     answered = ping(nodes, 1.5) if nodes else set()
     out = {"broker_url": redact_url(broker_url), "redis_alive": _alive(stack.get("redis")) if stack.get("redis") else None,
            "supervisor_alive": _alive(stack.get("supervisor")), "restarts": stack.get("restarts") or {}, "envs": {}}
+    flower = stack.get("flower") or {}
+    # Where to find it and who logs in; the password stays in its file.
+    out["flower"] = ({"url": flower["url"], "alive": _alive(flower), "pid": flower["pid"], "user": flower["user"],
+                      "password_file": flower["password_file"]} if flower.get("pid") else None)
     for name, section in envs.items():
         queues = [f"{name}.{agent}" for agent in AGENTS]
         depths = queue_depths(broker_url, queues) if broker_url else {}
@@ -394,8 +576,15 @@ def status(settings: Settings, ping: Ping) -> dict:
 
 if __name__ == "__main__":
     # `python -m cicd.cluster supervise`: what `cicd up` starts, without the weight of the CLI.
+    # `python -m cicd.cluster prepare`: docker-compose.yml's bootstrap, before any agent starts.
+    if sys.argv[1:] == ["prepare"]:
+        try:
+            prepare(Settings.load())
+        except ConfigError as exc:
+            sys.exit(f"prepare: {exc}")
+        sys.exit(0)
     if sys.argv[1:] != ["supervise"]:
-        sys.exit("usage: python -m cicd.cluster supervise")
+        sys.exit("usage: python -m cicd.cluster supervise|prepare")
 
     def _say(text: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}", flush=True)

@@ -69,3 +69,27 @@ class SingleBeatScheduler(PersistentScheduler):
         except (redis.RedisError, AttributeError):
             pass  # the lock runs out by itself
         super().close()
+
+
+def holds_lock(broker_url: str, env: str) -> bool:
+    """A beat of this host holds the environment's lock, and its process is alive. A beat that
+    stopped ticking stops renewing the lock, which then runs out within LOCK_TTL_S."""
+    client = redis.Redis.from_url(broker_url, socket_timeout=5)
+    holder = client.get(f"cicd:{env}:beat-lock")
+    host, _, rest = (holder or b"").decode().partition(":")
+    pid = rest.split(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and _process_exists(int(pid))
+
+
+if __name__ == "__main__":
+    # `python -m workers.beat check`: the healthcheck of docker-compose.yml's beat service.
+    import sys
+
+    if sys.argv[1:] != ["check"]:
+        sys.exit("usage: python -m workers.beat check")
+    settings = Settings.load()
+    try:
+        held = holds_lock(settings.broker_url, settings.env)
+    except redis.RedisError as exc:
+        sys.exit(f"beat of {settings.env}: cannot read its lock: {exc}")
+    sys.exit(0 if held else f"beat of {settings.env}: no live beat of this host holds cicd:{settings.env}:beat-lock")

@@ -15,10 +15,11 @@ import time
 
 # Run by a short-lived launcher process: the app is started in its own session and the launcher
 # exits at once, so the app is re-parented to init. It outlives the worker that started it,
-# and no worker ever holds it as a zombie child.
+# and no worker ever holds it as a zombie child. The launcher reads what to start (environment
+# included, which may hold secrets) from its stdin: its command line is visible to every user.
 _LAUNCHER = r"""
 import json, subprocess, sys
-spec = json.loads(sys.argv[1])
+spec = json.loads(sys.stdin.read())
 log = open(spec["log"], "ab")
 p = subprocess.Popen(spec["argv"], cwd=spec["cwd"], env=spec["env"], stdin=subprocess.DEVNULL,
                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
@@ -57,7 +58,7 @@ def spawn_detached(argv: list[str], cwd: str, env: dict, log_path: str) -> tuple
     """Start argv in its own session, not as our child; returns (pid, start ticks)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     spec = json.dumps({"argv": argv, "cwd": cwd, "env": env, "log": log_path})
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, spec], capture_output=True,
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER], input=spec, capture_output=True,
                          text=True, timeout=30)
     if out.returncode != 0:
         raise OSError(f"could not start {argv[0]}: {out.stderr.strip()[-500:]}")

@@ -86,18 +86,26 @@ class Stack:
         self.wait_steady(name, env=env)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory):
-    home = tmp_path_factory.mktemp("stack")
+@contextlib.contextmanager
+def started_stack(home: Path, *up_args: str):
+    """`cicd up [up_args]` in a private home with the suite's settings; `cicd down --apps` after,
+    and the environment as it was (another stack's, if one is running)."""
     saved = dict(os.environ)
     os.environ.update({**STACK_ENV, "CICD_HOME": str(home)})
-    os.environ.pop("CICD_BROKER_URL", None)  # always our own broker, never a developer's
-    os.environ.pop("CICD_DEMO_MODE", None)
+    # Always our own broker and credentials, never a developer's.
+    for name in ("CICD_BROKER_URL", "CICD_DEMO_MODE", "CICD_FLOWER_USER", "CICD_FLOWER_PASSWORD_FILE"):
+        os.environ.pop(name, None)
     running = Stack(home)
     try:
-        running.cicd("up")
+        running.cicd("up", *up_args)
         yield running
     finally:
         running.cicd("down", "--apps", check=False)
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    with started_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running

@@ -198,7 +198,7 @@ def chromium():
     path = find_chromium()
     if path is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install chromium); `make test` installs it when run as root "
-                    "(.ci/install-chromium)")
+                    "(.ci/install-test-tools)")
     return path
 
 

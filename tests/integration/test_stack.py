@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -34,6 +37,17 @@ def test_scaling_an_agent_adds_and_removes_worker_processes(stack):
     stack.cicd("up")  # back to the default shape: the second decide replica is stopped
     assert agents_status(stack)["decide"]["replicas"] == 1
     assert not process.is_alive(extra["pid"], extra["ticks"])
+
+
+def test_the_compose_beat_healthcheck_tells_a_running_beat_from_none(stack):
+    """docker-compose.yml's beat service is healthy when `python -m workers.beat check` exits 0: a live
+    beat of this host holds the environment's lock. Stage has one; dev has none."""
+    def check(env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "workers.beat", "check"], env={**os.environ, "CICD_ENV": env},
+                              capture_output=True, text=True, timeout=60)
+    assert check("stage").returncode == 0
+    out = check("dev")
+    assert out.returncode == 1 and "no live beat of this host holds cicd:dev:beat-lock" in out.stderr
 
 
 def test_the_supervisor_restarts_a_killed_worker_and_beat(stack):

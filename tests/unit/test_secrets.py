@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import ast
 import os
+import secrets
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from cicd.config import ConfigError, Settings, read_secret_file, redact_url, signing_key
+from cicd.runtime import process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,6 +56,40 @@ def test_the_broker_password_comes_from_a_0600_file(tmp_path, monkeypatch):
         Settings.load("stage").broker_url
     with pytest.raises(ConfigError, match="No such file"):
         read_secret_file(tmp_path / "missing", "broker password")
+
+
+def test_the_environment_of_a_spawned_process_is_on_no_command_line(tmp_path):
+    """`cicd up` starts every process through a short-lived launcher, with an environment that may
+    hold a secret (FLOWER_BASIC_AUTH, CICD_BROKER_URL, CICD_SECRET_KEY_<ENV>). Every user can read a
+    command line, so while the launchers run, a scan of all of them must never find it."""
+    secret = f"not-on-argv-{secrets.token_hex(16)}".encode()
+    seen, done = [], threading.Event()
+
+    def scan():
+        while not done.is_set():
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if secret in open(f"/proc/{pid}/cmdline", "rb").read():
+                        seen.append(pid)
+                except OSError:
+                    pass
+
+    scanner = threading.Thread(target=scan)
+    scanner.start()
+    try:
+        for i in range(5):
+            out = tmp_path / f"out-{i}"
+            process.spawn_detached([sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write(os.environ['S'])"],
+                                   str(tmp_path), {"S": secret.decode(), "PATH": os.environ["PATH"]},
+                                   str(tmp_path / "log"))
+            deadline = time.monotonic() + 10
+            while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert out.read_text() == secret.decode()  # the process did get its environment
+    finally:
+        done.set()
+        scanner.join()
+    assert not seen, f"the secret was on the command line of pid {seen[0]}"
 
 
 @pytest.mark.parametrize("url, shown", [

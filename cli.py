@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from cicd import approvals, cluster, deadletters, faults, gitsource, onboarding, proof, reports
+from cicd import approvals, cluster, deadletters, faults, gitsource, onboarding, proof, reports, terminal
 from cicd.config import AGENTS, ENVIRONMENTS, ConfigError, Settings
 from cicd.runtime import RuntimeFailure, make_runtime
 
@@ -42,13 +42,9 @@ def echo_json(value) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
-def table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
-    """A plain aligned table: columns are (key, heading)."""
-    cells = [[("-" if row.get(k) is None else str(row.get(k))) for k, _ in columns] for row in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
-    click.echo("  ".join(h.upper().ljust(w) for (_, h), w in zip(columns, widths)))
-    for c in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+# Every listing takes --json: one JSON document on stdout, and nothing else there.
+JSON_OPTION = click.option("--json", "as_json", is_flag=True,
+                           help="One JSON document on stdout instead of tables (anything else goes to stderr).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -142,7 +138,7 @@ def watch():
 
 @main.command()
 @ENV_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@JSON_OPTION
 def status(env, as_json):
     """Each agent (replicas, alive, queue depth), and each app (replicas, health, uptime)."""
     settings = load_settings(env)
@@ -151,26 +147,28 @@ def status(env, as_json):
     if as_json:
         echo_json({"stack": state, "apps": apps, "env": settings.env})
         return
-    click.echo(f"broker: {state['broker_url'] or '(none)'}"
-               + ("" if state["redis_alive"] is None else f"  redis: {'alive' if state['redis_alive'] else 'DOWN'}")
-               + (f"  supervisor: {'alive' if state['supervisor_alive'] else 'DOWN'}" if state["envs"] else "")
-               + ("  restarts: " + ", ".join(f"{k} {v}" for k, v in state["restarts"].items())
-                  if any(state["restarts"].values()) else ""))
+    terminal.echo("broker: ", state["broker_url"] or "(none)",
+                  *([] if state["redis_alive"] is None else ["  redis: ", terminal.alive_word(state["redis_alive"])]),
+                  *(["  supervisor: ", terminal.alive_word(state["supervisor_alive"])] if state["envs"] else []),
+                  *(["  restarts: " + ", ".join(f"{k} {v}" for k, v in state["restarts"].items())]
+                    if any(state["restarts"].values()) else []))
     if not state["envs"]:
         click.echo("no environment is up: `cicd up` starts one")
     for name, section in state["envs"].items():
-        click.echo(f"\n{name}: beat {'alive' if section['beat_alive'] else 'DOWN'}, up since {section['started_at']}")
-        table(section["agents"], [("agent", "agent"), ("queue", "queue"), ("replicas", "replicas"),
-                                  ("alive", "alive"), ("depth", "queue depth")])
+        click.echo()
+        terminal.echo(f"{name}: beat ", terminal.alive_word(section["beat_alive"]),
+                      f", up since {section['started_at']}")
+        terminal.print_table(section["agents"], [("agent", "agent"), ("queue", "queue"), ("replicas", "replicas"),
+                                                 ("alive", "alive"), ("depth", "queue depth")])
     click.echo(f"\napps in {settings.env}:")
     if not apps:
         click.echo("  none onboarded: `cicd onboard NAME --repo URL --runtime backend`")
         return
     for row in apps:
         row["uptime_pct"] = f"{row['uptime'] * 100:.2f}%" if row["uptime"] is not None else None
-    table(apps, [("app", "app"), ("release", "release"), ("replicas", "replicas"), ("healthy", "healthy"),
-                 ("utilization", "util"), ("uptime_pct", "uptime"), ("open_incident", "open incident"),
-                 ("attention", "attention")])
+    terminal.print_table(apps, [("app", "app"), ("release", "release"), ("replicas", "replicas"),
+                                ("healthy", "healthy"), ("utilization", "util"), ("uptime_pct", "uptime"),
+                                ("open_incident", "open incident"), ("attention", "attention")])
 
 
 # -- apps --------------------------------------------------------------------------------------
@@ -314,11 +312,15 @@ def inject(kind, app, env, wait, timeout, duration, slot):
     sys.exit(1)
 
 
+INCIDENT_COLUMNS = [("id", "id"), ("app", "app"), ("kind", "kind"), ("severity", "severity"), ("status", "status"),
+                    ("attempt", "attempt"), ("action", "action"), ("opened_at", "opened"), ("resolution", "resolution")]
+
+
 @main.command()
 @ENV_OPTION
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, show_default=True, help="How many of the latest incidents to list.")
 @click.option("--app", default=None, help="Only this app's incidents.")
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def incidents(env, limit, app, as_json):
     """Recent incidents, newest first."""
     settings = load_settings(env)
@@ -329,8 +331,7 @@ def incidents(env, limit, app, as_json):
     if not rows:
         click.echo(f"no incidents in {settings.env}")
         return
-    table(rows, [("id", "id"), ("app", "app"), ("kind", "kind"), ("severity", "severity"), ("status", "status"),
-                 ("attempt", "attempt"), ("action", "action"), ("opened_at", "opened"), ("resolution", "resolution")])
+    terminal.print_table(rows, INCIDENT_COLUMNS)
 
 
 # -- promotion and approval --------------------------------------------------------------------
@@ -360,7 +361,7 @@ def promote(app, source, target):
 @main.command(name="approvals")
 @click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default=None, help="Only this environment.")
 @click.option("--all", "include_decided", is_flag=True, help="Answered and expired requests too.")
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def approvals_list(env, include_decided, as_json):
     """Requests waiting for a human: promotions, and actions held back in prod."""
     rows = []
@@ -374,8 +375,8 @@ def approvals_list(env, include_decided, as_json):
     if not rows:
         click.echo("nothing is waiting for approval")
         return
-    table(rows, [("id", "id"), ("status", "status"), ("summary", "what"), ("requested_by", "asked by"),
-                 ("expires_at", "expires"), ("decided_by", "answered by"), ("reason", "why")])
+    terminal.print_table(rows, [("id", "id"), ("status", "status"), ("summary", "what"), ("requested_by", "asked by"),
+                                ("expires_at", "expires"), ("decided_by", "answered by"), ("reason", "why")])
 
 
 def answer_settings(approval_id: str) -> Settings:
@@ -484,7 +485,7 @@ def rl_train(episodes, seed, env, keep):
 @click.option("--episodes", default=2000, show_default=True, type=click.IntRange(1, 10_000_000))
 @click.option("--seed", default=2, show_default=True, type=int, help="Use one the training did not (held out).")
 @click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default="dev", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: episodes, seed, policies.")
+@JSON_OPTION
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Where to write the PNG (default: var/ENV/rl/eval.png).")
 def rl_eval(episodes, seed, env, as_json, plot_path):
@@ -505,16 +506,16 @@ def rl_eval(episodes, seed, env, as_json, plot_path):
              "downtime_vs_playbook": row["ratio_to_playbook"]["downtime_s"]}
             for name, row in result["policies"].items()]
     click.echo(f"{episodes} incidents from the mixed fault model, seed {seed}, policy of {env}:")
-    table(rows, [("policy", "policy"), ("success_rate", "success"), ("mean_actions", "actions/incident"),
-                 ("mean_time_to_recover_s", "mean ttr s"), ("downtime_s", "downtime s"),
-                 ("downtime_vs_playbook", "vs playbook")])
+    terminal.print_table(rows, [("policy", "policy"), ("success_rate", "success"), ("mean_actions", "actions/incident"),
+                                ("mean_time_to_recover_s", "mean ttr s"), ("downtime_s", "downtime s"),
+                                ("downtime_vs_playbook", "vs playbook")])
     click.echo(f"learned mean actions / oracle's: {result['policies']['learned']['actions_vs_oracle']}")
     click.echo(f"plot: {path}")
 
 
 @rl_group.command(name="show")
 @click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default="dev", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def rl_show(env, as_json):
     """The Q-table: every state the detector produces, its Q-values and its greedy action.
 
@@ -541,14 +542,14 @@ def rl_show(env, as_json):
         echo_json({"env": env, "mode": settings.policy_mode, "states": rows})
         return
     click.echo(f"policy of {env} (mode {settings.policy_mode}); * = learned")
-    table(rows, [("state", "state"), ("greedy", "greedy")] + [(a, a) for a in actions.ACTIONS])
+    terminal.print_table(rows, [("state", "state"), ("greedy", "greedy")] + [(a, a) for a in actions.ACTIONS])
 
 
 @main.command()
 @click.argument("trace", type=click.Path(exists=True, dir_okay=False))
 @ENV_OPTION
 @click.option("--seed", default=0, show_default=True, type=int, help="For the hidden causes the record does not hold.")
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def replay(trace, env, seed, as_json):
     """What-if on real history: heal a recorded trace's incidents again, on the simulated fleet.
 
@@ -573,8 +574,8 @@ def replay(trace, env, seed, as_json):
              "then_s": r["recorded"]["seconds"],
              "now": " -> ".join(r["replayed"]["actions"]) + f" = {r['replayed']['outcome']}",
              "now_s": r["replayed"]["seconds"]} for r in results]
-    table(rows, [("incident", "incident"), ("kind", "kind"), ("then", "recorded"), ("then_s", "seconds"),
-                 ("now", f"replayed ({settings.env} policy, simulated)"), ("now_s", "sim seconds")])
+    terminal.print_table(rows, [("incident", "incident"), ("kind", "kind"), ("then", "recorded"), ("then_s", "seconds"),
+                                ("now", f"replayed ({settings.env} policy, simulated)"), ("now_s", "sim seconds")])
     same = sum(1 for r in results if r["recorded"]["actions"][:1] == r["replayed"]["actions"][:1])
     click.echo(f"{len(results)} incidents; the first action is the same in {same}; "
                f"replayed outcomes: {sum(r['replayed']['outcome'] == 'stable' for r in results)} stable")
@@ -582,7 +583,7 @@ def replay(trace, env, seed, as_json):
 
 # -- benchmarks --------------------------------------------------------------------------------
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON object with every figure (chain.throughput_ratio, ...).")
+@JSON_OPTION
 @click.option("--quick", is_flag=True, help="Fewer incidents and kills: a smoke run, not figures to quote.")
 def bench(as_json, quick):
     """Benchmarks, each figure beside its baseline measured in the same run (takes minutes).
@@ -617,7 +618,7 @@ def dlq_group():
 @dlq_group.command(name="list")
 @ENV_OPTION
 @click.option("--all", "include_retried", is_flag=True, help="Letters already retried too.")
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def dlq_list(env, include_retried, as_json):
     """The dead letters of an environment, oldest first."""
     settings = load_settings(env)
@@ -630,7 +631,8 @@ def dlq_list(env, include_retried, as_json):
         return
     for row in rows:
         row["why"] = row["reason"] if len(row["reason"]) <= 90 else row["reason"][:89] + "…"
-    table(rows, [("id", "id"), ("task", "task"), ("status", "status"), ("created_at", "kept at"), ("why", "why")])
+    terminal.print_table(rows, [("id", "id"), ("task", "task"), ("status", "status"), ("created_at", "kept at"),
+                                ("why", "why")])
 
 
 @dlq_group.command(name="show")
@@ -688,16 +690,18 @@ def proof_group():
 @ENV_OPTION
 @click.option("-n", "count", default=20, show_default=True, help="How many records.")
 @click.option("--incident", default=None, help="Only this incident's records.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@JSON_OPTION
 def proof_tail(env, count, incident, as_json):
-    """The last records of the chain."""
+    """The last records of the chain, oldest first (`proof export` writes them all as JSONL)."""
     settings = load_settings(env)
-    for record in proof.tail(settings, count, incident):
-        if as_json:
-            click.echo(proof.canonical(record))
-        else:
-            click.echo(f"{record['seq']:>6}  {record['ts']}  {record['event_name']:<26} "
-                       f"{record['incident_id'] or '-':<17} {record['app'] or '-':<12} {reports.payload_text(record, 80)}")
+    records = proof.tail(settings, count, incident)
+    if as_json:
+        echo_json(records)
+        return
+    for record in records:
+        record["what"] = reports.payload_text(record, 80)
+    terminal.print_table(records, [("seq", "seq"), ("ts", "ts"), ("event_name", "event"),
+                                   ("incident_id", "incident"), ("app", "app"), ("what", "payload")])
 
 
 @proof_group.command(name="verify")

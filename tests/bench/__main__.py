@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cicd import terminal
+
 from . import chain, fanout, footprint, recover
 from .bench_policy import main as policy_bench
 from .stacks import Stack
@@ -61,9 +63,9 @@ def figure(result: dict, path: str):
     return value
 
 
-def table(result: dict) -> str:
+def rows(result: dict) -> list[dict]:
     c, r, f, m = result["chain"], result["recover_real"], result["fanout"], result["footprint"]
-    rows = [
+    cells = [
         ("chain throughput (incidents/s)", f"{c['healing']['throughput_per_s']:.1f}",
          f"{c['bare']['throughput_per_s']:.1f} bare {c['hops']}-hop chains/s", f"{c['throughput_ratio']:.2f}",
          GOALS["chain.throughput_ratio"]),
@@ -90,14 +92,19 @@ def table(result: dict) -> str:
         ("one policy decision (us)", f"{result['policy']['decision_us']:.1f}", "100 (goal)",
          f"{result['policy']['decision_us'] / 100:.2f}", GOALS["policy.decision_us"]),
     ]
-    widths = [max(len(row[i]) for row in rows + [("figure", "measured", "baseline", "ratio", "goal")]) for i in range(5)]
-    lines = [f"cicd-heal benchmarks, one run ({result['machine']})"]
-    for row in [("figure", "measured", "baseline", "ratio", "goal")] + rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-    lines.append(f"chain: {c['healing']['incidents']} incidents at once, every agent one worker process, "
-                 f"verification of one stable check; recovery: restart backoff off, probes every "
-                 f"{r['probe_interval_s']:g} s")
-    return "\n".join(lines)
+    return [dict(zip(COLUMNS, row)) for row in cells]
+
+
+COLUMNS = ("figure", "measured", "baseline", "ratio", "goal")
+
+
+def print_report(result: dict) -> None:
+    c, r = result["chain"], result["recover_real"]
+    terminal.print_table(rows(result), [(key, key) for key in COLUMNS],
+                         title=f"cicd-heal benchmarks, one run ({result['machine']})")
+    print(f"chain: {c['healing']['incidents']} incidents at once, every agent one worker process, "
+          f"verification of one stable check; recovery: restart backoff off, probes every "
+          f"{r['probe_interval_s']:g} s")
 
 
 def main() -> None:
@@ -109,7 +116,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        print(table(result))
+        print_report(result)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
 import os
+import queue
 import re
+import signal
 import struct
 import subprocess
 import sys
 import termios
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -174,3 +178,126 @@ def test_a_table_on_a_terminal_has_colour_and_fits_the_width(tmp_path):
     assert "inc-000000000001" in plain and "inc-000000000002" in plain  # ids are never cut to fit
     # Cells are text, never rich markup (whitespace dropped: a long payload may wrap).
     assert "[bold]notmarkup[/bold]" in re.sub(r"\x1b\[[0-9;]*m|\s", "", on_terminal_stdout(tmp_path, "proof", "tail"))
+
+
+# -- incidents --follow ----------------------------------------------------------------------------
+def _append_events(home: str, worker: int, count: int, barrier) -> None:
+    settings = Settings(env="stage", home=Path(home))
+    barrier.wait(timeout=60)
+    for i in range(count):
+        with session_scope(settings) as session:
+            proof.append(session, "stage", "RL_DECISION", incident_id=f"inc-{worker:012d}", app="demo-api",
+                         payload={"worker": worker, "i": i})
+            # Not an incident's event, and another app's: the tail leaves both out.
+            proof.append(session, "stage", "SCALED", app="demo-api", payload={"i": i})
+            proof.append(session, "stage", "ORCH_EXEC", incident_id="inc-0000000000ff", app="other-api",
+                         payload={"i": i})
+
+
+class Follower:
+    def __init__(self, home: Path, *args: str):
+        env = {**os.environ, "CICD_HOME": str(home), "CICD_ENV": "stage"}
+        env.pop("CICD_BROKER_URL", None)
+        self.proc = subprocess.Popen([str(CICD), "incidents", "--follow", "--interval", "0.1", *args],
+                                     stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def take(self, n: int, timeout: float = 30) -> list[str]:
+        deadline, got = time.monotonic() + timeout, []
+        while len(got) < n:
+            try:
+                got.append(self.lines.get(timeout=max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"only {len(got)} of {n} lines within {timeout} s: {got}") from None
+        return got
+
+    def interrupt(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(timeout=15)
+        return code, self.proc.stderr.read()
+
+
+def test_follow_prints_each_incident_event_once_in_chain_order_until_ctrl_c(tmp_path):
+    seed(tmp_path)
+    follower = Follower(tmp_path, "--json", "--app", "demo-api")
+    try:
+        # The listing comes after the tail has noted the chain's head: all that lands next is new.
+        first = json.loads(follower.take(1)[0])
+        assert (first["type"], first["id"], first["status"]) == ("incident", "inc-000000000001", "stable")
+        # Three writer processes at once, as agents append: the tail must miss none, repeat none.
+        # (fork, as in test_proof: each child opens its own SQLite connections.)
+        ctx = multiprocessing.get_context("fork")
+        barrier = ctx.Barrier(3)
+        writers = [ctx.Process(target=_append_events, args=(str(tmp_path), w, 40, barrier)) for w in (1, 2, 3)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join(timeout=120)
+            assert w.exitcode == 0
+        # Then one last event: in chain order it can only come after all of theirs, so a
+        # repeated or stray line would show up before it, in the 121 lines taken.
+        settings = Settings(env="stage", home=tmp_path)
+        with session_scope(settings) as session:
+            proof.append(session, "stage", "SYSTEM_STABLE", incident_id="inc-000000000001", app="demo-api",
+                         payload={"last": True})
+        *events, last = [json.loads(line) for line in follower.take(121)]
+    finally:
+        code, err = follower.interrupt()
+    assert code == 0 and "Traceback" not in err, err
+    assert (last["event_name"], last["phase"], last["payload"]) == ("SYSTEM_STABLE", "stable", {"last": True})
+    assert all(e["type"] == "event" and e["app"] == "demo-api" and e["event_name"] == "RL_DECISION" for e in events)
+    assert all(e["phase"] == "decided" for e in events)
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(set(seqs))
+    expected = [r["seq"] for r in proof.records_since(settings, 2)
+                if r["event_name"] == "RL_DECISION"]
+    assert seqs == expected and len(seqs) == 120
+    for w in (1, 2, 3):  # each writer's events in the order it wrote them
+        assert [e["payload"]["i"] for e in events if e["payload"]["worker"] == w] == list(range(40))
+
+
+def test_follow_for_a_person_lists_then_tails_then_stops_cleanly(tmp_path):
+    settings = seed(tmp_path)
+    follower = Follower(tmp_path)
+    try:
+        header = follower.take(3)
+        assert header[0].split()[0] == "ID" and header[1].startswith("inc-000000000001")  # oldest first
+        # A new incident opens, and an old one changes, as the agents would write them.
+        with session_scope(settings) as session:
+            session.add(Incident(id="inc-000000000003", env="stage", app="shop-api", kind="crash", severity="high",
+                                 status="open", attempt=1, slot=0, signal={}))
+            proof.append(session, "stage", "INCIDENT_DETECTED", incident_id="inc-000000000003", app="shop-api",
+                         payload={"kind": "crash"})
+        with session_scope(settings) as session:
+            proof.append(session, "stage", "ESCALATED", incident_id="inc-000000000002", app="shop-api",
+                         payload={"attempts": 3})
+        opened, escalated = follower.take(2)
+    finally:
+        code, err = follower.interrupt()
+    assert opened.split()[1:5] == ["opened", "inc-000000000003", "shop-api", "INCIDENT_DETECTED"]
+    assert escalated.split()[1:5] == ["escalated", "inc-000000000002", "shop-api", "ESCALATED"]
+    assert code == 0 and "Ctrl-C stops" in err and "Traceback" not in err and "Aborted" not in err
+
+
+def test_follow_stops_quietly_when_its_reader_goes_away(tmp_path):
+    settings = seed(tmp_path)
+    env = {**os.environ, "CICD_HOME": str(tmp_path), "CICD_ENV": "stage"}
+    proc = subprocess.Popen([str(CICD), "incidents", "--follow", "--json", "--interval", "0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert json.loads(proc.stdout.readline())["type"] == "incident"
+        proc.stdout.close()  # as `| head -1` does once it has its line
+        with session_scope(settings) as session:  # so the tail's next line finds no reader
+            proof.append(session, "stage", "ESCALATED", incident_id="inc-000000000002", app="shop-api", payload={})
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    # It ends, as `tail -f | head` does, with click's status for a closed pipe and no traceback.
+    assert code == 1 and "Traceback" not in err and "BrokenPipe" not in err, err

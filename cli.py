@@ -34,8 +34,7 @@ def control_plane(settings: Settings):
 
 def require_stack(settings: Settings) -> None:
     if not cluster.is_up(settings):
-        raise click.ClickException(f"the {settings.env} stack is not running: start it with "
-                                   f"`cicd up --env {settings.env}` (or `make demo`)")
+        raise cluster.StackDown(settings.env)
 
 
 def echo_json(value) -> None:
@@ -47,7 +46,17 @@ JSON_OPTION = click.option("--json", "as_json", is_flag=True,
                            help="One JSON document on stdout instead of tables (anything else goes to stderr).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class CicdGroup(click.Group):
+    def invoke(self, ctx):
+        # A stack that is down or an agent that does not answer, from any command: one line
+        # that says what to do, and status 1, never a traceback.
+        try:
+            return super().invoke(ctx)
+        except cluster.StackError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=CicdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cicd-heal")
 def main():
     """cicd-heal: a self-healing CI/CD control plane on Celery agents.
@@ -148,6 +157,7 @@ def status(env, as_json):
         echo_json({"stack": state, "apps": apps, "env": settings.env})
         return
     terminal.echo("broker: ", state["broker_url"] or "(none)",
+                  *([("  (not answering)", "bold red")] if state["broker_alive"] is False else []),
                   *([] if state["redis_alive"] is None else ["  redis: ", terminal.alive_word(state["redis_alive"])]),
                   *(["  supervisor: ", terminal.alive_word(state["supervisor_alive"])] if state["envs"] else []),
                   *(["  restarts: " + ", ".join(f"{k} {v}" for k, v in state["restarts"].items())]

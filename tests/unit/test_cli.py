@@ -23,6 +23,7 @@ import click
 
 import cli
 from cicd import deadletters, proof
+from cicd.runtime import process
 from cicd.config import Settings
 from cicd.store import Incident, session_scope
 
@@ -301,3 +302,30 @@ def test_follow_stops_quietly_when_its_reader_goes_away(tmp_path):
     err = proc.stderr.read()
     # It ends, as `tail -f | head` does, with click's status for a closed pipe and no traceback.
     assert code == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# -- when the stack is not up ----------------------------------------------------------------------
+def test_a_command_that_needs_the_stack_says_how_to_start_it(tmp_path):
+    seed(tmp_path)
+    nothing_started = run(tmp_path, "deploy", "demo-api")
+    assert nothing_started.returncode == 1 and nothing_started.stdout == ""
+    assert nothing_started.stderr == "Error: the stack for stage is not running: start it with `cicd up --env stage`\n"
+    # Recorded as up (its one worker is a live process: this test's), but the broker is gone.
+    settings = Settings(env="stage", home=tmp_path)
+    settings.stack_file.write_text(json.dumps({
+        "broker_url": f"redis://127.0.0.1:{process.free_port()}/0",  # nothing listens there
+        "envs": {"stage": {"workers": [{"pid": os.getpid(), "ticks": None, "node": "stage-deploy-0@here",
+                                        "agent": "deploy"}], "beat": None, "started_at": "2026-01-01T00:00:00Z"}}}))
+    for args in (["scale", "demo-api", "2"], ["onboard", "new-api", "--repo", "https://git.example.com/new.git",
+                                              "--runtime", "backend"]):
+        out = run(tmp_path, *args, timeout=60)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.startswith("Error: the stack for stage is not running (its broker at redis://127.0.0.1:")
+        assert out.stderr.endswith("start it with `cicd up --env stage`\n")
+    # status still answers, and says what is down.
+    out = run(tmp_path, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    stack = json.loads(out.stdout)["stack"]
+    assert stack["broker_alive"] is False
+    assert [a["alive"] for a in stack["envs"]["stage"]["agents"] if a["agent"] == "deploy"] == [0]
+    assert "(not answering)" in run(tmp_path, "status").stdout.splitlines()[0]

@@ -215,7 +215,8 @@ def onboard(name, repo, runtime_kind, env, wait):
 
 
 def report_release(settings: Settings, app: str, after: int, timeout_s: float = 120) -> None:
-    release = reports.wait_for_release(settings, app, after, timeout_s)
+    with terminal.progress(f"deploying {app} in {settings.env}: fetch, build, health gate"):
+        release = reports.wait_for_release(settings, app, after, timeout_s)
     if release is None:
         raise click.ClickException(f"the deploy did not finish within {timeout_s:.0f} s; "
                                    f"see `cicd status` and {settings.logs_dir}")
@@ -510,14 +511,9 @@ def rl_train(episodes, seed, env, keep):
     from cicd.store import session_scope
     settings = load_settings(env)
     started = time.monotonic()
-    with click.progressbar(length=episodes, label=f"training {episodes} episodes", file=sys.stderr) as bar:
-        last = [0]
-
-        def progress(done, total):
-            bar.update(done - last[0])
-            last[0] = done
+    with terminal.progress(f"training {episodes} episodes", total=episodes) as underway:
         training = learning.train(settings, episodes, seed, learned_table(settings) if keep else None,
-                                  progress=progress)
+                                  progress=lambda done, total: underway.update(done))
     with session_scope(settings) as session:
         written = policy.store_table(session, env, training.table, training.visits, replace=not keep)
         proof.append(session, env, "RL_TRAINED", payload={
@@ -804,17 +800,22 @@ def demo(scenario, timeout):
     os.environ.setdefault("CICD_DEMO_MODE", "true")
     settings = load_settings("stage")
     plane = control_plane(settings)
-    if not cluster.is_up(settings):
-        click.echo("starting the stage stack ...")
-        try:
-            cluster.up(settings, {}, plane.ping, say=click.echo)
-        except cluster.StackError as exc:
-            raise click.ClickException(str(exc)) from None
-    if cluster.running_demo_mode(settings) != settings.demo_mode:
-        # The workers decide what DEMO_MODE is; say which one this run really has.
-        settings = replace(settings, demo_mode=cluster.running_demo_mode(settings))
-    sys.exit(demo_module.run(settings, make_runtime(settings), plane, say=click.echo, scenario=scenario,
-                             scenario_timeout_s=timeout))
+    with terminal.progress(f"demo ({scenario})") as underway:
+        def say(line: str) -> None:
+            underway.echo(line)
+            underway.update(note=line.strip()[:60])
+        if not cluster.is_up(settings):
+            say("starting the stage stack ...")
+            try:
+                cluster.up(settings, {}, plane.ping, say=say)
+            except cluster.StackError as exc:
+                raise click.ClickException(str(exc)) from None
+        if cluster.running_demo_mode(settings) != settings.demo_mode:
+            # The workers decide what DEMO_MODE is; say which one this run really has.
+            settings = replace(settings, demo_mode=cluster.running_demo_mode(settings))
+        code = demo_module.run(settings, make_runtime(settings), plane, say=say, scenario=scenario,
+                               scenario_timeout_s=timeout)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

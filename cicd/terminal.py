@@ -7,13 +7,15 @@ work. Scripts should read --json instead: nothing parses these tables.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import sys
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from rich import box
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -159,3 +161,44 @@ def status_word(value: str) -> tuple[str, str | None]:
 
 def alive_word(alive: bool) -> tuple[str, str | None]:
     return status_word("alive" if alive else "DOWN")
+
+
+class Underway:
+    """Long work as progress() shows it: update() moves the bar or notes the step; echo() prints
+    a line of output (to stdout) without tearing the bar."""
+
+    def __init__(self, bar: Progress | None = None, label: str = "", total: int | None = None):
+        self.bar = bar
+        self.task = bar.add_task(label, total=total, note="") if bar else None
+
+    def update(self, done: int | None = None, note: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, **({} if done is None else {"completed": done}),
+                            **({} if note is None else {"note": note}))
+
+    def echo(self, line: str) -> None:
+        if self.bar is not None and is_terminal(sys.stdout):
+            # Stdout is on the screen with the bar: printed through the bar's console, the line
+            # lands above it. (A pipe gets the line as it is, below.)
+            self.bar.console.print(Text(line))
+        else:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def progress(label: str, total: int | None = None) -> Iterator[Underway]:
+    """Show long work on stderr while it runs, then clear it: a bar when the total is known, else a
+    spinner, with the time taken and a note of the step. Only when stderr is a terminal: a pipe,
+    a log file or a --json reader never sees it."""
+    if not is_terminal(sys.stderr):
+        yield Underway()
+        return
+    columns = [SpinnerColumn(), TextColumn("{task.description}", markup=False)]
+    if total is not None:
+        columns += [BarColumn(), MofNCompleteColumn()]
+    columns += [TimeElapsedColumn(), TextColumn("{task.fields[note]}", style="dim", markup=False)]
+    bar = Progress(*columns, console=Console(file=sys.stderr, highlight=False), transient=True,
+                   redirect_stdout=False, redirect_stderr=False)
+    with bar:
+        yield Underway(bar, label, total)

@@ -41,18 +41,25 @@ def run(quick: bool) -> dict:
     incidents, kills = (60, 10) if quick else (200, 50)
     out = {"machine": machine(), "quick": quick}
     sim = {"CICD_RUNTIME": "sim", "CICD_PROBE_INTERVAL": "3600", "CICD_STABLE_CHECKS": "1"}
-    with Stack(home / "sim", **sim) as stack:
-        time.sleep(2)
-        idle = footprint.measure(stack)
-        with footprint.Peak(stack) as peak:
-            out["chain"] = chain.run(stack, incidents)
-        out["footprint"] = {"processes": idle["processes"], "rss_mb": idle["rss_mb"], "pss_mb": idle["pss_mb"],
-                            "burst_rss_mb": peak.peak["rss_mb"], "burst_pss_mb": peak.peak["pss_mb"]}
-    out["fanout"] = fanout.run(home / "fanout", (1000, 10000))
-    probes = recover.run(home / "probes", kills, watch=False)
-    watched = recover.run(home / "watched", kills, watch=True)
-    out["recover_real"] = {**watched, "probes_only": probes}
-    out["policy"] = {"decision_us": policy_bench(["--json", "--decisions", "20000"], quiet=True)["decision_us"]}
+    with terminal.progress("benchmarks", total=5) as underway:
+        underway.update(0, f"chain and footprint: {incidents} incidents on the simulated fleet")
+        with Stack(home / "sim", **sim) as stack:
+            time.sleep(2)
+            idle = footprint.measure(stack)
+            with footprint.Peak(stack) as peak:
+                out["chain"] = chain.run(stack, incidents)
+            out["footprint"] = {"processes": idle["processes"], "rss_mb": idle["rss_mb"], "pss_mb": idle["pss_mb"],
+                                "burst_rss_mb": peak.peak["rss_mb"], "burst_pss_mb": peak.peak["pss_mb"]}
+        underway.update(1, "probe fan-out over 1,000 and 10,000 apps")
+        out["fanout"] = fanout.run(home / "fanout", (1000, 10000))
+        underway.update(2, f"{kills} real kills, probes alone")
+        probes = recover.run(home / "probes", kills, watch=False)
+        underway.update(3, f"{kills} real kills, exits watched")
+        watched = recover.run(home / "watched", kills, watch=True)
+        out["recover_real"] = {**watched, "probes_only": probes}
+        underway.update(4, "policy decisions")
+        out["policy"] = {"decision_us": policy_bench(["--json", "--decisions", "20000"], quiet=True)["decision_us"]}
+        underway.update(5)
     return out
 
 

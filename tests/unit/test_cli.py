@@ -329,3 +329,14 @@ def test_a_command_that_needs_the_stack_says_how_to_start_it(tmp_path):
     assert stack["broker_alive"] is False
     assert [a["alive"] for a in stack["envs"]["stage"]["agents"] if a["agent"] == "deploy"] == [0]
     assert "(not answering)" in run(tmp_path, "status").stdout.splitlines()[0]
+
+
+# -- progress --------------------------------------------------------------------------------------
+def test_progress_shows_on_a_terminal_only_and_never_in_stdout(tmp_path):
+    piped = run(tmp_path, "rl", "train", "--episodes", "300")
+    assert piped.returncode == 0 and piped.stderr == ""  # a pipe or a log gets no bar, not even a label
+    assert piped.stdout.startswith("trained 300 episodes (seed 1)")
+    shown, out, code = on_terminal(tmp_path, "rl", "train", "--episodes", "300")
+    assert code == 0 and out.startswith("trained 300 episodes (seed 1)") and ESCAPE not in out
+    assert "training 300 episodes" in shown and "300/300" in shown
+

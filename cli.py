@@ -71,6 +71,12 @@ def main():
 
     Everything lives under $CICD_HOME (default: the current directory): var/ for state,
     logs/ for logs and the proof mirror, apps/registry/ for exported specs.
+
+    \b
+    Listings print tables; each takes --json for scripts (stdout is then only JSON).
+    Shell completion: put this line in ~/.bashrc (zsh: zsh_source in ~/.zshrc;
+    fish: `_CICD_COMPLETE=fish_source cicd | source`):
+      eval "$(_CICD_COMPLETE=bash_source cicd)"
     """
 
 

@@ -340,3 +340,17 @@ def test_progress_shows_on_a_terminal_only_and_never_in_stdout(tmp_path):
     assert code == 0 and out.startswith("trained 300 episodes (seed 1)") and ESCAPE not in out
     assert "training 300 episodes" in shown and "300/300" in shown
 
+
+# -- shell completion ------------------------------------------------------------------------------
+def test_the_documented_completion_line_completes_in_bash(tmp_path):
+    help_text = run(tmp_path, "--help").stdout
+    assert 'eval "$(_CICD_COMPLETE=bash_source cicd)"' in help_text
+    # That line, run by a real bash, then the completion bash would ask for at `cicd proof v<TAB>`.
+    script = ('eval "$(_CICD_COMPLETE=bash_source cicd)"; complete -p cicd; '
+              'COMP_WORDS=(cicd proof v); COMP_CWORD=2; _cicd_completion cicd; echo "${COMPREPLY[@]}"; '
+              'COMP_WORDS=(cicd incidents --fo); COMP_CWORD=2; COMPREPLY=(); _cicd_completion cicd; '
+              'echo "${COMPREPLY[@]}"')
+    env = {**os.environ, "PATH": f"{CICD.parent}{os.pathsep}{os.environ['PATH']}", "CICD_HOME": str(tmp_path)}
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["complete -o nosort -F _cicd_completion cicd", "verify", "--follow"]

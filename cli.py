@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from cicd import approvals, cluster, deadletters, faults, gitsource, onboarding, proof, reports
+from cicd import approvals, cluster, deadletters, faults, gitsource, onboarding, proof, reports, terminal
 from cicd.config import AGENTS, ENVIRONMENTS, ConfigError, Settings
 from cicd.runtime import RuntimeFailure, make_runtime
 
@@ -34,24 +34,29 @@ def control_plane(settings: Settings):
 
 def require_stack(settings: Settings) -> None:
     if not cluster.is_up(settings):
-        raise click.ClickException(f"the {settings.env} stack is not running: start it with "
-                                   f"`cicd up --env {settings.env}` (or `make demo`)")
+        raise cluster.StackDown(settings.env)
 
 
 def echo_json(value) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
-def table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
-    """A plain aligned table: columns are (key, heading)."""
-    cells = [[("-" if row.get(k) is None else str(row.get(k))) for k, _ in columns] for row in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
-    click.echo("  ".join(h.upper().ljust(w) for (_, h), w in zip(columns, widths)))
-    for c in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+# Every listing takes --json: one JSON document on stdout, and nothing else there.
+JSON_OPTION = click.option("--json", "as_json", is_flag=True,
+                           help="One JSON document on stdout instead of tables (anything else goes to stderr).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class CicdGroup(click.Group):
+    def invoke(self, ctx):
+        # A stack that is down or an agent that does not answer, from any command: one line
+        # that says what to do, and status 1, never a traceback.
+        try:
+            return super().invoke(ctx)
+        except cluster.StackError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=CicdGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="cicd-heal")
 def main():
     """cicd-heal: a self-healing CI/CD control plane on Celery agents.
@@ -67,6 +72,12 @@ def main():
 
     Everything lives under $CICD_HOME (default: the current directory): var/ for state,
     logs/ for logs and the proof mirror, apps/registry/ for exported specs.
+
+    \b
+    Listings print tables; each takes --json for scripts (stdout is then only JSON).
+    Shell completion: put this line in ~/.bashrc (zsh: zsh_source in ~/.zshrc;
+    fish: `_CICD_COMPLETE=fish_source cicd | source`):
+      eval "$(_CICD_COMPLETE=bash_source cicd)"
     """
 
 
@@ -162,7 +173,7 @@ def watch():
 
 @main.command()
 @ENV_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@JSON_OPTION
 def status(env, as_json):
     """Each agent (replicas, alive, queue depth), and each app (replicas, health, uptime)."""
     settings = load_settings(env)
@@ -171,30 +182,33 @@ def status(env, as_json):
     if as_json:
         echo_json({"stack": state, "apps": apps, "env": settings.env})
         return
-    click.echo(f"broker: {state['broker_url'] or '(none)'}"
-               + ("" if state["redis_alive"] is None else f"  redis: {'alive' if state['redis_alive'] else 'DOWN'}")
-               + (f"  supervisor: {'alive' if state['supervisor_alive'] else 'DOWN'}" if state["envs"] else "")
-               + ("  restarts: " + ", ".join(f"{k} {v}" for k, v in state["restarts"].items())
-                  if any(state["restarts"].values()) else ""))
+    terminal.echo("broker: ", state["broker_url"] or "(none)",
+                  *([("  (not answering)", "bold red")] if state["broker_alive"] is False else []),
+                  *([] if state["redis_alive"] is None else ["  redis: ", terminal.alive_word(state["redis_alive"])]),
+                  *(["  supervisor: ", terminal.alive_word(state["supervisor_alive"])] if state["envs"] else []),
+                  *(["  restarts: " + ", ".join(f"{k} {v}" for k, v in state["restarts"].items())]
+                    if any(state["restarts"].values()) else []))
     if state["flower"]:
         flower = state["flower"]
-        click.echo(f"flower: {flower['url']} {'alive' if flower['alive'] else 'DOWN'} "
-                   f"(user {flower['user']}, password in {flower['password_file']})")
+        terminal.echo("flower: ", flower["url"], " ", terminal.alive_word(flower["alive"]),
+                      f" (user {flower['user']}, password in {flower['password_file']})")
     if not state["envs"]:
         click.echo("no environment is up: `cicd up` starts one")
     for name, section in state["envs"].items():
-        click.echo(f"\n{name}: beat {'alive' if section['beat_alive'] else 'DOWN'}, up since {section['started_at']}")
-        table(section["agents"], [("agent", "agent"), ("queue", "queue"), ("replicas", "replicas"),
-                                  ("alive", "alive"), ("depth", "queue depth")])
+        click.echo()
+        terminal.echo(f"{name}: beat ", terminal.alive_word(section["beat_alive"]),
+                      f", up since {section['started_at']}")
+        terminal.print_table(section["agents"], [("agent", "agent"), ("queue", "queue"), ("replicas", "replicas"),
+                                                 ("alive", "alive"), ("depth", "queue depth")])
     click.echo(f"\napps in {settings.env}:")
     if not apps:
         click.echo("  none onboarded: `cicd onboard NAME --repo URL --runtime backend`")
         return
     for row in apps:
         row["uptime_pct"] = f"{row['uptime'] * 100:.2f}%" if row["uptime"] is not None else None
-    table(apps, [("app", "app"), ("release", "release"), ("replicas", "replicas"), ("healthy", "healthy"),
-                 ("utilization", "util"), ("uptime_pct", "uptime"), ("open_incident", "open incident"),
-                 ("attention", "attention")])
+    terminal.print_table(apps, [("app", "app"), ("release", "release"), ("replicas", "replicas"),
+                                ("healthy", "healthy"), ("utilization", "util"), ("uptime_pct", "uptime"),
+                                ("open_incident", "open incident"), ("attention", "attention")])
 
 
 # -- apps --------------------------------------------------------------------------------------
@@ -231,7 +245,8 @@ def onboard(name, repo, runtime_kind, env, wait):
 
 
 def report_release(settings: Settings, app: str, after: int, timeout_s: float = 120) -> None:
-    release = reports.wait_for_release(settings, app, after, timeout_s)
+    with terminal.progress(f"deploying {app} in {settings.env}: fetch, build, health gate"):
+        release = reports.wait_for_release(settings, app, after, timeout_s)
     if release is None:
         raise click.ClickException(f"the deploy did not finish within {timeout_s:.0f} s; "
                                    f"see `cicd status` and {settings.logs_dir}")
@@ -338,14 +353,34 @@ def inject(kind, app, env, wait, timeout, duration, slot):
     sys.exit(1)
 
 
+INCIDENT_COLUMNS = [("id", "id"), ("app", "app"), ("kind", "kind"), ("severity", "severity"), ("status", "status"),
+                    ("attempt", "attempt"), ("action", "action"), ("opened_at", "opened"), ("resolution", "resolution")]
+
+
 @main.command()
 @ENV_OPTION
-@click.option("--limit", default=20, show_default=True)
-@click.option("--app", default=None, help="Only this app's incidents.")
-@click.option("--json", "as_json", is_flag=True)
-def incidents(env, limit, app, as_json):
-    """Recent incidents, newest first."""
+@click.option("--limit", default=20, show_default=True, help="How many of the latest incidents to list.")
+@click.option("--app", default=None, help="Only this app's incidents (and, with --follow, its events).")
+@click.option("--follow", "-f", is_flag=True,
+              help="Then print each event of an incident as it happens, until Ctrl-C. With --json: one JSON "
+                   "object per line.")
+@click.option("--interval", default=0.5, show_default=True, type=click.FloatRange(min=0.05),
+              help="With --follow: seconds between looks at the proof log.")
+@JSON_OPTION
+def incidents(env, limit, app, follow, interval, as_json):
+    """Recent incidents, newest first; with --follow, a live tail of what happens to them.
+
+    \b
+    --follow lists the current incidents (oldest first), then prints each proof-log event
+    of an incident as it lands: opened, decided, gated, executed, failed, stable or
+    escalated, learned. Ctrl-C stops it (exit 0). With --json, each line is one object:
+      {"type": "incident", "id": ..., "status": ..., ...}    the incidents listed first
+      {"type": "event", "phase": "executed", "seq": ..., "event_name": ..., ...}
+    """
     settings = load_settings(env)
+    if follow:
+        follow_incidents(settings, limit, app, interval, as_json)
+        return
     rows = reports.incidents(settings, limit, app)
     if as_json:
         echo_json(rows)
@@ -353,8 +388,35 @@ def incidents(env, limit, app, as_json):
     if not rows:
         click.echo(f"no incidents in {settings.env}")
         return
-    table(rows, [("id", "id"), ("app", "app"), ("kind", "kind"), ("severity", "severity"), ("status", "status"),
-                 ("attempt", "attempt"), ("action", "action"), ("opened_at", "opened"), ("resolution", "resolution")])
+    terminal.print_table(rows, INCIDENT_COLUMNS)
+
+
+def follow_incidents(settings: Settings, limit: int, app: str | None, interval: float, as_json: bool) -> None:
+    # The chain head before the listing: an event that lands in between is then printed once,
+    # as an event, and none is lost.
+    after = proof.head_seq(settings)
+    rows = list(reversed(reports.incidents(settings, limit, app)))
+    try:
+        if as_json:
+            for row in rows:
+                click.echo(json.dumps({"type": "incident", **row}, sort_keys=True))
+        elif rows:
+            terminal.print_table(rows, INCIDENT_COLUMNS)
+        else:
+            click.echo(f"no incidents in {settings.env} yet")
+        if not as_json:
+            click.echo(f"following the incidents of {app or 'every app'} in {settings.env}; Ctrl-C stops", err=True)
+        for record in reports.incident_events(settings, after, app, poll_s=interval):
+            phase = reports.phase_of(record["event_name"])
+            if as_json:
+                click.echo(json.dumps({"type": "event", "phase": phase, **record}, sort_keys=True))
+                continue
+            terminal.echo(record["ts"][11:23], "  ", (f"{phase:<9}", terminal.STATUS_STYLES.get(phase)), " ",
+                          f"{record['incident_id']}  {record['app'] or '-':<12} ",
+                          (f"{record['event_name']:<24}", terminal.EVENT_STYLES.get(record["event_name"])),
+                          " ", reports.payload_text(record, 70))
+    except KeyboardInterrupt:
+        return  # Ctrl-C is how a tail ends: exit 0, no traceback
 
 
 @main.command()
@@ -447,7 +509,7 @@ def promote(app, source, target):
 @main.command(name="approvals")
 @click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default=None, help="Only this environment.")
 @click.option("--all", "include_decided", is_flag=True, help="Answered and expired requests too.")
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def approvals_list(env, include_decided, as_json):
     """Requests waiting for a human: promotions, and actions held back in prod."""
     rows = []
@@ -461,8 +523,8 @@ def approvals_list(env, include_decided, as_json):
     if not rows:
         click.echo("nothing is waiting for approval")
         return
-    table(rows, [("id", "id"), ("status", "status"), ("summary", "what"), ("requested_by", "asked by"),
-                 ("expires_at", "expires"), ("decided_by", "answered by"), ("reason", "why")])
+    terminal.print_table(rows, [("id", "id"), ("status", "status"), ("summary", "what"), ("requested_by", "asked by"),
+                                ("expires_at", "expires"), ("decided_by", "answered by"), ("reason", "why")])
 
 
 def answer_settings(approval_id: str) -> Settings:
@@ -542,14 +604,9 @@ def rl_train(episodes, seed, env, keep):
     from cicd.store import session_scope
     settings = load_settings(env)
     started = time.monotonic()
-    with click.progressbar(length=episodes, label=f"training {episodes} episodes", file=sys.stderr) as bar:
-        last = [0]
-
-        def progress(done, total):
-            bar.update(done - last[0])
-            last[0] = done
+    with terminal.progress(f"training {episodes} episodes", total=episodes) as underway:
         training = learning.train(settings, episodes, seed, learned_table(settings) if keep else None,
-                                  progress=progress)
+                                  progress=lambda done, total: underway.update(done))
     with session_scope(settings) as session:
         written = policy.store_table(session, env, training.table, training.visits, replace=not keep)
         proof.append(session, env, "RL_TRAINED", payload={
@@ -571,7 +628,7 @@ def rl_train(episodes, seed, env, keep):
 @click.option("--episodes", default=2000, show_default=True, type=click.IntRange(1, 10_000_000))
 @click.option("--seed", default=2, show_default=True, type=int, help="Use one the training did not (held out).")
 @click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default="dev", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: episodes, seed, policies.")
+@JSON_OPTION
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Where to write the PNG (default: var/ENV/rl/eval.png).")
 def rl_eval(episodes, seed, env, as_json, plot_path):
@@ -592,16 +649,16 @@ def rl_eval(episodes, seed, env, as_json, plot_path):
              "downtime_vs_playbook": row["ratio_to_playbook"]["downtime_s"]}
             for name, row in result["policies"].items()]
     click.echo(f"{episodes} incidents from the mixed fault model, seed {seed}, policy of {env}:")
-    table(rows, [("policy", "policy"), ("success_rate", "success"), ("mean_actions", "actions/incident"),
-                 ("mean_time_to_recover_s", "mean ttr s"), ("downtime_s", "downtime s"),
-                 ("downtime_vs_playbook", "vs playbook")])
+    terminal.print_table(rows, [("policy", "policy"), ("success_rate", "success"), ("mean_actions", "actions/incident"),
+                                ("mean_time_to_recover_s", "mean ttr s"), ("downtime_s", "downtime s"),
+                                ("downtime_vs_playbook", "vs playbook")])
     click.echo(f"learned mean actions / oracle's: {result['policies']['learned']['actions_vs_oracle']}")
     click.echo(f"plot: {path}")
 
 
 @rl_group.command(name="show")
 @click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default="dev", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def rl_show(env, as_json):
     """The Q-table: every state the detector produces, its Q-values and its greedy action.
 
@@ -617,14 +674,14 @@ def rl_show(env, as_json):
         echo_json({"env": env, "mode": settings.policy_mode, "states": rows})
         return
     click.echo(f"policy of {env} (mode {settings.policy_mode}); * = learned")
-    table(rows, [("state", "state"), ("greedy", "greedy")] + [(a, a) for a in policy_table["actions"]])
+    terminal.print_table(rows, [("state", "state"), ("greedy", "greedy")] + [(a, a) for a in policy_table["actions"]])
 
 
 @main.command()
 @click.argument("trace", type=click.Path(exists=True, dir_okay=False))
 @ENV_OPTION
 @click.option("--seed", default=0, show_default=True, type=int, help="For the hidden causes the record does not hold.")
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def replay(trace, env, seed, as_json):
     """What-if on real history: heal a recorded trace's incidents again, on the simulated fleet.
 
@@ -649,8 +706,8 @@ def replay(trace, env, seed, as_json):
              "then_s": r["recorded"]["seconds"],
              "now": " -> ".join(r["replayed"]["actions"]) + f" = {r['replayed']['outcome']}",
              "now_s": r["replayed"]["seconds"]} for r in results]
-    table(rows, [("incident", "incident"), ("kind", "kind"), ("then", "recorded"), ("then_s", "seconds"),
-                 ("now", f"replayed ({settings.env} policy, simulated)"), ("now_s", "sim seconds")])
+    terminal.print_table(rows, [("incident", "incident"), ("kind", "kind"), ("then", "recorded"), ("then_s", "seconds"),
+                                ("now", f"replayed ({settings.env} policy, simulated)"), ("now_s", "sim seconds")])
     same = sum(1 for r in results if r["recorded"]["actions"][:1] == r["replayed"]["actions"][:1])
     click.echo(f"{len(results)} incidents; the first action is the same in {same}; "
                f"replayed outcomes: {sum(r['replayed']['outcome'] == 'stable' for r in results)} stable")
@@ -658,7 +715,7 @@ def replay(trace, env, seed, as_json):
 
 # -- benchmarks --------------------------------------------------------------------------------
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON object with every figure (chain.throughput_ratio, ...).")
+@JSON_OPTION
 @click.option("--quick", is_flag=True, help="Fewer incidents and kills: a smoke run, not figures to quote.")
 def bench(as_json, quick):
     """Benchmarks, each figure beside its baseline measured in the same run (takes minutes).
@@ -693,7 +750,7 @@ def dlq_group():
 @dlq_group.command(name="list")
 @ENV_OPTION
 @click.option("--all", "include_retried", is_flag=True, help="Letters already retried too.")
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def dlq_list(env, include_retried, as_json):
     """The dead letters of an environment, oldest first."""
     settings = load_settings(env)
@@ -706,7 +763,8 @@ def dlq_list(env, include_retried, as_json):
         return
     for row in rows:
         row["why"] = row["reason"] if len(row["reason"]) <= 90 else row["reason"][:89] + "…"
-    table(rows, [("id", "id"), ("task", "task"), ("status", "status"), ("created_at", "kept at"), ("why", "why")])
+    terminal.print_table(rows, [("id", "id"), ("task", "task"), ("status", "status"), ("created_at", "kept at"),
+                                ("why", "why")])
 
 
 @dlq_group.command(name="show")
@@ -764,16 +822,18 @@ def proof_group():
 @ENV_OPTION
 @click.option("-n", "count", default=20, show_default=True, help="How many records.")
 @click.option("--incident", default=None, help="Only this incident's records.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@JSON_OPTION
 def proof_tail(env, count, incident, as_json):
-    """The last records of the chain."""
+    """The last records of the chain, oldest first (`proof export` writes them all as JSONL)."""
     settings = load_settings(env)
-    for record in proof.tail(settings, count, incident):
-        if as_json:
-            click.echo(proof.canonical(record))
-        else:
-            click.echo(f"{record['seq']:>6}  {record['ts']}  {record['event_name']:<26} "
-                       f"{record['incident_id'] or '-':<17} {record['app'] or '-':<12} {reports.payload_text(record, 80)}")
+    records = proof.tail(settings, count, incident)
+    if as_json:
+        echo_json(records)
+        return
+    for record in records:
+        record["what"] = reports.payload_text(record, 80)
+    terminal.print_table(records, [("seq", "seq"), ("ts", "ts"), ("event_name", "event"),
+                                   ("incident_id", "incident"), ("app", "app"), ("what", "payload")])
 
 
 @proof_group.command(name="verify")
@@ -822,17 +882,22 @@ def demo(scenario, timeout):
     os.environ.setdefault("CICD_DEMO_MODE", "true")
     settings = load_settings("stage")
     plane = control_plane(settings)
-    if not cluster.is_up(settings):
-        click.echo("starting the stage stack ...")
-        try:
-            cluster.up(settings, {}, plane.ping, say=click.echo)
-        except cluster.StackError as exc:
-            raise click.ClickException(str(exc)) from None
-    if cluster.running_demo_mode(settings) != settings.demo_mode:
-        # The workers decide what DEMO_MODE is; say which one this run really has.
-        settings = replace(settings, demo_mode=cluster.running_demo_mode(settings))
-    sys.exit(demo_module.run(settings, make_runtime(settings), plane, say=click.echo, scenario=scenario,
-                             scenario_timeout_s=timeout))
+    with terminal.progress(f"demo ({scenario})") as underway:
+        def say(line: str) -> None:
+            underway.echo(line)
+            underway.update(note=line.strip()[:60])
+        if not cluster.is_up(settings):
+            say("starting the stage stack ...")
+            try:
+                cluster.up(settings, {}, plane.ping, say=say)
+            except cluster.StackError as exc:
+                raise click.ClickException(str(exc)) from None
+        if cluster.running_demo_mode(settings) != settings.demo_mode:
+            # The workers decide what DEMO_MODE is; say which one this run really has.
+            settings = replace(settings, demo_mode=cluster.running_demo_mode(settings))
+        code = demo_module.run(settings, make_runtime(settings), plane, say=say, scenario=scenario,
+                               scenario_timeout_s=timeout)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

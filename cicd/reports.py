@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from sqlalchemy import select
 
@@ -109,6 +109,41 @@ def follow(settings: Settings, app: str, after_seq: int, timeout_s: float,
             return closed
         time.sleep(poll_s)
     return closed
+
+
+# Where each proof event of an incident stands in the healing chain, for a live tail.
+PHASES = {
+    "INCIDENT_DETECTED": "opened", "INCIDENT_RESUMED": "resumed",
+    "RL_CONSUME": "decided", "RL_DECISION": "decided",
+    "RL_INTAKE_VALIDATED": "gated", "EXECUTION_GATE_PASSED": "gated", "ORCH_REFUSE": "gated",
+    "REFUSAL_EMIT_SUCCESS": "gated", "INTAKE_REFUSED": "gated", "UNSAFE_ACTION_REFUSED": "gated",
+    "ACTION_NOT_ALLOWED": "gated", "DEMO_MODE_BLOCK": "gated", "ENVIRONMENT_REFUSED": "gated",
+    "BUDGET_EXCEEDED": "gated", "RESTART_BACKOFF": "gated", "APPROVAL_REQUESTED": "gated",
+    "APPROVAL_GRANTED": "gated", "APPROVAL_DENIED": "gated", "APPROVAL_EXPIRED": "gated",
+    "ORCH_EXEC": "executed", "EXECUTION_DEDUPLICATED": "executed",
+    "ATTEMPT_FAILED": "failed", "SYSTEM_STABLE": "stable", "ESCALATED": "escalated",
+    "INCIDENT_REFUSED": "refused", "RL_UPDATE": "learned",
+}
+
+
+def phase_of(event_name: str) -> str:
+    return PHASES.get(event_name, "other")
+
+
+def incident_events(settings: Settings, after_seq: int, app: str | None = None, *, poll_s: float) -> Iterator[dict]:
+    """Every proof record of an incident after `after_seq`, in chain order, as it lands; for ever.
+
+    Followed by sequence number, never by time: appends take the chain head under a lock and
+    commit in seq order, so reading `seq > last seen` again and again misses nothing and
+    repeats nothing, however many agents append at once.
+    """
+    seen = after_seq
+    while True:
+        for record in proof.records_since(settings, seen):
+            seen = record["seq"]
+            if record["incident_id"] and (app is None or record["app"] == app):
+                yield record
+        time.sleep(poll_s)
 
 
 def seconds_between(start_iso: str, end_iso: str) -> float:

@@ -5,10 +5,11 @@ import uuid
 
 from celery.exceptions import TimeoutError as CeleryTimeout
 
+from cicd import cluster
 from cicd.config import Settings
 
 
-class AgentUnavailable(RuntimeError):
+class AgentUnavailable(cluster.StackError):
     pass
 
 
@@ -16,6 +17,7 @@ class ControlPlane:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._app = None
+        self._broker_answered = False
 
     @property
     def app(self):
@@ -26,12 +28,21 @@ class ControlPlane:
             self._app = celery_app
         return self._app
 
+    def _sender(self):
+        """The app, once the broker has answered: a command then says at once that the stack is
+        down, where Celery would retry a dead broker for tens of seconds and end in a traceback.
+        (`cicd watch` uses `app`, and keeps Celery's retries through a broker restart.)"""
+        if not self._broker_answered:
+            cluster.require_broker(self.settings)
+            self._broker_answered = True
+        return self.app
+
     def ping(self, nodes: list[str], timeout: float) -> set[str]:
-        replies = self.app.control.ping(destination=nodes, timeout=timeout) or []
+        replies = self._sender().control.ping(destination=nodes, timeout=timeout) or []
         return {node for reply in replies for node in reply}
 
     def _call(self, task_name: str, agent: str, timeout: float, **kwargs) -> dict:
-        result = self.app.send_task(task_name, kwargs={**kwargs, "env": self.settings.env})
+        result = self._sender().send_task(task_name, kwargs={**kwargs, "env": self.settings.env})
         try:
             return result.get(timeout=timeout, propagate=True)
         except CeleryTimeout:
@@ -47,17 +58,18 @@ class ControlPlane:
                request_id: str | None = None) -> str:
         """Ask the deploy agent for a new release of ref (or exactly sha); returns the request id."""
         request_id = request_id or f"deploy/{uuid.uuid4().hex}"
-        self.app.send_task("cicd.deploy.release", kwargs={"app": app, "env": self.settings.env, "ref": ref, "sha": sha,
-                                                          "kind": kind, "request_id": request_id, "reason": reason})
+        self._sender().send_task("cicd.deploy.release", kwargs={
+            "app": app, "env": self.settings.env, "ref": ref, "sha": sha, "kind": kind, "request_id": request_id,
+            "reason": reason})
         return request_id
 
     def resend(self, task: str, args: list, kwargs: dict, chain: list | None) -> None:
         """Send a dead letter again, with the rest of the chain it was part of."""
-        self.app.send_task(task, args=args, kwargs=kwargs, chain=chain or None)
+        self._sender().send_task(task, args=args, kwargs=kwargs, chain=chain or None)
 
     def run_approved(self, approval_id: str) -> None:
         """The rest of a held-back incident chain, now that a human approved its action."""
-        self.app  # configure the broker before the chain is built
+        self._sender()  # the broker answers, and is configured before the chain is built
         from .chains import approved_chain
         approved_chain(self.settings.env, approval_id).apply_async()
 

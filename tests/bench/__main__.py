@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cicd import terminal
+
 from . import chain, fanout, footprint, recover
 from .bench_policy import main as policy_bench
 from .stacks import Stack
@@ -39,18 +41,25 @@ def run(quick: bool) -> dict:
     incidents, kills = (60, 10) if quick else (200, 50)
     out = {"machine": machine(), "quick": quick}
     sim = {"CICD_RUNTIME": "sim", "CICD_PROBE_INTERVAL": "3600", "CICD_STABLE_CHECKS": "1"}
-    with Stack(home / "sim", **sim) as stack:
-        time.sleep(2)
-        idle = footprint.measure(stack)
-        with footprint.Peak(stack) as peak:
-            out["chain"] = chain.run(stack, incidents)
-        out["footprint"] = {"processes": idle["processes"], "rss_mb": idle["rss_mb"], "pss_mb": idle["pss_mb"],
-                            "burst_rss_mb": peak.peak["rss_mb"], "burst_pss_mb": peak.peak["pss_mb"]}
-    out["fanout"] = fanout.run(home / "fanout", (1000, 10000))
-    probes = recover.run(home / "probes", kills, watch=False)
-    watched = recover.run(home / "watched", kills, watch=True)
-    out["recover_real"] = {**watched, "probes_only": probes}
-    out["policy"] = {"decision_us": policy_bench(["--json", "--decisions", "20000"], quiet=True)["decision_us"]}
+    with terminal.progress("benchmarks", total=5) as underway:
+        underway.update(0, f"chain and footprint: {incidents} incidents on the simulated fleet")
+        with Stack(home / "sim", **sim) as stack:
+            time.sleep(2)
+            idle = footprint.measure(stack)
+            with footprint.Peak(stack) as peak:
+                out["chain"] = chain.run(stack, incidents)
+            out["footprint"] = {"processes": idle["processes"], "rss_mb": idle["rss_mb"], "pss_mb": idle["pss_mb"],
+                                "burst_rss_mb": peak.peak["rss_mb"], "burst_pss_mb": peak.peak["pss_mb"]}
+        underway.update(1, "probe fan-out over 1,000 and 10,000 apps")
+        out["fanout"] = fanout.run(home / "fanout", (1000, 10000))
+        underway.update(2, f"{kills} real kills, probes alone")
+        probes = recover.run(home / "probes", kills, watch=False)
+        underway.update(3, f"{kills} real kills, exits watched")
+        watched = recover.run(home / "watched", kills, watch=True)
+        out["recover_real"] = {**watched, "probes_only": probes}
+        underway.update(4, "policy decisions")
+        out["policy"] = {"decision_us": policy_bench(["--json", "--decisions", "20000"], quiet=True)["decision_us"]}
+        underway.update(5)
     return out
 
 
@@ -61,9 +70,9 @@ def figure(result: dict, path: str):
     return value
 
 
-def table(result: dict) -> str:
+def rows(result: dict) -> list[dict]:
     c, r, f, m = result["chain"], result["recover_real"], result["fanout"], result["footprint"]
-    rows = [
+    cells = [
         ("chain throughput (incidents/s)", f"{c['healing']['throughput_per_s']:.1f}",
          f"{c['bare']['throughput_per_s']:.1f} bare {c['hops']}-hop chains/s", f"{c['throughput_ratio']:.2f}",
          GOALS["chain.throughput_ratio"]),
@@ -90,14 +99,19 @@ def table(result: dict) -> str:
         ("one policy decision (us)", f"{result['policy']['decision_us']:.1f}", "100 (goal)",
          f"{result['policy']['decision_us'] / 100:.2f}", GOALS["policy.decision_us"]),
     ]
-    widths = [max(len(row[i]) for row in rows + [("figure", "measured", "baseline", "ratio", "goal")]) for i in range(5)]
-    lines = [f"cicd-heal benchmarks, one run ({result['machine']})"]
-    for row in [("figure", "measured", "baseline", "ratio", "goal")] + rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-    lines.append(f"chain: {c['healing']['incidents']} incidents at once, every agent one worker process, "
-                 f"verification of one stable check; recovery: restart backoff off, probes every "
-                 f"{r['probe_interval_s']:g} s")
-    return "\n".join(lines)
+    return [dict(zip(COLUMNS, row)) for row in cells]
+
+
+COLUMNS = ("figure", "measured", "baseline", "ratio", "goal")
+
+
+def print_report(result: dict) -> None:
+    c, r = result["chain"], result["recover_real"]
+    terminal.print_table(rows(result), [(key, key) for key in COLUMNS],
+                         title=f"cicd-heal benchmarks, one run ({result['machine']})")
+    print(f"chain: {c['healing']['incidents']} incidents at once, every agent one worker process, "
+          f"verification of one stable check; recovery: restart backoff off, probes every "
+          f"{r['probe_interval_s']:g} s")
 
 
 def main() -> None:
@@ -109,7 +123,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        print(table(result))
+        print_report(result)
 
 
 if __name__ == "__main__":

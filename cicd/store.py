@@ -121,7 +121,8 @@ class Execution(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     action: Mapped[str] = mapped_column(String(80))
     params: Mapped[dict] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(12))  # started, done, failed, refused
+    # started, deferred, awaiting_approval, done, failed, refused (PostgreSQL enforces the width)
+    status: Mapped[str] = mapped_column(String(20))
     gate: Mapped[str] = mapped_column(String(20), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
     nonce: Mapped[str] = mapped_column(String(64), default="")

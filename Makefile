@@ -16,6 +16,7 @@ demo: $(STAMP)  ## start the embedded stack, run the end-to-end demo, print the 
 	$(BIN)/cicd demo
 
 test: $(STAMP)  ## the whole test suite: unit, then integration (real Redis, real workers)
+	@bash tests/setup/install-postgres.sh
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)  ## benchmarks: every figure beside its baseline, from one run (never timed assertions)

@@ -8,7 +8,7 @@ from cicd import detector, onboarding, orchestrator, policy, proof, verifier
 from cicd.config import Settings
 from cicd.events import iso, utcnow
 from cicd.runtime.base import Runtime, RuntimeFailure
-from cicd.runtime.sim import CAUSES, Fault, SimRuntime, effect_of
+from cicd.runtime.sim import CAUSES, Fault, SimRuntime, draw, effect_of
 
 
 def fleet(seed=0, settings=None):
@@ -87,11 +87,16 @@ def test_the_agents_domain_steps_run_unchanged_on_the_simulated_fleet(db):
     signal = {"env": "stage", "app": "sim-api", "kind": "replica_down", "slots": [0], "observed_at": iso(utcnow()),
               "replicas_total": 2}
     incident = detector.open_incident(settings, signal)
+    # The draw is keyed by the op key, which holds the (random) incident id: pick a seed whose
+    # draw fixes it, or the restart fails one run in twenty (p_fix 0.95) and this test with it.
+    op_key = f"{incident['incident_id']}/1"
+    sim.seed = next(seed for seed in range(100)
+                    if draw(seed, op_key) < effect_of("process", "restart_service").p_fix)
     decision = policy.decide(settings, incident["incident_id"], 1)
     assert decision["action"] == "restart_service"
     execution = orchestrator.execute(settings, sim, decision, sim.request_deploy)
     assert execution["status"] == "done"
-    assert sim.fault("sim-api") is None  # p_fix 0.95 with this seed: the restart fixed it
+    assert sim.fault("sim-api") is None  # the restart fixed it
     state, stable_checks = "wait", 0
     while state == "wait":
         state, value = verifier.check(settings, sim, execution, stable_checks, iso(utcnow()))

@@ -140,8 +140,9 @@ def generate_spec(name: str, repo: str, runtime: str, env: str) -> dict:
 
 
 def _loggable(value) -> str:
-    """What the proof log keeps of raw input: a bounded string, whatever was sent."""
-    return (value if isinstance(value, str) else repr(value))[:200]
+    """What the proof log keeps of raw input: a bounded string, whatever was sent, without NUL
+    (PostgreSQL's text cannot hold it; U+FFFD shows where one was)."""
+    return (value if isinstance(value, str) else repr(value))[:200].replace("\x00", "\ufffd")
 
 
 def redact_credentials(url: str) -> str:

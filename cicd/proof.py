@@ -59,7 +59,8 @@ def append(tx: Session | Connection, env: str, event_name: str, *, incident_id: 
         if pending is None:
             raise ProofError("proof.append needs a connection from store.transaction")
     # This transaction's own last record is the head (it holds the lock: nobody else moved it);
-    # otherwise read it, which locks the row on PostgreSQL (SQLite's writer holds the database).
+    # otherwise read it and lock the row. No head yet: the first append creates it, safely,
+    # because store's writer lock (both backends) lets one writer at a time get this far.
     mine = next((r for r in reversed(pending) if r["env"] == env), None)
     head = (mine["seq"], mine["hash"]) if mine else conn.execute(_HEAD, {"env": env}).first()
     if head is None:

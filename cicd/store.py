@@ -3,9 +3,13 @@
 SQLite (WAL) under var/ENV/ by default, PostgreSQL by CICD_DATABASE_URL. Every table carries
 the environment, so one server may hold several environments without them meeting.
 
-Concurrency: on SQLite every write transaction starts with BEGIN IMMEDIATE, so writers from
-many worker processes queue on the database lock instead of failing half-way with "database is
-locked"; on PostgreSQL the proof chain head is taken with SELECT ... FOR UPDATE.
+Concurrency: one writer per database at a time, on both backends, because the write steps read,
+check and then write (a claim checked again before it is made, a budget counted before an
+action, an upsert) and were written for that. On SQLite every write transaction starts with
+BEGIN IMMEDIATE, so writers from many worker processes queue on the database lock instead of
+failing half-way with "database is locked"; on PostgreSQL it starts by taking a transaction-level
+advisory lock. Readers never wait: WAL on SQLite, a REPEATABLE READ snapshot on PostgreSQL, so a
+reader sees one commit's state throughout (the proof head and the records behind it agree).
 
 Two ways in, one per kind of code: `session_scope` (the ORM) for commands, reports and
 everything else that runs now and then; `transaction` (SQLAlchemy Core, prebuilt statements) for
@@ -23,10 +27,11 @@ from typing import Iterator
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
                         UniqueConstraint, bindparam, create_engine, event, select)
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .events import utcnow
 
 
@@ -115,7 +120,8 @@ class Execution(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     action: Mapped[str] = mapped_column(String(80))
     params: Mapped[dict] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(12))  # started, done, failed, refused
+    # started, deferred, awaiting_approval, done, failed, refused (PostgreSQL enforces the width)
+    status: Mapped[str] = mapped_column(String(20))
     gate: Mapped[str] = mapped_column(String(20), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
     nonce: Mapped[str] = mapped_column(String(64), default="")
@@ -264,6 +270,33 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+# Any fixed number: advisory locks are per database, and only our writers take this one.
+WRITER_LOCK_KEY = 7_316_001
+
+
+def _postgresql_engine(url: str) -> Engine:
+    engine = create_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # PostgreSQL's BEGIN IMMEDIATE: held until commit or rollback, freed if the client dies.
+        if not conn.get_execution_options().get("readonly"):
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})")
+
+    return engine
+
+
+def _create_schema(engine: Engine, url: str) -> None:
+    try:
+        Base.metadata.create_all(engine)
+    except OperationalError as exc:
+        # Name the database, never the password; "{env}" URLs need one database per environment.
+        shown = make_url(url).render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ConfigError(f"CICD_DATABASE_URL: cannot use {shown}: {reason} (the database must exist; "
+                          "with {env} in the URL, one per environment: cicd_dev, cicd_stage, ...)") from None
+
+
 def engine_for(settings: Settings) -> Engine:
     """One engine per process and URL; a forked worker child gets its own (keyed by pid)."""
     url = settings.database_url
@@ -274,9 +307,12 @@ def engine_for(settings: Settings) -> Engine:
             if url.startswith("sqlite:///"):
                 os.makedirs(os.path.dirname(url[len("sqlite:///"):]) or ".", exist_ok=True)
                 engine = _sqlite_engine(url)
+            elif url.startswith("postgresql"):
+                engine = _postgresql_engine(url)
             else:
-                engine = create_engine(url, pool_pre_ping=True)
-            Base.metadata.create_all(engine)
+                raise ConfigError(f"CICD_DATABASE_URL: {make_url(url).drivername!r} is not supported: "
+                                  "use sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB")
+            _create_schema(engine, url)
             _engines[key] = engine
         return engine
 
@@ -322,7 +358,13 @@ def _engine(settings: Settings, readonly: bool) -> Engine:
         return engine
     ro = _readonly.get(engine)
     if ro is None:
-        ro = _readonly[engine] = engine.execution_options(readonly=True)
+        if engine.dialect.name == "postgresql":
+            # A snapshot for the whole transaction, as SQLite's WAL readers get.
+            ro = engine.execution_options(readonly=True, isolation_level="REPEATABLE READ",
+                                          postgresql_readonly=True)
+        else:
+            ro = engine.execution_options(readonly=True)
+        _readonly[engine] = ro
     return ro
 
 
@@ -359,7 +401,8 @@ def _forget_rolled_back_records(session: Session) -> None:
 def session_scope(settings: Settings, readonly: bool = False) -> Iterator[Session]:
     """A transaction: commit on success, roll back on any error, then write the proof mirror.
 
-    readonly: for reads only; on SQLite it neither waits for nor blocks the writers."""
+    readonly: for reads only; it neither waits for nor blocks the writers (and on PostgreSQL a
+    write in it fails)."""
     session = Session(bind=_engine(settings, readonly), expire_on_commit=False)
     try:
         with contextlib.nullcontext() if readonly else _one_writer(settings):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -294,8 +293,7 @@ def test_load_table_ignores_other_environments_and_unknown_rows(tmp_path):
 LEARNERS, UPDATES_EACH = 4, 25
 
 
-def _learn_worker(home: str, barrier) -> None:
-    settings = Settings(env="dev", home=Path(home))
+def _learn_worker(settings: Settings, barrier) -> None:
     state = policy.State.of("crash", "high", 1)
     barrier.wait(timeout=60)
     for _ in range(UPDATES_EACH):
@@ -303,12 +301,14 @@ def _learn_worker(home: str, barrier) -> None:
             policy.learn(settings, s, state, "restart_service", 1.0, None)
 
 
-def test_concurrent_learners_lose_no_update(tmp_path):
+def test_concurrent_learners_lose_no_update(db):
     # fork, like Celery's prefork pool: store keys its engines by pid, so each child opens its
-    # own SQLite connections and only BEGIN IMMEDIATE keeps the writers apart.
+    # own connections and only the writer lock keeps them apart. All start with no row for the
+    # state: the first update's insert is raced too.
+    settings = db.settings("dev")
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(LEARNERS)
-    procs = [ctx.Process(target=_learn_worker, args=(str(tmp_path), barrier)) for _ in range(LEARNERS)]
+    procs = [ctx.Process(target=_learn_worker, args=(settings, barrier)) for _ in range(LEARNERS)]
     for p in procs:
         p.start()
     try:
@@ -320,7 +320,6 @@ def test_concurrent_learners_lose_no_update(tmp_path):
             if p.is_alive():
                 p.kill()
 
-    settings = Settings(env="dev", home=tmp_path)
     state = policy.State.of("crash", "high", 1)
     q, updates = _policy_row(settings, state, "restart_service")
     assert updates == LEARNERS * UPDATES_EACH

@@ -23,10 +23,6 @@ ENV = "stage"
 EVENT_CYCLE = ("INCIDENT_DETECTED", "RL_DECISION", "ORCH_EXEC", "SYSTEM_STABLE", "RL_UPDATE")
 
 
-def _settings(home: Path, env: str = ENV, **kw) -> Settings:
-    return Settings(env=env, home=home, **kw)
-
-
 def _append(settings: Settings, i: int, **overrides) -> None:
     """One record in its own transaction."""
     fields = {"incident_id": f"inc-{i}", "app": "web", "payload": {"i": i, "note": f"record {i}"}}
@@ -35,8 +31,9 @@ def _append(settings: Settings, i: int, **overrides) -> None:
         proof.append(s, settings.env, EVENT_CYCLE[i % len(EVENT_CYCLE)], **fields)
 
 
-def _chain(home: Path, n: int = 10, env: str = ENV) -> Settings:
-    settings = _settings(home, env)
+def _chain(db, n: int = 10, env: str = ENV) -> Settings:
+    """n records in the chain of env, on the test's backend (the `db` fixture: SQLite, PostgreSQL)."""
+    settings = db.settings(env)
     for i in range(1, n + 1):
         _append(settings, i)
     return settings
@@ -67,8 +64,8 @@ def _rec(s, seq: int) -> store.ProofRecord:
 
 # --- append and verify -------------------------------------------------------------------
 
-def test_append_then_verify_links_every_record_to_the_previous(tmp_path):
-    settings = _chain(tmp_path, 7)
+def test_append_then_verify_links_every_record_to_the_previous(db):
+    settings = _chain(db, 7)
 
     result = proof.verify(settings)
     assert result.ok, result.describe()
@@ -88,8 +85,8 @@ def test_append_then_verify_links_every_record_to_the_previous(tmp_path):
                                               r["app"], canonical(r["payload"]), r["prev_hash"])
 
 
-def test_several_appends_in_one_transaction_chain_in_order(tmp_path):
-    settings = _settings(tmp_path)
+def test_several_appends_in_one_transaction_chain_in_order(db):
+    settings = db.settings()
     with store.session_scope(settings) as s:
         for i in range(1, 4):
             proof.append(s, ENV, "INCIDENT_DETECTED", incident_id="inc-1", app="web", payload={"i": i})
@@ -97,8 +94,8 @@ def test_several_appends_in_one_transaction_chain_in_order(tmp_path):
     assert [r["payload"] for r in _db_records(settings)] == [{"i": 1}, {"i": 2}, {"i": 3}]
 
 
-def test_append_without_payload_or_ids_stores_an_empty_object_and_nulls(tmp_path):
-    settings = _settings(tmp_path)
+def test_append_without_payload_or_ids_stores_an_empty_object_and_nulls(db):
+    settings = db.settings()
     with store.session_scope(settings) as s:
         proof.append(s, ENV, "FAILURE_INJECTED")
     (record,) = _db_records(settings)
@@ -107,8 +104,8 @@ def test_append_without_payload_or_ids_stores_an_empty_object_and_nulls(tmp_path
     assert proof.verify(settings).ok
 
 
-def test_unknown_event_name_raises_and_appends_nothing(tmp_path):
-    settings = _chain(tmp_path, 3)
+def test_unknown_event_name_raises_and_appends_nothing(db):
+    settings = _chain(db, 3)
     before = _db_records(settings)
     mirror_before = _mirror_lines(settings)
     assert "INCIDENT_DETECTD" not in PROOF_EVENTS
@@ -123,9 +120,9 @@ def test_unknown_event_name_raises_and_appends_nothing(tmp_path):
     assert _mirror_lines(settings) == mirror_before
 
 
-def test_a_failed_transaction_rolls_back_its_valid_appends_too(tmp_path):
+def test_a_failed_transaction_rolls_back_its_valid_appends_too(db):
     # The incident and its proof events commit together or not at all.
-    settings = _chain(tmp_path, 2)
+    settings = _chain(db, 2)
     with pytest.raises(proof.ProofError):
         with store.session_scope(settings) as s:
             proof.append(s, ENV, "INCIDENT_DETECTED", incident_id="inc-3", payload={"ok": True})
@@ -141,9 +138,9 @@ def test_a_failed_transaction_rolls_back_its_valid_appends_too(tmp_path):
 
 
 
-def test_core_transactions_chain_with_orm_ones_and_roll_back_whole(tmp_path):
+def test_core_transactions_chain_with_orm_ones_and_roll_back_whole(db):
     # The healing chain appends through store.transaction (Core); commands through sessions.
-    settings = _chain(tmp_path, 2)
+    settings = _chain(db, 2)
     with store.transaction(settings) as conn:
         first = proof.append(conn, ENV, "ORCH_EXEC", incident_id="inc-c", payload={"n": 1})
         second = proof.append(conn, ENV, "SYSTEM_STABLE", incident_id="inc-c", payload={"n": 2})
@@ -158,9 +155,9 @@ def test_core_transactions_chain_with_orm_ones_and_roll_back_whole(tmp_path):
     assert proof.verify(settings).ok and proof.verify_file(settings.proof_mirror_path).ok
 
 
-def test_a_session_rolled_back_midway_forgets_its_records(tmp_path):
+def test_a_session_rolled_back_midway_forgets_its_records(db):
     # A rolled-back record must neither reach the mirror nor be taken for the chain's head.
-    settings = _chain(tmp_path, 1)
+    settings = _chain(db, 1)
     with store.session_scope(settings) as s:
         proof.append(s, ENV, "ORCH_EXEC", incident_id="inc-r", payload={"gone": True})
         s.rollback()
@@ -171,9 +168,9 @@ def test_a_session_rolled_back_midway_forgets_its_records(tmp_path):
     assert proof.verify(settings).ok
 
 
-def test_append_refuses_a_connection_not_begun_by_the_store(tmp_path):
+def test_append_refuses_a_connection_not_begun_by_the_store(db):
     # Only store.transaction knows when its records are committed (and may go to the mirror).
-    settings = _chain(tmp_path, 1)
+    settings = _chain(db, 1)
     with store.engine_for(settings).begin() as conn:
         with pytest.raises(proof.ProofError, match="store.transaction"):
             proof.append(conn, ENV, "ORCH_EXEC")
@@ -181,8 +178,8 @@ def test_append_refuses_a_connection_not_begun_by_the_store(tmp_path):
 
 # --- the JSONL mirror --------------------------------------------------------------------
 
-def test_mirror_holds_the_same_records_in_order(tmp_path):
-    settings = _chain(tmp_path, 6)
+def test_mirror_holds_the_same_records_in_order(db):
+    settings = _chain(db, 6)
 
     lines = _mirror_lines(settings)
     assert lines == [canonical(r) for r in _db_records(settings)]
@@ -192,8 +189,8 @@ def test_mirror_holds_the_same_records_in_order(tmp_path):
     assert result.records == 6
 
 
-def test_mirror_catches_up_when_one_transaction_appends_several(tmp_path):
-    settings = _chain(tmp_path, 2)
+def test_mirror_catches_up_when_one_transaction_appends_several(db):
+    settings = _chain(db, 2)
     with store.session_scope(settings) as s:
         for i in range(3, 6):
             proof.append(s, ENV, "ORCH_EXEC", incident_id="inc-x", payload={"i": i})
@@ -201,8 +198,8 @@ def test_mirror_catches_up_when_one_transaction_appends_several(tmp_path):
     assert proof.verify_file(settings.proof_mirror_path).records == 5
 
 
-def test_mirror_over_64k_with_non_ascii_payloads_keeps_up(tmp_path):
-    settings = _settings(tmp_path)
+def test_mirror_over_64k_with_non_ascii_payloads_keeps_up(db):
+    settings = db.settings()
     payload = {"detail": "€" * 150}  # 3 bytes per character in UTF-8
     appended = 0
     # Grow the mirror past 64 KiB until the next tail read would start inside a character.
@@ -245,8 +242,8 @@ def _edit(seq: int, **fields):
     pytest.param(_edit(5, prev_hash="e" * 64), 5, id="prev_hash"),
     pytest.param(_edit(3, payload="{not json"), 3, id="payload-not-json"),
 ])
-def test_edited_field_is_detected_at_its_record(tmp_path, tamper, first_bad):
-    settings = _chain(tmp_path)
+def test_edited_field_is_detected_at_its_record(db, tamper, first_bad):
+    settings = _chain(db)
     assert proof.verify(settings).ok
     _tamper(settings, tamper)
 
@@ -256,8 +253,8 @@ def test_edited_field_is_detected_at_its_record(tmp_path, tamper, first_bad):
     assert result.records == first_bad - 1  # records before it were checked and fit
 
 
-def test_edit_with_the_records_own_hash_recomputed_is_caught_by_the_next_record(tmp_path):
-    settings = _chain(tmp_path)
+def test_edit_with_the_records_own_hash_recomputed_is_caught_by_the_next_record(db):
+    settings = _chain(db)
 
     def forge(s):
         r = _rec(s, 4)
@@ -271,8 +268,8 @@ def test_edit_with_the_records_own_hash_recomputed_is_caught_by_the_next_record(
     assert "prev_hash" in result.reason
 
 
-def test_deleted_record_is_detected(tmp_path):
-    settings = _chain(tmp_path)
+def test_deleted_record_is_detected(db):
+    settings = _chain(db)
     _tamper(settings, lambda s: s.delete(_rec(s, 5)))
 
     result = proof.verify(settings)
@@ -281,8 +278,8 @@ def test_deleted_record_is_detected(tmp_path):
     assert result.records == 4
 
 
-def test_inserted_forged_record_is_detected(tmp_path):
-    settings = _chain(tmp_path)
+def test_inserted_forged_record_is_detected(db):
+    settings = _chain(db)
     insert_at = 6
 
     def forge(s):
@@ -312,8 +309,8 @@ def test_inserted_forged_record_is_detected(tmp_path):
     assert result.first_bad_seq == insert_at + 1
 
 
-def test_reordered_records_are_detected(tmp_path):
-    settings = _chain(tmp_path)
+def test_reordered_records_are_detected(db):
+    settings = _chain(db)
     fields = ("ts", "event_name", "incident_id", "app", "payload", "prev_hash", "hash")
 
     def swap(s):
@@ -329,8 +326,8 @@ def test_reordered_records_are_detected(tmp_path):
     assert result.first_bad_seq == 3
 
 
-def test_truncated_tail_is_detected_by_the_head(tmp_path):
-    settings = _chain(tmp_path)
+def test_truncated_tail_is_detected_by_the_head(db):
+    settings = _chain(db)
     _tamper(settings, lambda s: s.execute(delete(store.ProofRecord).where(
         store.ProofRecord.env == ENV, store.ProofRecord.seq >= 9)))
 
@@ -341,13 +338,13 @@ def test_truncated_tail_is_detected_by_the_head(tmp_path):
     assert "truncated" in result.reason
 
 
-def test_truncated_tail_with_head_rewritten_is_not_detectable(tmp_path):
+def test_truncated_tail_with_head_rewritten_is_not_detectable(db):
     # Known limitation of a hash chain without an external anchor: an attacker who deletes the
     # tail AND moves the head back to the new last record leaves a chain that is internally
     # consistent. Only a copy of the head kept elsewhere (the mirror, the Redis stream, a
     # published checkpoint) shows that records 9 and 10 ever existed. Same for an attacker who
     # rewrites every record from some point on: the chain proves integrity, not authorship.
-    settings = _chain(tmp_path)
+    settings = _chain(db)
 
     def truncate(s):
         s.execute(delete(store.ProofRecord).where(store.ProofRecord.env == ENV, store.ProofRecord.seq >= 9))
@@ -362,8 +359,8 @@ def test_truncated_tail_with_head_rewritten_is_not_detectable(tmp_path):
     assert proof.verify_file(settings.proof_mirror_path).records == 10
 
 
-def test_head_hash_edited_alone_is_detected(tmp_path):
-    settings = _chain(tmp_path)
+def test_head_hash_edited_alone_is_detected(db):
+    settings = _chain(db)
 
     def edit_head(s):
         s.get(store.ProofHead, ENV).hash = "a" * 64
@@ -374,8 +371,8 @@ def test_head_hash_edited_alone_is_detected(tmp_path):
     assert result.first_bad_seq == 10
 
 
-def test_forged_record_appended_past_the_head_is_named(tmp_path):
-    settings = _chain(tmp_path)
+def test_forged_record_appended_past_the_head_is_named(db):
+    settings = _chain(db)
 
     def forge(s):
         last = _rec(s, 10)
@@ -417,12 +414,12 @@ def _unparseable(lines: list[str]) -> list[str]:
     pytest.param(_unparseable, 6, id="unparseable-line-6"),
     pytest.param(lambda lines: lines[:9] + [lines[9][:40]], 10, id="cut-last-line"),
 ])
-def test_tampered_export_file_is_detected(tmp_path, tamper, first_bad):
-    settings = _chain(tmp_path)
-    path = tmp_path / "export.jsonl"
+def test_tampered_export_file_is_detected(db, tamper, first_bad):
+    settings = _chain(db)
+    path = db.home / "export.jsonl"
     lines = _exported_lines(settings, path)
 
-    tampered = tmp_path / "tampered.jsonl"
+    tampered = db.home / "tampered.jsonl"
     tampered.write_text("\n".join(tamper(lines)) + "\n", encoding="utf-8")
 
     result = proof.verify_file(tampered)
@@ -430,10 +427,10 @@ def test_tampered_export_file_is_detected(tmp_path, tamper, first_bad):
     assert result.first_bad_seq == first_bad, result.describe()
 
 
-def test_truncated_export_file_verifies_because_a_file_has_no_head(tmp_path):
+def test_truncated_export_file_verifies_because_a_file_has_no_head(db):
     # A file alone cannot show a missing tail: compare its count with `cicd proof verify`.
-    settings = _chain(tmp_path)
-    path = tmp_path / "export.jsonl"
+    settings = _chain(db)
+    path = db.home / "export.jsonl"
     lines = _exported_lines(settings, path)
     path.write_text("\n".join(lines[:8]) + "\n", encoding="utf-8")
 
@@ -443,8 +440,8 @@ def test_truncated_export_file_verifies_because_a_file_has_no_head(tmp_path):
 
 # --- export --------------------------------------------------------------------------------
 
-def test_export_jsonl_matches_the_database(tmp_path):
-    settings = _chain(tmp_path, 5)
+def test_export_jsonl_matches_the_database(db):
+    settings = _chain(db, 5)
     buf = io.StringIO()
 
     assert proof.export(settings, "jsonl", buf) == 5
@@ -454,8 +451,8 @@ def test_export_jsonl_matches_the_database(tmp_path):
     assert proof.verify_records(json.loads(line) for line in lines).ok
 
 
-def test_export_csv_has_the_columns_rows_and_canonical_payload_text(tmp_path):
-    settings = _chain(tmp_path, 4)
+def test_export_csv_has_the_columns_rows_and_canonical_payload_text(db):
+    settings = _chain(db, 4)
     with store.session_scope(settings) as s:
         proof.append(s, ENV, "FAILURE_INJECTED", payload={"z": [1, 2], "a": "é"})  # no incident, no app
     buf = io.StringIO()
@@ -476,8 +473,8 @@ def test_export_csv_has_the_columns_rows_and_canonical_payload_text(tmp_path):
     assert body[-1][proof.EXPORT_COLUMNS.index("payload")] == '{"a":"é","z":[1,2]}'
 
 
-def test_export_unknown_format_raises(tmp_path):
-    settings = _chain(tmp_path, 1)
+def test_export_unknown_format_raises(db):
+    settings = _chain(db, 1)
     buf = io.StringIO()
     with pytest.raises(proof.ProofError, match="xml"):
         proof.export(settings, "xml", buf)
@@ -489,8 +486,7 @@ def test_export_unknown_format_raises(tmp_path):
 WORKERS, PER_WORKER = 4, 40
 
 
-def _append_worker(home: str, worker: int, barrier) -> None:
-    settings = Settings(env=ENV, home=Path(home))
+def _append_worker(settings: Settings, worker: int, barrier) -> None:
     barrier.wait(timeout=60)
     for i in range(PER_WORKER):
         with store.session_scope(settings) as s:
@@ -498,12 +494,15 @@ def _append_worker(home: str, worker: int, barrier) -> None:
                          payload={"worker": worker, "i": i})
 
 
-def test_concurrent_appenders_in_separate_processes_keep_one_chain(tmp_path):
+def test_concurrent_appenders_in_separate_processes_keep_one_chain(db):
     # fork, like Celery's prefork pool: store keys its engines by pid, so each child opens its
-    # own SQLite connections and only BEGIN IMMEDIATE keeps the writers apart.
+    # own connections and only the writer lock (BEGIN IMMEDIATE on SQLite, an advisory lock on
+    # PostgreSQL) keeps the writers apart. They all start on an empty chain: the first append,
+    # which creates the head, is raced too.
+    settings = db.settings()
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(WORKERS)
-    procs = [ctx.Process(target=_append_worker, args=(str(tmp_path), w, barrier)) for w in range(WORKERS)]
+    procs = [ctx.Process(target=_append_worker, args=(settings, w, barrier)) for w in range(WORKERS)]
     for p in procs:
         p.start()
     try:
@@ -515,7 +514,6 @@ def test_concurrent_appenders_in_separate_processes_keep_one_chain(tmp_path):
             if p.is_alive():
                 p.kill()
 
-    settings = _settings(tmp_path)
     result = proof.verify(settings)
     assert result.ok, result.describe()
     assert result.records == WORKERS * PER_WORKER
@@ -543,10 +541,10 @@ def _interleave(dev: Settings, stage: Settings) -> None:
 
 
 @pytest.mark.parametrize("shared_db", [False, True], ids=["own-db", "shared-db"])
-def test_environments_are_separate_chains(tmp_path, shared_db):
-    override = f"sqlite:///{tmp_path / 'shared.db'}" if shared_db else None
-    dev = Settings(env="dev", home=tmp_path, database_url_override=override)
-    stage = Settings(env="stage", home=tmp_path, database_url_override=override)
+def test_environments_are_separate_chains(db, shared_db):
+    override = db.database_url(one_per_env=not shared_db)
+    dev = Settings(env="dev", home=db.home, database_url_override=override)
+    stage = Settings(env="stage", home=db.home, database_url_override=override)
     _interleave(dev, stage)
 
     for settings, count in ((dev, 3), (stage, 6)):
@@ -571,8 +569,8 @@ def test_environments_are_separate_chains(tmp_path, shared_db):
     assert proof.verify(stage).ok
 
 
-def test_a_partly_written_mirror_line_is_cut_and_rewritten(tmp_path):
-    settings = _chain(tmp_path, n=3)
+def test_a_partly_written_mirror_line_is_cut_and_rewritten(db):
+    settings = _chain(db, n=3)
     with open(settings.proof_mirror_path, "ab") as fh:
         fh.write(b'{"seq":4,"ts":"2026-')  # a crash in the middle of writing record 4
     _append(settings, 4)
@@ -581,20 +579,20 @@ def test_a_partly_written_mirror_line_is_cut_and_rewritten(tmp_path):
     assert proof.verify_file(settings.proof_mirror_path).ok
 
 
-def test_a_payload_spelled_as_a_string_in_a_file_is_refused(tmp_path):
-    settings = _chain(tmp_path, n=3)
+def test_a_payload_spelled_as_a_string_in_a_file_is_refused(db):
+    settings = _chain(db, n=3)
     lines = _mirror_lines(settings)
     record = json.loads(lines[1])
     record["payload"] = canonical(record["payload"])  # same content, another spelling
     lines[1] = canonical(record)
-    path = tmp_path / "respelled.jsonl"
+    path = db.home / "respelled.jsonl"
     path.write_text("\n".join(lines) + "\n")
     result = proof.verify_file(path)
     assert (result.ok, result.first_bad_seq) == (False, 2)
 
 
-def test_records_without_a_head_are_reported_from_the_first(tmp_path):
-    settings = _chain(tmp_path, n=3)
+def test_records_without_a_head_are_reported_from_the_first(db):
+    settings = _chain(db, n=3)
     _tamper(settings, lambda s: s.execute(delete(store.ProofHead)))
     result = proof.verify(settings)
     assert (result.ok, result.first_bad_seq) == (False, 1)

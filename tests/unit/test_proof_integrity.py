@@ -13,15 +13,14 @@ import pytest
 from sqlalchemy import delete, select, update
 
 from cicd import proof, store
-from cicd.config import Settings
 from cicd.events import canonical
 
 N = 12
 
 
 @pytest.fixture
-def chain(tmp_path):
-    settings = Settings(env="stage", home=tmp_path)
+def chain(db):
+    settings = db.settings("stage")
     for i in range(1, N + 1):
         with store.session_scope(settings) as s:
             proof.append(s, "stage", "ORCH_EXEC", incident_id=f"inc-{i}", app="web", payload={"i": i})
@@ -96,6 +95,8 @@ def test_a_truncated_tail_of_any_length_is_named(chain, keep):
 def test_the_command_names_the_first_bad_record_and_fails(chain):
     tamper(chain, lambda s: setattr(record(s, 7), "payload", '{"i":7,"also":"this"}'))
     env = {**os.environ, "CICD_HOME": str(chain.home)}
+    if chain.database_url_override:  # PostgreSQL: the command finds the database as an operator's would
+        env["CICD_DATABASE_URL"] = chain.database_url_override
     cicd = str(Path(sys.executable).with_name("cicd"))
     out = subprocess.run([cicd, "proof", "verify"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1 and "BROKEN at record 7" in out.stdout, out.stdout

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cicd import detector, onboarding, orchestrator, policy, verifier
+from cicd import detector, onboarding, orchestrator, policy, proof, verifier
 from cicd.config import Settings
 from cicd.events import iso, utcnow
 from cicd.runtime.base import Runtime, RuntimeFailure
-from cicd.runtime.sim import CAUSES, Fault, SimRuntime, effect_of
+from cicd.runtime.sim import CAUSES, Fault, SimRuntime, draw, effect_of
 
 
 def fleet(seed=0, settings=None):
@@ -75,9 +75,10 @@ def test_every_cause_is_fixable_by_something():
     assert all(max(e.p_fix for e in effects.values()) >= 0.85 for effects in CAUSES.values())
 
 
-def test_the_agents_domain_steps_run_unchanged_on_the_simulated_fleet(tmp_path):
-    """detect -> decide -> orchestrate -> verify with the database, on the sim instead of processes."""
-    settings = Settings(env="stage", home=tmp_path, verify_timeout_s=1.0)
+def test_the_agents_domain_steps_run_unchanged_on_the_simulated_fleet(db):
+    """detect -> decide -> orchestrate -> verify -> learn with the database (SQLite, PostgreSQL),
+    on the sim instead of processes."""
+    settings = db.settings("stage", verify_timeout_s=1.0)
     from cicd.config import signing_key
     signing_key(settings, create=True)
     assert onboarding.register(settings, "sim-api", "https://sim.invalid/a.git", "backend")["ok"]
@@ -86,16 +87,28 @@ def test_the_agents_domain_steps_run_unchanged_on_the_simulated_fleet(tmp_path):
     signal = {"env": "stage", "app": "sim-api", "kind": "replica_down", "slots": [0], "observed_at": iso(utcnow()),
               "replicas_total": 2}
     incident = detector.open_incident(settings, signal)
+    # The draw is keyed by the op key, which holds the (random) incident id: pick a seed whose
+    # draw fixes it, or the restart fails one run in twenty (p_fix 0.95) and this test with it.
+    op_key = f"{incident['incident_id']}/1"
+    sim.seed = next(seed for seed in range(100)
+                    if draw(seed, op_key) < effect_of("process", "restart_service").p_fix)
     decision = policy.decide(settings, incident["incident_id"], 1)
     assert decision["action"] == "restart_service"
     execution = orchestrator.execute(settings, sim, decision, sim.request_deploy)
     assert execution["status"] == "done"
-    assert sim.fault("sim-api") is None  # p_fix 0.95 with this seed: the restart fixed it
+    assert sim.fault("sim-api") is None  # the restart fixed it
     state, stable_checks = "wait", 0
     while state == "wait":
         state, value = verifier.check(settings, sim, execution, stable_checks, iso(utcnow()))
         stable_checks = value if state == "wait" else stable_checks
     assert value["result"] == "stable"
+    change = policy.learn_from_outcome(settings, value)
+    assert change["applied"] is False  # stage's policy is frozen: the update is logged, not applied
+    assert proof.verify(settings).ok
+    events = [r["event_name"] for r in proof.tail(settings, 50, incident_id=incident["incident_id"])]
+    assert [e for e in events if e in ("INCIDENT_DETECTED", "RL_DECISION", "ORCH_EXEC", "SYSTEM_STABLE",
+                                      "RL_UPDATE")] == ["INCIDENT_DETECTED", "RL_DECISION", "ORCH_EXEC",
+                                                        "SYSTEM_STABLE", "RL_UPDATE"]
 
 
 def test_the_shared_fleet_is_one_fleet_for_every_instance_and_matches_the_in_memory_one(tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 
 from .config import Settings
 from .events import OPEN, iso, utcnow
@@ -22,6 +22,15 @@ from .store import App, AppHealth, Incident, ReplicaHealth, session_scope
 
 FAILING = ("degraded", "timeout")
 GONE = ("down", "refused")
+
+_HEALTH = AppHealth.__table__
+# One prebuilt UPDATE run as executemany: the ORM's bulk update spent more time collecting
+# per-row commands than SQLite spent on the rows (0.37 of 1.1 s per cycle at 10,000 apps).
+_UPDATE_HEALTH = (update(_HEALTH)
+                  .where(_HEALTH.c.env == bindparam("k_env"), _HEALTH.c.app == bindparam("k_app"))
+                  .values({column: bindparam(column) for column in
+                           ("probes", "up_probes", "healthy_replicas", "replicas", "utilization",
+                            "consecutive_hot", "consecutive_cold", "last_probe_at")}))
 
 
 def mean_utilization(statuses: list[ReplicaStatus]) -> float:
@@ -40,8 +49,11 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
     """Probe, record, and return the signals to send to the detector (at most one per app)."""
     env, now = settings.env, utcnow()
     with session_scope(settings, readonly=True) as session:
-        apps = {name: (spec, attention) for name, spec, attention in
-                session.execute(select(App.name, App.spec, App.attention).where(App.env == env))}
+        # Only the wanted replica count, taken out of the spec by the database: decoding 10,000
+        # whole specs in Python cost a fifth of a cycle.
+        apps = {name: (wanted, attention) for name, wanted, attention in
+                session.execute(select(App.name, App.spec["replicas"].as_integer(), App.attention)
+                                .where(App.env == env))}
     # Probing happens outside any transaction: HTTP waits must not hold the database lock.
     results = runtime.probe(sorted(apps))
     signals = []
@@ -59,10 +71,12 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
         for name, statuses in results.items():
             if not statuses or name not in apps:
                 continue  # nothing deployed yet, or removed while we were probing
-            spec, attention = apps[name]
-            seen = observe(settings, name, spec, statuses, failing.get(name, {}), before.get(name), now)
-            row = {"env": env, "app": name, **seen.health}
-            (updates if name in before else inserts).append(row)
+            wanted, attention = apps[name]
+            seen = observe(settings, name, wanted or 1, statuses, failing.get(name, {}), before.get(name), now)
+            if name in before:
+                updates.append({"k_env": env, "k_app": name, **seen.health})
+            else:
+                inserts.append({"env": env, "app": name, **seen.health})
             replica_rows += [{"env": env, "app": name, "slot": slot, "consecutive_failures": count,
                               "last_status": "failing", "last_utilization": 0.0, "updated_at": now}
                              for slot, count in seen.failures.items()]
@@ -71,7 +85,7 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
             elif seen.signal and name not in busy and not attention:
                 signals.append(seen.signal)
         if updates:
-            session.execute(update(AppHealth), updates)
+            session.connection().execute(_UPDATE_HEALTH, updates)
         if inserts:
             session.execute(insert(AppHealth), inserts)
         if failing or replica_rows:
@@ -83,7 +97,7 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
     return signals
 
 
-def observe(settings: Settings, name: str, spec: dict, statuses: list[ReplicaStatus], failures_before: dict,
+def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[ReplicaStatus], failures_before: dict,
             before, now) -> Observation:
     """One app's probe results against what earlier probes saw: new counters, and its signal."""
     down, unhealthy, blips, failures = [], [], [], {}
@@ -101,7 +115,7 @@ def observe(settings: Settings, name: str, spec: dict, statuses: list[ReplicaSta
     utilization = mean_utilization(statuses)
     hot = (before.consecutive_hot if before else 0) + 1 if utilization > settings.overload_threshold else 0
     # Idle only counts while there are more replicas than the spec asks for, all of them healthy.
-    idle = healthy == len(statuses) > spec.get("replicas", 1) and utilization < settings.underload_threshold
+    idle = healthy == len(statuses) > wanted_replicas and utilization < settings.underload_threshold
     cold = (before.consecutive_cold if before else 0) + 1 if idle else 0
     health = {"probes": (before.probes if before else 0) + 1, "up_probes": (before.up_probes if before else 0) + bool(healthy),
               "healthy_replicas": healthy, "replicas": len(statuses), "utilization": utilization,

@@ -11,6 +11,8 @@ from cicd.events import iso, utcnow
 from cicd.orchestrator import GATE_NAMES
 from cicd.store import App, AppHealth, Incident, session_scope
 
+# Set by fill(): ages are relative to when the store is filled, not to when this module was
+# imported (a test run long after the import would otherwise find every probe stale).
 NOW = utcnow()
 
 # app -> (probes, up_probes, replicas, healthy, seconds since the last probe, attention)
@@ -66,6 +68,8 @@ def stable(session, env, incident_id, app, kind, action, attempt, seconds):
 
 
 def fill(settings: Settings) -> None:
+    global NOW
+    NOW = utcnow()
     env = settings.env
     with session_scope(settings) as session:
         for name, (probes, up, replicas, healthy, age, attention) in APPS.items():

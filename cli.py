@@ -541,6 +541,9 @@ def answer_settings(approval_id: str) -> Settings:
 def approve(approval_id, reason, who):
     """Grant a request: a promotion is onboarded and deployed; a held-back action runs."""
     settings = answer_settings(approval_id)
+    # What is granted must then be sent (the held action, or the promotion's deploy): with the
+    # broker down the grant would be recorded and its work never sent, so the request stays pending.
+    cluster.require_broker(settings)
     try:
         granted = approvals.grant(settings, approval_id, who or whoami(), reason)
     except approvals.ApprovalError as exc:

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 import cli
-from cicd import deadletters, proof
+from cicd import approvals, deadletters, proof
 from cicd.runtime import process
 from cicd.config import Settings
 from cicd.store import Incident, session_scope
@@ -329,6 +329,14 @@ def test_a_command_that_needs_the_stack_says_how_to_start_it(tmp_path):
     assert stack["broker_alive"] is False
     assert [a["alive"] for a in stack["envs"]["stage"]["agents"] if a["agent"] == "deploy"] == [0]
     assert "(not answering)" in run(tmp_path, "status").stdout.splitlines()[0]
+    # An approval would be recorded and its held action never sent: it is refused, still pending.
+    with session_scope(settings) as session:
+        held = approvals.request_action(session, settings, {
+            "action": "restart_service", "params": {"slots": [0]}, "incident_id": "inc-000000000002",
+            "app": "shop-api", "attempt": 1}, "prod needs a human")
+    out = run(tmp_path, "approve", held["id"], timeout=60)
+    assert out.returncode == 1 and "is not running" in out.stderr and "APPROVAL_GRANTED" not in out.stdout
+    assert [a["status"] for a in approvals.pending(settings) if a["id"] == held["id"]] == ["pending"]
 
 
 # -- progress --------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from . import actions, proof, signing
 from .config import Settings, signing_key
 from .events import INCIDENT_KINDS, OPEN, SEVERITIES, Decision, iso, utcnow
-from .store import Incident, PolicyValue, app_row, connection_of, incident_row, transaction
+from .store import Incident, PolicyValue, app_row, connection_of, incident_row, transaction, update_incident
 
 MAX_ATTEMPT = 3            # attempts 3, 4, ... share one state: "still failing after two tries"
 ALPHA, GAMMA = 0.2, 0.9
@@ -243,15 +243,11 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
         proof.append(conn, env, "RL_CONSUME", incident_id=incident_id, app=incident.app,
                      payload={"attempt": attempt, "kind": incident.kind, "severity": incident.severity,
                               "context": incident.context or {}})
-        conn.execute(_STORE_DECISION, {"k_id": incident_id, "decision": signed})
+        update_incident(conn, incident_id, decision=signed)
         proof.append(conn, env, "RL_DECISION", incident_id=incident_id, app=incident.app,
                      payload={k: signed[k] for k in ("attempt", "action", "params", "mode", "state", "q_values",
                                                       "reason", "issued_at", "nonce")})
         return signed
-
-
-_STORE_DECISION = (update(Incident.__table__).where(Incident.__table__.c.id == bindparam("k_id"))
-                   .values(decision=bindparam("decision")))
 
 
 def reward(result: str, action: str, time_to_recover_s: float | None, timeout_s: float) -> float:

@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Iterator
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text,
-                        UniqueConstraint, bindparam, create_engine, event, select)
+                        UniqueConstraint, bindparam, create_engine, event, select, update)
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -350,6 +350,8 @@ def _one_writer(settings: Settings):
 
 
 _readonly: dict[Engine, Engine] = {}
+# Where proof.append leaves the records of a transaction for the mirror (session or connection info).
+PROOF_PENDING = "proof_appended"
 
 
 def _engine(settings: Settings, readonly: bool) -> Engine:
@@ -386,9 +388,6 @@ def transaction(settings: Settings, readonly: bool = False) -> Iterator[Connecti
     if pending:
         from .proof import sync_mirror
         sync_mirror(settings, pending)
-
-
-PROOF_PENDING = "proof_appended"
 
 
 @event.listens_for(Session, "after_rollback")
@@ -428,6 +427,8 @@ def get_app(session: Session, env: str, name: str) -> App | None:
 _APP_ROW = select(App.__table__).where(App.env == bindparam("env"), App.name == bindparam("name"))
 _INCIDENT_ROW = select(Incident.__table__).where(Incident.id == bindparam("id"))
 _INCIDENT_ROW_LOCKED = _INCIDENT_ROW.with_for_update()
+# The SET clause is taken from the parameters given: one statement for every change of an incident.
+_UPDATE_INCIDENT = update(Incident.__table__).where(Incident.__table__.c.id == bindparam("k_id"))
 
 
 def connection_of(tx: Session | Connection) -> Connection:
@@ -442,6 +443,10 @@ def app_row(conn: Connection, env: str, name: str):
 def incident_row(conn: Connection, incident_id: str, lock: bool = False):
     """lock: for a read-modify-write (a row lock on PostgreSQL; SQLite's writer holds the file)."""
     return conn.execute(_INCIDENT_ROW_LOCKED if lock else _INCIDENT_ROW, {"id": incident_id}).first()
+
+
+def update_incident(conn: Connection, incident_id: str, **values) -> None:
+    conn.execute(_UPDATE_INCIDENT, {"k_id": incident_id, **values})
 
 
 def dispose_engines() -> None:

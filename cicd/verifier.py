@@ -14,7 +14,7 @@ from .config import Settings
 from .events import ESCALATED, OPEN, REFUSED, STABLE, as_utc, parse_iso, utcnow
 from .monitor import mean_utilization
 from .runtime.base import ReplicaStatus, Runtime
-from .store import App, Execution, Incident, Release, app_row, incident_row, transaction
+from .store import App, Execution, Release, app_row, incident_row, transaction, update_incident
 
 
 def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expected: int) -> bool:
@@ -34,7 +34,6 @@ _RELEASES = Release.__table__
 _RELEASE_OF_REQUEST = select(_RELEASES).where(_RELEASES.c.request_id == bindparam("request_id"))
 _RELEASE_NUMBER = select(_RELEASES).where(_RELEASES.c.env == bindparam("env"), _RELEASES.c.app == bindparam("app"),
                                           _RELEASES.c.number == bindparam("number"))
-_CLOSE = update(Incident.__table__).where(Incident.__table__.c.id == bindparam("k_id"))
 _CALL_A_HUMAN = (update(App.__table__).where(App.__table__.c.env == bindparam("k_env"),
                                              App.__table__.c.name == bindparam("k_name"))
                  .values(attention=bindparam("attention")))
@@ -119,7 +118,7 @@ def conclude(settings: Settings, execution: dict, result: str, detail: str = "")
             proof.append(conn, env, "ESCALATED" if over_budget else "INCIDENT_REFUSED",
                          incident_id=incident.id, app=incident.app, payload={**base, "reason": why})
         elif attempt < settings.max_attempts:
-            conn.execute(_CLOSE, {"k_id": incident.id, "attempt": attempt + 1, "decision": None})
+            update_incident(conn, incident.id, attempt=attempt + 1, decision=None)
             outcome["next_attempt"] = attempt + 1
             proof.append(conn, env, "ATTEMPT_FAILED", incident_id=incident.id, app=incident.app,
                          payload={**base, "detail": detail, "next_attempt": attempt + 1})
@@ -133,8 +132,7 @@ def conclude(settings: Settings, execution: dict, result: str, detail: str = "")
 
 
 def _close(conn, incident, status: str, resolution: str, now) -> None:
-    conn.execute(_CLOSE, {"k_id": incident.id, "status": status, "resolution": resolution, "closed_at": now,
-                          "open_key": None})
+    update_incident(conn, incident.id, status=status, resolution=resolution, closed_at=now, open_key=None)
 
 
 def _call_a_human(conn, env: str, app_name: str, why: str) -> None:

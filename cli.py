@@ -12,7 +12,11 @@ from pathlib import Path
 
 import click
 
-from cicd import approvals, cluster, deadletters, faults, gitsource, onboarding, proof, reports, terminal
+from cicd.healing import approvals
+from cicd.stack import cluster
+from cicd.store import deadletters, proof, reports
+from cicd.delivery import faults, gitsource, onboarding
+from cicd.cli import terminal
 from cicd.config import AGENTS, ENVIRONMENTS, ConfigError, Settings
 from cicd.runtime import RuntimeFailure, make_runtime
 
@@ -156,7 +160,7 @@ def down(env, stop_apps):
 @main.command(hidden=True)
 def watch():
     """(Started by `cicd up`.) Send a replica_down signal the moment a replica process exits."""
-    from cicd import watcher
+    from cicd.signals import watcher
     settings = load_settings(None)
     if not watcher.available():
         click.echo("pidfds are not available here: crashes are found by the probes alone")
@@ -457,7 +461,7 @@ def dashboard(env, host, port):
     import logging
     import signal
 
-    from cicd import dashboard as dashboard_module
+    from cicd.web import dashboard as dashboard_module
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     settings = load_settings(env)
     try:
@@ -584,7 +588,7 @@ def rl_group():
 
 
 def learned_table(settings: Settings):
-    from cicd import policy
+    from cicd.healing import policy
     from cicd.store import session_scope
     with session_scope(settings) as session:
         return policy.load_table(session, settings.env)
@@ -603,7 +607,7 @@ def rl_train(episodes, seed, env, keep):
     agents use. Deterministic for a given seed (from the priors). Saves the learning curve for
     `cicd rl eval`'s plot.
     """
-    from cicd import learning, policy
+    from cicd.healing import learning, policy
     from cicd.store import session_scope
     settings = load_settings(env)
     started = time.monotonic()
@@ -640,7 +644,7 @@ def rl_eval(episodes, seed, env, as_json, plot_path):
     Success rate, mean actions per incident, mean time to recover, total downtime, and each
     as a ratio to the playbook; writes the learning curve and the comparison as a PNG.
     """
-    from cicd import learning
+    from cicd.healing import learning
     settings = load_settings(env)
     result = learning.evaluate(settings, learned_table(settings), episodes, seed)
     path = learning.plot(settings, result, plot_path or learning.rl_dir(settings) / "eval.png")
@@ -667,7 +671,7 @@ def rl_show(env, as_json):
 
     Values marked * were learned; the others are the priors.
     """
-    from cicd import api
+    from cicd.web import api
     settings = load_settings(env)
     policy_table = api.policy_table(settings)
     rows = [{"state": s["state"], "greedy": s["greedy"],
@@ -692,7 +696,7 @@ def replay(trace, env, seed, as_json):
     by today's policy of ENV through the same shield, gates and catalogue, and shown beside what
     happened then. (A sample: examples/traces/stage-demo.csv.)
     """
-    from cicd import replay as replay_module
+    from cicd.healing import replay as replay_module
     settings = load_settings(env)
     try:
         recorded = replay_module.incidents(replay_module.read_trace(Path(trace)))
@@ -881,7 +885,7 @@ def demo(scenario, timeout):
     Starts the stack if it is not up, in DEMO_MODE (only noop, restart and scaling execute;
     set CICD_DEMO_MODE=false to let the healer retry and roll back deploys), and leaves it running.
     """
-    from cicd import demo as demo_module
+    from cicd.stack import demo as demo_module
     os.environ.setdefault("CICD_DEMO_MODE", "true")
     settings = load_settings("stage")
     plane = control_plane(settings)

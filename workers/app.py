@@ -11,9 +11,10 @@ from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
-from cicd import deadletters, store
+from cicd import store
+from cicd.store import deadletters
 from cicd.config import Settings
-from cicd.events import Unprocessable
+from cicd.core.events import Unprocessable
 from cicd.runtime import Runtime, make_runtime
 
 

@@ -5,7 +5,7 @@ import uuid
 
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from cicd import cluster
+from cicd.stack import cluster
 from cicd.config import Settings
 
 

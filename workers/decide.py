@@ -1,7 +1,7 @@
 """RL optimizer agent ({env}.decide): choose and sign an action; learn from the verified outcome."""
 from celery.exceptions import Ignore
 
-from cicd import policy
+from cicd.healing import policy
 
 from .app import celery_app, settings_for
 

@@ -1,6 +1,6 @@
 """Deploy agent ({env}.deploy): fetch, build and start a release, health-gate it, switch; scale."""
-from cicd import deployer
-from cicd.events import Unprocessable
+from cicd.delivery import deployer
+from cicd.core.events import Unprocessable
 
 from .app import celery_app, runtime, settings_for, unprocessable
 

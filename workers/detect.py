@@ -1,8 +1,8 @@
 """Detector agent ({env}.detect): a probe's signal becomes an incident, or is dropped."""
 from celery.exceptions import Ignore
 
-from cicd import detector
-from cicd.events import Unprocessable
+from cicd.healing import detector
+from cicd.core.events import Unprocessable
 
 from .app import celery_app, settings_for, unprocessable
 

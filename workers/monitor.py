@@ -1,6 +1,7 @@
 """Monitor agent ({env}.monitor): beat-scheduled probes of every app; verification after an action."""
-from cicd import approvals, monitor, orchestrator, reconciler, verifier
-from cicd.events import iso, utcnow
+from cicd.healing import approvals, orchestrator, reconciler, verifier
+from cicd.signals import probes as monitor
+from cicd.core.events import iso, utcnow
 
 from .app import celery_app, runtime, settings_for
 

@@ -1,5 +1,5 @@
 """Onboarding agent ({env}.onboard): validate, register, export the spec, trigger the first deploy."""
-from cicd import onboarding
+from cicd.delivery import onboarding
 
 from .app import celery_app, settings_for
 

@@ -1,7 +1,7 @@
 """Orchestrator agent ({env}.orchestrate): gates, then the action exactly once, or a logged refusal."""
 from celery.exceptions import Ignore
 
-from cicd import orchestrator
+from cicd.healing import orchestrator
 
 from .app import celery_app, runtime, settings_for
 

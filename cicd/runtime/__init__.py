@@ -1,8 +1,8 @@
 """Runtimes: where apps run. `make_runtime` picks the one the settings ask for."""
 from __future__ import annotations
 
-from ..config import Settings
-from .base import ReplicaStatus, Runtime, RuntimeFailure
+from cicd.config import Settings
+from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
 __all__ = ["ReplicaStatus", "Runtime", "RuntimeFailure", "make_runtime"]
 
@@ -10,7 +10,7 @@ __all__ = ["ReplicaStatus", "Runtime", "RuntimeFailure", "make_runtime"]
 def make_runtime(settings: Settings) -> Runtime:
     """Real processes (the default), or the simulated fleet shared by all agents (CICD_RUNTIME=sim)."""
     if settings.runtime == "sim":
-        from .sim import SharedSimRuntime
+        from cicd.runtime.sim import SharedSimRuntime
         return SharedSimRuntime(settings, settings.sim_seed)
-    from .local import LocalRuntime
+    from cicd.runtime.local import LocalRuntime
     return LocalRuntime(settings)

@@ -20,10 +20,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..config import Settings
-from ..onboarding import check_name
-from . import process
-from .base import ReplicaStatus, Runtime, RuntimeFailure
+from cicd.config import Settings
+from cicd.delivery.onboarding import check_name
+from cicd.runtime import process
+from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
 OPS_KEPT = 500
 RELEASES_KEPT = 3

@@ -16,8 +16,8 @@ import random
 import shutil
 from dataclasses import dataclass, field, replace
 
-from ..onboarding import NAME_PATTERN
-from .base import ReplicaStatus, Runtime, RuntimeFailure
+from cicd.delivery.onboarding import NAME_PATTERN
+from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
 
 @dataclass(frozen=True)
@@ -372,13 +372,13 @@ class SharedSimRuntime(SimRuntime):
         self.fleet_settings = replace(settings, database_url_override=f"sqlite:///{settings.env_dir / 'sim-fleet.db'}")
 
     def _load(self, app: str) -> SimApp | None:
-        from ..store import transaction
+        from cicd.store import transaction
         with transaction(self.fleet_settings, readonly=True) as conn:
             state = conn.execute(_SIM_STATE, {"env": self.settings.env, "app": app}).scalar()
         return SimApp.from_dict(state) if state is not None else None
 
     def _load_all(self, apps: list[str]) -> dict[str, SimApp]:
-        from ..store import transaction
+        from cicd.store import transaction
         with transaction(self.fleet_settings, readonly=True) as conn:
             if len(apps) <= 500:  # a few apps (verification): only their rows; a probe cycle: all of them
                 rows = conn.execute(_SIM_STATES_OF, {"env": self.settings.env, "apps": list(apps)}).all()
@@ -390,7 +390,7 @@ class SharedSimRuntime(SimRuntime):
     @contextlib.contextmanager
     def _edit(self, app: str):
         # One transaction (on SQLite: the write lock) around read, change and write back.
-        from ..store import transaction
+        from cicd.store import transaction
         key = {"env": self.settings.env, "app": app}
         with transaction(self.fleet_settings) as conn:
             state = conn.execute(_SIM_STATE_FOR_UPDATE, key).scalar()
@@ -401,7 +401,7 @@ class SharedSimRuntime(SimRuntime):
             conn.execute(_SIM_SAVE, {"k_env": key["env"], "k_app": app, "state": sim.to_dict()})
 
     def _store(self, app: str, sim: SimApp | None) -> None:
-        from ..store import SimAppState, transaction
+        from cicd.store import SimAppState, transaction
         table, key = SimAppState.__table__, {"env": self.settings.env, "app": app}
         with transaction(self.fleet_settings) as conn:
             exists = conn.execute(_SIM_STATE_FOR_UPDATE, key).scalar() is not None
@@ -414,7 +414,7 @@ class SharedSimRuntime(SimRuntime):
                 conn.execute(table.insert(), {**key, "state": sim.to_dict()})
 
     def apps(self) -> list[str]:
-        from ..store import transaction
+        from cicd.store import transaction
         with transaction(self.fleet_settings, readonly=True) as conn:
             return sorted(conn.execute(_SIM_APPS, {"env": self.settings.env}).scalars())
 
@@ -423,7 +423,7 @@ def _statements():
     """The shared fleet's statements, built once (the store imports this module's users)."""
     from sqlalchemy import bindparam, select, update
 
-    from ..store import SimAppState
+    from cicd.store import SimAppState
     t = SimAppState.__table__
     mine = t.c.env == bindparam("env")
     return (select(t.c.state).where(mine, t.c.app == bindparam("app")),

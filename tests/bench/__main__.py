@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cicd import terminal
+from cicd.cli import terminal
 
 from . import chain, fanout, footprint, recover
 from .bench_policy import main as policy_bench

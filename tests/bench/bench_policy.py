@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cicd import gates, policy, signing
+from cicd.core import gates, signing
+from cicd.healing import policy
 from cicd.config import Settings
-from cicd.events import Decision, iso, utcnow
+from cicd.core.events import Decision, iso, utcnow
 
 KEY = b"k" * 32
 SPEC = {"replicas": 2, "min_replicas": 1, "max_replicas": 6}

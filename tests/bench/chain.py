@@ -18,7 +18,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def register_apps(stack, count: int) -> list[str]:
-    from cicd import onboarding
+    from cicd.delivery import onboarding
     from cicd.runtime.sim import SharedSimRuntime
     settings = stack.settings()
     sim = SharedSimRuntime(settings, 0)
@@ -32,8 +32,8 @@ def register_apps(stack, count: int) -> list[str]:
 
 
 def healing(stack, apps: list[str]) -> dict:
-    from cicd import proof
-    from cicd.events import iso, parse_iso, utcnow
+    from cicd.store import proof
+    from cicd.core.events import iso, parse_iso, utcnow
     from cicd.runtime.sim import Fault, SharedSimRuntime
     from workers.chains import healing_chain
     settings = stack.settings()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cicd import monitor, onboarding
+from cicd.signals import probes as monitor
+from cicd.delivery import onboarding
 from cicd.config import Settings
 from cicd.runtime.sim import SharedSimRuntime
 from cicd.store import App, session_scope

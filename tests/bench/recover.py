@@ -23,7 +23,8 @@ def run(home: Path, kills: int, watch: bool) -> dict:
     variables = {"CICD_WATCH_EXITS": "true" if watch else "false", "CICD_BACKOFF_BASE": "0",
                  "CICD_RESTART_BUDGET": "100000", "CICD_SCALE_BUDGET": "100000"}
     with Stack(home, **variables) as stack:
-        from cicd import cluster, reports
+        from cicd.stack import cluster
+        from cicd.store import reports
         from cicd.runtime.local import LocalRuntime
         settings = stack.settings()
         url = cluster.example_git_server(settings, [APP])

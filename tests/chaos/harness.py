@@ -101,7 +101,7 @@ class Chaos:
 
     def start(self) -> None:
         self.cicd("up")
-        from cicd import onboarding
+        from cicd.delivery import onboarding
         from cicd.runtime.sim import SharedSimRuntime
         settings = self.settings()
         self.sim = SharedSimRuntime(settings, 0)
@@ -190,7 +190,7 @@ class Chaos:
         return open_now + missing, Counter(i.status for i in incidents if i.status in END_STATES), len(incidents)
 
     def verdict(self) -> Report:
-        from cicd import proof
+        from cicd.store import proof
         settings = self.settings()
         unfinished, outcomes, _ = self.count()
         self.report.outcomes = outcomes

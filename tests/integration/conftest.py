@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cicd import cluster, proof, reports
+from cicd.stack import cluster
+from cicd.store import proof, reports
 from cicd.config import Settings
 from cicd.runtime.local import LocalRuntime
 

@@ -19,7 +19,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from cicd import api, cluster, metrics
+from cicd.web import api, metrics
+from cicd.stack import cluster
 from cicd.config import AGENTS
 from cicd.store import AppHealth, session_scope
 

@@ -9,9 +9,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from cicd import deployer, gitsource, reports
-from cicd.demo import ServingWatch
-from cicd.events import utcnow
+from cicd.delivery import deployer, gitsource
+from cicd.store import reports
+from cicd.stack.demo import ServingWatch
+from cicd.core.events import utcnow
 from cicd.store import DeployLock, Release, session_scope
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from cicd import proof, signing
+from cicd.store import proof
+from cicd.core import signing
 from cicd.config import signing_key
-from cicd.events import Decision, iso, utcnow
+from cicd.core.events import Decision, iso, utcnow
 from cicd.runtime.local import LocalRuntime
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from cicd import reports
+from cicd.store import reports
 from cicd.store import App, get_app, session_scope
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from cicd import cluster
+from cicd.stack import cluster
 from cicd.config import AGENTS
 from cicd.runtime import process
 

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from cicd import actions, proof, reports
+from cicd.core import actions
+from cicd.store import proof, reports
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cicd import proof, reports
+from cicd.store import proof, reports
 from cicd.runtime.local import LocalRuntime
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from cicd import cluster, deadletters, proof
-from cicd.events import iso, utcnow
+from cicd.stack import cluster
+from cicd.store import deadletters, proof
+from cicd.core.events import iso, utcnow
 from cicd.runtime import process
 
 pytestmark = pytest.mark.integration
@@ -75,7 +76,7 @@ def test_restarts_of_a_flapping_app_back_off(stack):
     restarts = [r["ts"] for r in records if r["event_name"] == "ORCH_EXEC" and r["payload"]["action"] == "restart_service"]
     waits = [r["payload"]["wait_s"] for r in records if r["event_name"] == "RESTART_BACKOFF"]
     assert len(restarts) == 3 and len(waits) >= 1
-    from cicd.reports import seconds_between
+    from cicd.store.reports import seconds_between
     gaps = [seconds_between(a, b) for a, b in zip(restarts, restarts[1:])]
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps  # never sooner than the backoff allows
 

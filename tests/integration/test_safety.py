@@ -8,9 +8,10 @@ import time
 import pytest
 from sqlalchemy import select
 
-from cicd import deadletters, signing
+from cicd.store import deadletters
+from cicd.core import signing
 from cicd.config import signing_key
-from cicd.events import Decision, iso, utcnow
+from cicd.core.events import Decision, iso, utcnow
 from cicd.store import Execution, Incident, session_scope
 
 pytestmark = pytest.mark.integration

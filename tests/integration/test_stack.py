@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cicd import cluster
+from cicd.stack import cluster
 from cicd.config import AGENTS
 from cicd.runtime import process
 

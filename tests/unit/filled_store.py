@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from cicd import proof
+from cicd.store import proof
 from cicd.config import Settings
-from cicd.events import iso, utcnow
-from cicd.orchestrator import GATE_NAMES
+from cicd.core.events import iso, utcnow
+from cicd.healing.orchestrator import GATE_NAMES
 from cicd.store import App, AppHealth, Incident, session_scope
 
 # Set by fill(): ages are relative to when the store is filled, not to when this module was

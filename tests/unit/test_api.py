@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cicd import api, proof
+from cicd.web import api
+from cicd.store import proof
 from cicd.config import Settings
 from cicd.store import session_scope
 
@@ -112,8 +113,8 @@ def test_an_open_incident_has_its_decision_and_nothing_after(settings):
 
 
 def test_policy_table_marks_what_was_learned(settings):
-    from cicd import policy
-    from cicd.policy import State
+    from cicd.healing import policy
+    from cicd.healing.policy import State
     table = api.policy_table(settings)
     assert (table["env"], table["mode"], table["actions"][0]) == ("stage", "greedy", "noop")
     states = {s["state"]: s for s in table["states"]}

@@ -7,9 +7,10 @@ import time
 import pytest
 from sqlalchemy import select
 
-from cicd import approvals, proof
+from cicd.healing import approvals
+from cicd.store import proof
 from cicd.config import Settings
-from cicd.events import OPEN
+from cicd.core.events import OPEN
 from cicd.store import App, Execution, Incident, Release, session_scope
 
 SPEC = {"name": "shop-api", "env": "stage", "runtime": "backend", "repo": "https://git.example.com/shop.git",

@@ -22,7 +22,8 @@ from pathlib import Path
 import click
 
 import cli
-from cicd import approvals, deadletters, proof
+from cicd.healing import approvals
+from cicd.store import deadletters, proof
 from cicd.runtime import process
 from cicd.config import Settings
 from cicd.store import Incident, session_scope

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cicd import cluster
+from cicd.stack import cluster
 from cicd.config import AGENTS
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cicd import dashboard, proof
+from cicd.web import dashboard
+from cicd.store import proof
 from cicd.config import Settings
 from cicd.store import session_scope
 

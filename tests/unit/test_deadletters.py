@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cicd import deadletters, proof
+from cicd.store import deadletters, proof
 from cicd.config import Settings
 
 

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from cicd import deployer, examples, onboarding, proof
+from cicd.delivery import deployer, examples, onboarding
+from cicd.store import proof
 from cicd.config import Settings
 from cicd.runtime import process
 from cicd.runtime.local import LocalRuntime

@@ -7,9 +7,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from cicd import detector, monitor, onboarding
+from cicd.healing import detector
+from cicd.signals import probes as monitor
+from cicd.delivery import onboarding
 from cicd.config import Settings
-from cicd.events import Signal, Unprocessable, iso, utcnow
+from cicd.core.events import Signal, Unprocessable, iso, utcnow
 from cicd.runtime.local import LocalRuntime
 from cicd.store import App, AppHealth, Incident, session_scope
 

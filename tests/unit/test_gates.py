@@ -5,9 +5,9 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from cicd import actions, events, gates, signing
-from cicd.events import Decision
-from cicd.gates import GateContext, Verdict
+from cicd.core import actions, events, gates, signing
+from cicd.core.events import Decision
+from cicd.core.gates import GateContext, Verdict
 
 KEY = b"k" * 32
 OTHER_KEY = b"d" * 32  # as if dev's key were presented to stage

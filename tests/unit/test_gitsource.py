@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cicd import examples, gitsource
+from cicd.delivery import examples, gitsource
 from cicd.runtime import process
 
 

@@ -12,9 +12,11 @@ from datetime import timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cicd import actions, gates, onboarding, proof, signing
+from cicd.core import actions, gates, signing
+from cicd.delivery import onboarding
+from cicd.store import proof
 from cicd.config import Settings
-from cicd.events import Decision, MalformedEvent, Signal, iso, utcnow
+from cicd.core.events import Decision, MalformedEvent, Signal, iso, utcnow
 from cicd.runtime.base import RuntimeFailure
 from cicd.runtime.local import LocalRuntime
 from tests.conftest import REPORTS

@@ -13,9 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cicd import actions, gates, learning, policy, signing
+from cicd.core import actions, gates, signing
+from cicd.healing import learning, policy
 from cicd.config import Settings
-from cicd.events import Decision, iso, utcnow
+from cicd.core.events import Decision, iso, utcnow
 
 REGRESSIONS = [(1.0, "overload", True, "high")]  # an overload right after a release: a slow release
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from cicd import onboarding
-from cicd.examples import SAMPLE_SERVICE
+from cicd.delivery import onboarding
+from cicd.delivery.examples import SAMPLE_SERVICE
 from cicd.config import Settings
 from cicd.runtime import process
 from cicd.runtime.base import RuntimeFailure

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cicd import metrics, proof, store
+from cicd.web import metrics
+from cicd import store
+from cicd.store import proof
 from cicd.config import Settings
 from cicd.runtime import process
 from cicd.store import session_scope

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from cicd import onboarding, proof
+from cicd.delivery import onboarding
+from cicd.store import proof
 from cicd.config import Settings
-from cicd.onboarding import RUNTIMES, TEMPLATES, generate_spec, register, validate
+from cicd.delivery.onboarding import RUNTIMES, TEMPLATES, generate_spec, register, validate
 
 NAME = "shop-api"
 REPO = "https://git.example.com/team/app.git"

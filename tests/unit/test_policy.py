@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from cicd import actions, policy, store
+from cicd.core import actions
+from cicd.healing import policy
+from cicd import store
 from cicd.config import Settings
-from cicd.events import INCIDENT_KINDS, SEVERITIES
+from cicd.core.events import INCIDENT_KINDS, SEVERITIES
 
 PLAYBOOK = {"crash": "restart_service", "overload": "scale_workers", "false_alarm": "noop",
             "underload": "scale_workers", "slow_deploy": "noop", "failed_deploy": "retry_deployment"}

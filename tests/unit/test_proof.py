@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, func, select, update
 
-from cicd import proof, store
+from cicd import store
+from cicd.store import proof
 from cicd.config import Settings
-from cicd.events import PROOF_EVENTS, canonical
+from cicd.core.events import PROOF_EVENTS, canonical
 
 ENV = "stage"
 # A few real event names, cycled so records differ in more than their payload.

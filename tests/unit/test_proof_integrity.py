@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, select, update
 
-from cicd import proof, store
-from cicd.events import canonical
+from cicd import store
+from cicd.store import proof
+from cicd.core.events import canonical
 
 N = 12
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cicd import detector, onboarding, orchestrator, policy, proof, verifier
+from cicd.healing import detector, orchestrator, policy, verifier
+from cicd.delivery import onboarding
+from cicd.store import proof
 from cicd.config import Settings
-from cicd.events import iso, utcnow
+from cicd.core.events import iso, utcnow
 from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.runtime.sim import CAUSES, Fault, SimRuntime, draw, effect_of
 

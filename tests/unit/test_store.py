@@ -11,9 +11,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from cicd import proof, store
+from cicd import store
+from cicd.store import proof
 from cicd.config import ConfigError, Settings
-from cicd.events import as_utc, utcnow
+from cicd.core.events import as_utc, utcnow
 from tests.conftest import REPORTS
 
 ENV = "stage"

@@ -1,0 +1,1 @@
+"""The command line's parts: terminal output (tables, plain rows, JSON)."""

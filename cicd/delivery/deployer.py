@@ -1,0 +1,236 @@
+"""Releases: fetch a revision over git, build it, start it beside the live release, health-gate
+it, then switch. A release that fails (fetch, build or gate) is discarded and the live one keeps
+serving: it never took traffic, so keeping it is the rollback (ROLLBACK records that).
+
+One deploy per app at a time: a lease in the database (DeployLock), held by the deploy's
+request id and renewed while its gate runs, so a worker that dies mid-deploy holds nothing for
+long. Deploys of different apps run in parallel on as many deploy workers as there are.
+"""
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from cicd.delivery import gitsource
+from cicd.store import proof
+from cicd.config import Settings
+from cicd.core.events import as_utc, iso, parse_iso, utcnow
+from cicd.runtime.base import Runtime, RuntimeFailure
+from cicd.store import DeployLock, Release, get_app, session_scope
+
+LOCK_TTL_S = 60.0
+KINDS = ("deploy", "retry", "rollback", "promotion")
+# Deploys a human asked for raise incidents when they go wrong; the healer's own deploys (retry,
+# rollback) are watched by its verifier instead.
+SIGNALLING_KINDS = ("deploy", "promotion")
+
+
+class DeployError(ValueError):
+    pass
+
+
+def _state(release: Release, **extra) -> dict:
+    return {"app": release.app, "release": release.number, "status": release.status, "kind": release.kind,
+            "ref": release.ref, "sha": release.sha, "started_at": iso(release.started_at), **extra}
+
+
+def _take_lock(session, env: str, app: str, holder: str) -> bool:
+    now = utcnow()
+    lock = session.get(DeployLock, (env, app), with_for_update=True)
+    if lock is not None and lock.holder != holder and as_utc(lock.expires_at) > now:
+        return False
+    if lock is None:
+        lock = DeployLock(env=env, app=app, holder=holder, expires_at=now)
+        session.add(lock)
+    lock.holder, lock.expires_at = holder, now + timedelta(seconds=LOCK_TTL_S)
+    return True
+
+
+def _drop_lock(session, env: str, app: str, holder: str) -> None:
+    lock = session.get(DeployLock, (env, app), with_for_update=True)
+    if lock is not None and lock.holder == holder:
+        session.delete(lock)
+
+
+def mirror_path(settings: Settings, app: str):
+    return settings.env_dir / "repos" / f"{app}.git"
+
+
+def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, ref: str = "HEAD",
+          reason: str = "", kind: str = "deploy", sha: str | None = None) -> dict:
+    """Fetch, build and start release N+1. Returns its state; {"status": "busy"} while another
+    deploy of the app holds the lock. Safe to run again for the same request_id."""
+    env = settings.env
+    if kind not in KINDS:
+        raise DeployError(f"kind {kind!r}: must be one of {', '.join(KINDS)}")
+    gitsource.check_ref(ref)
+    with session_scope(settings) as session:
+        release = session.scalar(select(Release).where(Release.request_id == request_id))
+        if release is not None and release.status != "fetching":
+            return _state(release)
+        app = get_app(session, env, app_name)
+        if app is None:
+            raise DeployError(f"app {app_name!r} is not onboarded in {env}")
+        if not _take_lock(session, env, app_name, request_id):
+            return {"app": app_name, "status": "busy"}
+        if release is None:
+            number = (session.scalar(select(func.max(Release.number)).where(
+                Release.env == env, Release.app == app_name)) or 0) + 1
+            release = Release(env=env, app=app_name, number=number, status="fetching", kind=kind, ref=ref,
+                              sha=sha, replicas=app.spec["replicas"], request_id=request_id)
+            session.add(release)
+            proof.append(session, env, "DEPLOY_STARTED", app=app_name,
+                         payload={"release": number, "ref": ref, "kind": kind, "reason": reason,
+                                  "replicas": app.spec["replicas"]})
+        number, spec, repo = release.number, app.spec, app.repo
+    incoming = settings.env_dir / "incoming" / f"{app_name}-{number}"
+    shutil.rmtree(incoming, ignore_errors=True)
+    try:
+        mirror = mirror_path(settings, app_name)
+        # An exact commit already in the mirror (a rollback) needs no network; anything else does.
+        if sha is None or not gitsource.has_commit(mirror, sha):
+            gitsource.fetch(repo, mirror)
+        if sha is None:
+            sha = gitsource.resolve(mirror, ref)
+        elif not gitsource.has_commit(mirror, sha):
+            raise gitsource.SourceError(f"commit {sha} is not in {repo}")
+        gitsource.export(mirror, sha, incoming)
+    except gitsource.SourceError as exc:
+        return finish(settings, runtime, app_name, number, ok=False, detail=f"fetch: {exc}", stage="fetch")
+    with session_scope(settings) as session:
+        session.scalar(select(Release).where(Release.request_id == request_id)).sha = sha
+    try:
+        staged = runtime.stage_release(spec, number, incoming)
+    except RuntimeFailure as exc:
+        return finish(settings, runtime, app_name, number, ok=False, detail=str(exc), stage="build")
+    with session_scope(settings) as session:
+        release = session.scalar(select(Release).where(Release.request_id == request_id))
+        release.status = "starting"
+        proof.append(session, env, "BUILD_SUCCEEDED", app=app_name, payload={"release": number, "sha": sha})
+        proof.append(session, env, "REPLICAS_STARTED", app=app_name, payload={"release": number, **staged})
+        return _state(release)
+
+
+def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, started_at: str):
+    """One look at a starting release: (None, signal or None) while waiting, else (finished state, None)."""
+    env = settings.env
+    now = utcnow()
+    with session_scope(settings) as session:
+        release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
+                                                        Release.number == number))
+        if release is None or release.status != "starting":
+            return (_state(release) if release else {"app": app_name, "release": number, "status": "unknown"}), None
+        _take_lock(session, env, app_name, release.request_id)  # renew the lease while we work
+        wanted, kind = release.replicas, release.kind
+        deadline = get_app(session, env, app_name).spec["health_deadline_s"]
+        slow_due = (kind in SIGNALLING_KINDS and not release.slow_signalled
+                    and now - parse_iso(started_at) > timedelta(seconds=settings.slow_deploy_s))
+        if slow_due:
+            release.slow_signalled = True
+    statuses = runtime.probe_release(app_name, number)
+    if len(statuses) >= wanted and all(s.healthy for s in statuses):
+        return finish(settings, runtime, app_name, number, ok=True, detail=f"{len(statuses)} replicas healthy"), None
+    if now - parse_iso(started_at) > timedelta(seconds=deadline):
+        seen = ", ".join(f"{s.slot}:{s.status}" for s in statuses)
+        return finish(settings, runtime, app_name, number, ok=False, stage="gate",
+                      detail=f"not healthy within {deadline} s ({seen})"), None
+    signal = None
+    if slow_due:
+        signal = deploy_signal(settings, app_name, "deploy_slow", number,
+                               f"release {number} not healthy after {settings.slow_deploy_s:.0f} s")
+    return None, signal
+
+
+def deploy_signal(settings: Settings, app_name: str, kind: str, number: int, detail: str) -> dict:
+    return {"env": settings.env, "app": app_name, "kind": kind, "slots": [], "release": number,
+            "observed_at": iso(utcnow()), "detail": detail[:500]}
+
+
+def _claim(settings: Settings, app_name: str, number: int) -> Release | None:
+    """Move a release that is still under way to "switching"; None if someone else finished it
+    first (the health gate and a cancelling rollback may race: exactly one of them acts)."""
+    with session_scope(settings) as session:
+        release = session.scalar(select(Release).where(Release.env == settings.env, Release.app == app_name,
+                                                        Release.number == number).with_for_update())
+        if release is None or release.status not in ("fetching", "starting"):
+            return None
+        release.status = "switching"
+        return release
+
+
+def release_info(settings: Settings, app_name: str, number: int) -> dict | None:
+    with session_scope(settings) as session:
+        release = session.scalar(select(Release).where(Release.env == settings.env, Release.app == app_name,
+                                                        Release.number == number))
+        return _state(release) if release else None
+
+
+def cancel(settings: Settings, runtime: Runtime, app_name: str, number: int, why: str) -> bool:
+    """Stop a release that is still fetching or starting; False if it had already finished."""
+    if _claim(settings, app_name, number) is None:
+        return False
+    _conclude(settings, runtime, app_name, number, ok=False, detail=why, stage="cancelled")
+    return True
+
+
+def finish(settings: Settings, runtime: Runtime, app_name: str, number: int, ok: bool, detail: str,
+           stage: str = "") -> dict:
+    if _claim(settings, app_name, number) is None:
+        return release_info(settings, app_name, number) or {"app": app_name, "release": number, "status": "unknown"}
+    return _conclude(settings, runtime, app_name, number, ok, detail, stage)
+
+
+def _conclude(settings: Settings, runtime: Runtime, app_name: str, number: int, ok: bool, detail: str,
+              stage: str) -> dict:
+    env = settings.env
+    switched = runtime.activate_release(app_name, number) if ok else runtime.discard_release(app_name, number)
+    with session_scope(settings) as session:
+        release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
+                                                        Release.number == number))
+        release.status, release.detail, release.finished_at = ("live" if ok else "failed"), detail, utcnow()
+        seconds = round((release.finished_at - as_utc(release.started_at)).total_seconds(), 3)
+        live = session.scalars(select(Release).where(Release.env == env, Release.app == app_name,
+                                                     Release.status == "live", Release.number != number)).all()
+        if ok:
+            for older in live:
+                # A rollback replaces a release that went bad; any other deploy just supersedes it.
+                older.status = "rolled_back" if release.kind == "rollback" else "superseded"
+            proof.append(session, env, "HEALTH_GATE_PASSED", app=app_name, payload={"release": number, "detail": detail})
+            proof.append(session, env, "DEPLOY_SUCCEEDED", app=app_name,
+                         payload={"release": number, "kind": release.kind, "sha": release.sha, "seconds": seconds,
+                                  **switched})
+        else:
+            if stage == "build":
+                proof.append(session, env, "BUILD_FAILED", app=app_name, payload={"release": number, "detail": detail})
+            proof.append(session, env, "DEPLOY_FAILED", app=app_name,
+                         payload={"release": number, "kind": release.kind, "stage": stage, "detail": detail,
+                                  "seconds": seconds})
+            if live:
+                proof.append(session, env, "ROLLBACK", app=app_name,
+                             payload={"failed_release": number, "serving_release": live[0].number,
+                                      "detail": "the failed release never took traffic; the live release keeps serving"})
+        _drop_lock(session, env, app_name, release.request_id)
+        state = _state(release, detail=detail, seconds=seconds)
+    if not ok and release.kind in SIGNALLING_KINDS:
+        state["signal"] = deploy_signal(settings, app_name, "deploy_failed", number, f"{stage}: {detail}")
+    return state
+
+
+def scale(settings: Settings, runtime: Runtime, app_name: str, replicas: int, request_id: str) -> dict:
+    """An operator's scaling (not the healer's): within the spec's limits, logged as such."""
+    env = settings.env
+    with session_scope(settings) as session:
+        app = get_app(session, env, app_name)
+        if app is None:
+            raise DeployError(f"app {app_name!r} is not onboarded in {env}")
+        low, high = app.spec["min_replicas"], app.spec["max_replicas"]
+        if not low <= replicas <= high:
+            raise DeployError(f"replicas: must be within the spec's limits {low}-{high}, got {replicas}")
+        before = runtime.replica_count(app_name)
+        proof.append(session, env, "SCALE_REQUESTED", app=app_name, payload={"from": before, "to": replicas})
+    result = runtime.scale(app_name, replicas, op_key=f"scale/{request_id}")
+    with session_scope(settings) as session:
+        proof.append(session, env, "SCALED", app=app_name, payload=result)
+    return result

@@ -1,0 +1,54 @@
+"""Faults on purpose (`cicd inject`): break a running app for real, and write down that we did.
+
+Replica faults act on the processes (SIGKILL, real traffic, a health blip). Deploy faults deploy
+a revision that misbehaves: the app's repository must have the branch for it (the example
+repositories do: cicd-inject/slow, cicd-inject/broken, cicd-inject/crashy).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from cicd.delivery import gitsource
+from cicd.store import proof
+from cicd.config import Settings
+from cicd.core.events import iso, utcnow
+from cicd.delivery.examples import INJECT_REFS
+from cicd.runtime.base import Runtime, RuntimeFailure
+from cicd.store import get_app, session_scope
+
+REPLICA_FAULTS = ("crash", "overload", "false-alarm")
+FAULT_KINDS = REPLICA_FAULTS + tuple(INJECT_REFS)
+
+
+def inject(settings: Settings, runtime: Runtime, app: str, kind: str,
+           request_deploy: Callable[..., None] | None = None, **options) -> dict:
+    """Returns what was done, with `injected_at` and the proof record's seq.
+
+    request_deploy(app, ref, reason) hands a deploy to the deploy agent (deploy faults only).
+    """
+    if kind not in FAULT_KINDS:
+        raise RuntimeFailure(f"fault kind {kind!r}: must be one of {', '.join(FAULT_KINDS)}")
+    with session_scope(settings) as session:
+        record = get_app(session, settings.env, app)
+        if record is None:
+            raise RuntimeFailure(f"app {app!r} is not onboarded in {settings.env}")
+        repo = record.repo
+    injected_at = utcnow()
+    if kind in REPLICA_FAULTS:
+        detail = runtime.inject(app, kind, **options)
+    else:
+        ref = INJECT_REFS[kind]
+        try:
+            found = gitsource.remote_has(repo, ref)
+        except gitsource.SourceError as exc:
+            raise RuntimeFailure(f"cannot read {repo}: {exc}") from None
+        if not found:
+            raise RuntimeFailure(f"{repo} has no {ref} branch: push a revision that misbehaves there "
+                                 f"(the example repositories have one)")
+        request_deploy(app, ref, f"cicd inject {kind}")
+        detail = {"kind": kind, "ref": ref}
+    with session_scope(settings) as session:
+        logged = proof.append(session, settings.env, "FAILURE_INJECTED", app=app,
+                              payload={**detail, "kind": kind, "at": iso(injected_at)})
+        seq = logged["seq"]
+    return {**detail, "injected_at": iso(injected_at), "seq": seq}

@@ -1,0 +1,163 @@
+"""Human approval: promotions into an environment, and risky actions in prod, wait for a person.
+
+A request is a row in the target environment's database and an APPROVAL_REQUESTED record in its
+proof chain; the answer (APPROVAL_GRANTED / APPROVAL_DENIED) records who answered and why.
+Requests expire: an unanswered one becomes APPROVAL_EXPIRED, and an action it held back
+escalates its incident. Acting on a granted request is the caller's next step (deploying a
+promotion, executing an action), so this module needs no broker.
+"""
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+from types import SimpleNamespace
+
+from sqlalchemy import insert, select
+
+from cicd.store import proof
+from cicd.config import ENVIRONMENTS, Settings, check_env_name
+from cicd.core.events import ESCALATED, OPEN, REFUSED, as_utc, iso, utcnow
+from cicd.store import Approval, Execution, Incident, Release, connection_of, get_app, session_scope
+
+
+class ApprovalError(ValueError):
+    pass
+
+
+def env_of(approval_id: str) -> str:
+    parts = approval_id.split("-") if isinstance(approval_id, str) else []
+    if len(parts) != 3 or parts[0] != "apr" or parts[1] not in ENVIRONMENTS:
+        raise ApprovalError(f"approval id {approval_id!r}: expected apr-<env>-<hex>, e.g. apr-prod-1a2b3c4d")
+    return parts[1]
+
+
+def as_dict(a, now=None) -> dict:
+    """An approval (ORM object or row) as shown and returned."""
+    now = now or utcnow()
+    status = a.status
+    if status == "pending" and as_utc(a.expires_at) <= now:
+        status = "expired"  # not yet swept by housekeeping, but already unanswerable
+    return {"id": a.id, "env": a.env, "kind": a.kind, "app": a.app, "incident_id": a.incident_id,
+            "attempt": a.attempt, "summary": a.summary, "status": status, "requested_by": a.requested_by,
+            "requested_at": iso(a.requested_at), "expires_at": iso(a.expires_at), "decided_by": a.decided_by,
+            "decided_at": iso(a.decided_at) if a.decided_at else None, "reason": a.reason, "payload": a.payload}
+
+
+def _new(tx, settings: Settings, kind: str, app: str, payload: dict, summary: str, requested_by: str,
+         incident_id: str | None = None, attempt: int | None = None) -> dict:
+    """Inside the caller's transaction (an ORM session or a Core connection): the request, as_dict."""
+    now = utcnow()
+    row = {"id": f"apr-{settings.env}-{secrets.token_hex(4)}", "env": settings.env, "kind": kind, "app": app,
+           "incident_id": incident_id, "attempt": attempt, "payload": payload, "summary": summary,
+           "status": "pending", "requested_by": requested_by, "requested_at": now,
+           "expires_at": now + timedelta(seconds=settings.approval_ttl_s), "decided_by": None, "decided_at": None,
+           "reason": ""}
+    connection_of(tx).execute(insert(Approval.__table__), row)
+    proof.append(tx, settings.env, "APPROVAL_REQUESTED", incident_id=incident_id, app=app,
+                 payload={"approval": row["id"], "kind": kind, "summary": summary, "requested_by": requested_by,
+                          "expires_at": iso(row["expires_at"])})
+    return as_dict(SimpleNamespace(**row), now)
+
+
+def request_action(tx, settings: Settings, decision: dict, why: str) -> dict:
+    """Inside the orchestrator's transaction: hold a signed decision back for a human."""
+    summary = f"{decision['action']} {decision['params']} for {decision['incident_id']} ({why})"
+    return _new(tx, settings, "action", decision["app"], {"decision": decision}, summary, "orchestrator",
+                decision["incident_id"], decision["attempt"])
+
+
+def request_promotion(target: Settings, source: Settings, app: str, requested_by: str) -> dict:
+    """Ask to promote the app's live release in `source` into `target` (a later environment)."""
+    if ENVIRONMENTS.index(check_env_name(target.env)) <= ENVIRONMENTS.index(check_env_name(source.env)):
+        raise ApprovalError(f"--to {target.env}: promotion goes forward ({' -> '.join(ENVIRONMENTS)}), "
+                            f"not from {source.env} to {target.env}")
+    with session_scope(source) as session:
+        record = get_app(session, source.env, app)
+        if record is None:
+            raise ApprovalError(f"{app} is not onboarded in {source.env}")
+        live = session.scalar(select(Release).where(Release.env == source.env, Release.app == app,
+                                                     Release.status == "live"))
+        if live is None or not live.sha:
+            raise ApprovalError(f"{app} has no live release in {source.env} to promote")
+        spec = {**record.spec, "env": target.env}
+        payload = {"from": source.env, "release": live.number, "sha": live.sha, "ref": live.ref, "spec": spec}
+    summary = f"promote {app} release {payload['release']} ({payload['sha'][:12]}) from {source.env} to {target.env}"
+    with session_scope(target) as session:
+        return _new(session, target, "promotion", app, payload, summary, requested_by)
+
+
+def pending(settings: Settings, include_decided: bool = False) -> list[dict]:
+    with session_scope(settings) as session:
+        query = select(Approval).where(Approval.env == settings.env)
+        if not include_decided:
+            query = query.where(Approval.status == "pending")
+        now = utcnow()
+        return [as_dict(a, now) for a in session.scalars(query.order_by(Approval.requested_at))]
+
+
+def _answer(session, settings: Settings, approval_id: str, status: str, who: str, reason: str) -> Approval:
+    """Record the answer to a pending, unexpired request, with who answered and why."""
+    approval = session.get(Approval, approval_id, with_for_update=True)
+    if approval is None or approval.env != settings.env:
+        raise ApprovalError(f"no approval {approval_id} in {settings.env}")
+    if approval.status != "pending":
+        raise ApprovalError(f"{approval_id} is already {approval.status}"
+                            + (f" by {approval.decided_by}" if approval.decided_by else ""))
+    if as_utc(approval.expires_at) <= utcnow():
+        raise ApprovalError(f"{approval_id} expired at {iso(approval.expires_at)}; request it again")
+    approval.status, approval.decided_by, approval.decided_at, approval.reason = status, who, utcnow(), reason
+    event = "APPROVAL_GRANTED" if status == "granted" else "APPROVAL_DENIED"
+    proof.append(session, settings.env, event, incident_id=approval.incident_id, app=approval.app,
+                 payload={"approval": approval_id, "kind": approval.kind, "by": who, "reason": reason,
+                          "summary": approval.summary})
+    return approval
+
+
+def grant(settings: Settings, approval_id: str, who: str, reason: str) -> dict:
+    with session_scope(settings) as session:
+        return as_dict(_answer(session, settings, approval_id, "granted", who, reason))
+
+
+def deny(settings: Settings, approval_id: str, who: str, reason: str) -> dict:
+    """Deny; an action held back for it is refused, and its incident closes as refused."""
+    if not reason.strip():
+        raise ApprovalError("--reason: say why it is denied (it goes to the proof log)")
+    with session_scope(settings) as session:
+        approval = _answer(session, settings, approval_id, "denied", who, reason)
+        if approval.kind == "action":
+            _close_held_incident(session, settings, approval, REFUSED, "INCIDENT_REFUSED",
+                                 f"{approval.summary}: denied by {who}: {reason}")
+        return as_dict(approval)
+
+
+def expire_due(settings: Settings) -> list[str]:
+    """Housekeeping: pending requests past their time become expired; held actions escalate."""
+    expired = []
+    with session_scope(settings) as session:
+        due = session.scalars(select(Approval).where(Approval.env == settings.env, Approval.status == "pending",
+                                                     Approval.expires_at <= utcnow())).all()
+        for approval in due:
+            approval.status = "expired"
+            proof.append(session, settings.env, "APPROVAL_EXPIRED", incident_id=approval.incident_id, app=approval.app,
+                         payload={"approval": approval.id, "kind": approval.kind, "summary": approval.summary})
+            if approval.kind == "action":
+                _close_held_incident(session, settings, approval, ESCALATED, "ESCALATED",
+                                     f"{approval.summary}: nobody answered before {iso(approval.expires_at)}")
+            expired.append(approval.id)
+    return expired
+
+
+def _close_held_incident(session, settings: Settings, approval: Approval, status: str, event: str, why: str) -> None:
+    incident = session.get(Incident, approval.incident_id)
+    if incident is None or incident.status != OPEN:
+        return
+    execution = session.scalar(select(Execution).where(Execution.incident_id == incident.id,
+                                                       Execution.attempt == approval.attempt))
+    if execution is not None:
+        execution.status, execution.reason = "refused", why
+    incident.status, incident.resolution, incident.closed_at, incident.open_key = status, why, utcnow(), None
+    app = get_app(session, settings.env, incident.app)
+    if app is not None:
+        app.attention = why[:200]
+    proof.append(session, settings.env, event, incident_id=incident.id, app=incident.app,
+                 payload={"attempt": incident.attempt, "reason": why, "approval": approval.id})

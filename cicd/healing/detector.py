@@ -1,0 +1,115 @@
+"""Signal -> incident: classify what a probe saw (kind, severity), or drop it.
+
+One open incident per app: a second signal while the first is being healed is dropped, and the
+database's unique key on the open incident settles a race between two detector replicas.
+"""
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+
+from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from cicd.store import proof
+from cicd.config import Settings
+from cicd.core.events import OPEN, MalformedEvent, Signal, Unprocessable, as_utc, parse_iso, utcnow
+from cicd.store import Incident, Release, app_row, transaction
+
+KIND_OF_SIGNAL = {
+    "replica_down": "crash",          # process gone or connection refused
+    "replica_unhealthy": "crash",     # alive but failing its health check for K probes in a row
+    "replica_hot": "overload",        # utilization over the threshold for K probes in a row
+    "replica_blip": "false_alarm",    # failed a probe or two, then recovered by itself
+    "replica_cold": "underload",      # more replicas than the spec asks for, and idle for a while
+    "deploy_slow": "slow_deploy",     # a release not healthy long after it started
+    "deploy_failed": "failed_deploy", # fetch, build or health gate failed; the live release serves
+}
+SIGNAL_MAX_AGE_S = 30.0
+
+
+def classify(signal: Signal) -> tuple[str, str]:
+    """(incident kind, severity) of a signal."""
+    kind = KIND_OF_SIGNAL[signal.kind]
+    if kind == "crash":
+        all_down = signal.replicas_total and len(signal.slots) >= signal.replicas_total
+        return kind, "critical" if all_down else "high"
+    if kind == "overload":
+        return kind, "high" if signal.utilization >= 0.95 else "medium"
+    if kind == "failed_deploy":
+        return kind, "high"
+    if kind == "slow_deploy":
+        return kind, "medium"
+    return kind, "low"
+
+
+_RELEASES = (select(Release.__table__).where(Release.env == bindparam("env"), Release.app == bindparam("app"))
+             .order_by(Release.number.desc()))
+_LAST_CLOSED = select(func.max(Incident.closed_at)).where(Incident.env == bindparam("env"),
+                                                          Incident.app == bindparam("app"), Incident.status != OPEN)
+_OPEN_INCIDENT = select(Incident.id).where(Incident.open_key == bindparam("open_key"))
+_NEW_INCIDENT = insert(Incident.__table__)
+
+
+def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) -> dict:
+    """What the policy needs to know beyond the signal, read from the releases."""
+    releases = conn.execute(_RELEASES, {"env": settings.env, "app": signal.app}).all()
+    live = next((r for r in releases if r.status == "live"), None)
+    good_before = next((r for r in releases if r.status == "superseded" and r.sha
+                        and (live is None or r.number < live.number)), None)
+    # A crash or an overload soon after a release may be the release's fault.
+    fresh = bool(kind in ("crash", "overload") and live and live.finished_at
+                 and utcnow() - as_utc(live.finished_at) < timedelta(seconds=settings.fresh_release_s))
+    context = {"live_release": live.number if live else None, "fresh_release": fresh}
+    if kind in ("crash", "overload"):
+        context["rollback_to"] = good_before.number if good_before else None
+    elif kind in ("slow_deploy", "failed_deploy"):
+        context["release"] = signal.release
+        context["rollback_to"] = live.number if live else None  # keep serving what serves now
+    elif kind == "underload":
+        context["can_scale_in"] = signal.replicas_total > spec.get("replicas", 1)
+    return context
+
+
+def open_incident(settings: Settings, raw: dict) -> dict | None:
+    """Open an incident for the signal; None if there is nothing to heal (a duplicate, a stale
+    signal, an app a human was called for). Raises Unprocessable for input no one can act on
+    (malformed, unknown app): the agent keeps that as a dead letter."""
+    env = settings.env
+    try:
+        signal = Signal.from_dict(raw)
+    except MalformedEvent as exc:
+        raise Unprocessable(f"malformed signal: {exc}") from None
+    if signal.env != env:
+        raise Unprocessable(f"malformed signal: env: signal is for {signal.env!r}, this detector serves {env!r}")
+    open_key = f"{env}/{signal.app}"
+    # Judge the signal without the write lock; only opening the incident needs it.
+    with transaction(settings, readonly=True) as conn:
+        app = app_row(conn, env, signal.app)
+        if app is None:
+            raise Unprocessable(f"unknown app {signal.app!r} in {env}")
+        observed = parse_iso(signal.observed_at)
+        if utcnow() - observed > timedelta(seconds=SIGNAL_MAX_AGE_S):
+            return None  # stale: the next probe reports what is true now
+        last_closed = conn.execute(_LAST_CLOSED, {"env": env, "app": signal.app}).scalar()
+        if last_closed is not None and as_utc(last_closed) >= observed:
+            return None  # seen before the last incident of this app was resolved: it is about the past
+        if app.attention:
+            return None  # a human was called for this app; do not loop on it until it is healthy
+        if conn.execute(_OPEN_INCIDENT, {"open_key": open_key}).first():
+            return None  # already being healed
+        kind, severity = classify(signal)
+        context = context_of(conn, settings, kind, signal, app.spec)
+    incident_id = f"inc-{secrets.token_hex(6)}"
+    try:
+        with transaction(settings) as conn:
+            conn.execute(_NEW_INCIDENT, {
+                "id": incident_id, "env": env, "app": signal.app, "kind": kind, "severity": severity,
+                "status": OPEN, "attempt": 1, "slot": signal.slots[0] if signal.slots else 0,
+                "signal": signal.to_dict(), "context": context, "resolution": "", "decision": None,
+                "open_key": open_key})
+            proof.append(conn, env, "INCIDENT_DETECTED", incident_id=incident_id, app=signal.app,
+                         payload={"kind": kind, "severity": severity, "signal": signal.to_dict(), "context": context})
+    except IntegrityError:
+        return None  # an incident is already open for this app (the open key is unique)
+    return {"env": env, "incident_id": incident_id, "attempt": 1}

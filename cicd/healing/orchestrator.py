@@ -1,0 +1,249 @@
+"""Run the gates on a decision and execute the allowed action exactly once, or refuse.
+
+Exactly once: (incident id, attempt) is the execution's key, claimed with a unique constraint
+before acting, and passed to the runtime as the op key. A redelivered or replayed decision finds
+the key and does nothing twice. A refusal is a noop: logged, never retried. In prod, a decision
+the environment gate holds back waits, claimed, for a human (`cicd approve`), then runs here.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import bindparam, insert, select, update
+
+from cicd.core import actions, gates
+from cicd.healing import approvals
+from cicd.delivery import deployer
+from cicd.store import proof
+from cicd.config import Settings, signing_key
+from cicd.core.events import OPEN, Decision, as_utc, iso, parse_iso, utcnow
+from cicd.runtime.base import Runtime, RuntimeFailure
+from cicd.store import Approval, Execution, Incident, app_row, connection_of, incident_row, session_scope, transaction
+
+GATE_NAMES = ("intake", "blocklist", "allowlist", "environment", "budget")
+
+
+_EXECUTIONS = Execution.__table__
+_E = _EXECUTIONS.c
+# What the budget and backoff gates count: this app's restarts and scalings that ran.
+_ACTED = select(_E.action, _E.started_at, _E.params).where(
+    _E.env == bindparam("env"), _E.app == bindparam("app"), _E.status == "done",
+    _E.action.in_(("restart_service", "scale_workers")))
+_CLAIM = select(_EXECUTIONS).where(_E.incident_id == bindparam("incident_id"), _E.attempt == bindparam("attempt"))
+_CLAIM_BY_ID = select(_EXECUTIONS).where(_E.id == bindparam("id"))
+_NEW_EXECUTION = insert(_EXECUTIONS)
+_SET_EXECUTION = update(_EXECUTIONS).where(_E.id == bindparam("k_id"))
+
+
+def summary(ex, **extra) -> dict:
+    """An execution (row or dict) as the chain passes it on."""
+    ex = ex._mapping if hasattr(ex, "_mapping") else ex
+    return {"env": ex["env"], "incident_id": ex["incident_id"], "attempt": ex["attempt"], "app": ex["app"],
+            "action": ex["action"], "params": ex["params"], "status": ex["status"], "gate": ex.get("gate", ""),
+            "reason": ex.get("reason", ""), "result": ex.get("result") or {}, **extra}
+
+
+def _field(raw, name: str, kind: type):
+    value = raw.get(name) if isinstance(raw, dict) else None
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _acted(conn, env: str, app: str) -> list[tuple[str, datetime, dict]]:
+    return [(action, as_utc(at), params) for action, at, params in conn.execute(_ACTED, {"env": env, "app": app})]
+
+
+def _gate_context(settings: Settings, conn, runtime: Runtime, app_name: str | None, acted: list,
+                  approved: bool = False) -> gates.GateContext:
+    now = utcnow()
+    app = app_row(conn, settings.env, app_name) if app_name else None
+    spec = app.spec if app else {}
+    since = now - timedelta(seconds=settings.budget_window_s)
+    return gates.GateContext(
+        env=settings.env, key=signing_key(settings), now=now, demo_mode=settings.demo_mode,
+        max_age_s=settings.decision_max_age_s,
+        restarts_in_window=sum(1 for action, at, _ in acted if action == "restart_service" and at >= since),
+        scales_in_window=sum(1 for action, at, _ in acted if action == "scale_workers" and at >= since),
+        restart_budget=settings.restart_budget, scale_budget=settings.scale_budget,
+        current_replicas=runtime.replica_count(app_name) if app else 0,
+        min_replicas=spec.get("min_replicas", 1), max_replicas=spec.get("max_replicas", 1), approved=approved,
+    )
+
+
+def action_context(settings: Settings, runtime: Runtime, request_deploy) -> actions.ActionContext:
+    return actions.ActionContext(
+        runtime=runtime,
+        release_info=lambda app, number: deployer.release_info(settings, app, number),
+        request_deploy=request_deploy,
+        cancel_release=lambda app, number, why: deployer.cancel(settings, runtime, app, number, why))
+
+
+def _refuse(conn, settings: Settings, verdict: gates.Verdict, raw, decision: Decision | None,
+            incident) -> dict:
+    """Log the refusal (ORCH_REFUSE, the gate's own event, REFUSAL_EMIT_SUCCESS) and return a noop."""
+    env = settings.env
+    refusal = {"gate": verdict.gate, "reason": verdict.reason,
+               "action": (_field(raw, "action", str) or "")[:80], "attempt": _field(raw, "attempt", int)}
+    owner, app = (incident.id, incident.app) if incident else (None, None)
+    proof.append(conn, env, "ORCH_REFUSE", incident_id=owner, app=app, payload=refusal)
+    proof.append(conn, env, verdict.event, incident_id=owner, app=app, payload=refusal)
+    # Only an authentic decision for a real incident may take the execution key: a forged one must
+    # not be able to block the real decision for the same attempt.
+    if verdict.gate != "intake" and decision is not None and incident is not None:
+        conn.execute(_NEW_EXECUTION, _execution_row(env, decision, "refused", gate=verdict.gate,
+                                                    reason=verdict.reason))
+    proof.append(conn, env, "REFUSAL_EMIT_SUCCESS", incident_id=owner, app=app, payload={"gate": verdict.gate})
+    return {"env": env, "incident_id": owner, "attempt": refusal["attempt"], "app": app,
+            "action": refusal["action"], "params": {}, "status": "refused", "gate": verdict.gate,
+            "reason": verdict.reason, "result": {}}
+
+
+def _execution_row(env: str, decision: Decision, status: str, **fields) -> dict:
+    return {"env": env, "app": decision.app, "incident_id": decision.incident_id, "attempt": decision.attempt,
+            "action": decision.action, "params": decision.params, "status": status, "gate": "", "reason": "",
+            "nonce": decision.nonce, "result": {}, "started_at": utcnow(), "finished_at": None, **fields}
+
+
+def _hold_for_approval(conn, settings: Settings, verdict: gates.Verdict, raw: dict, decision: Decision) -> dict:
+    """Claim the key and wait for a human; the incident stays open, and visible, meanwhile."""
+    approval = approvals.request_action(conn, settings, raw, verdict.reason)
+    claim = _execution_row(settings.env, decision, "awaiting_approval", gate=verdict.gate, reason=verdict.reason,
+                           result={"approval": approval["id"]})
+    conn.execute(_NEW_EXECUTION, claim)
+    return summary(claim, approval=approval["id"])
+
+
+def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> dict:
+    """request_deploy(app, request_id, kind, ref, sha, reason) hands a deploy to the deploy agent."""
+    env = settings.env
+    incident_id, attempt = _field(raw, "incident_id", str), _field(raw, "attempt", int)
+    app_name = _field(raw, "app", str)
+    # Look first, without the write lock: the gates read a lot and write nothing.
+    with transaction(settings, readonly=True) as conn:
+        incident = incident_row(conn, incident_id) if incident_id else None
+        if incident is not None and incident.env != env:
+            incident = None
+        acted = _acted(conn, env, app_name) if app_name else []
+        verdict, decision = gates.evaluate(raw, _gate_context(settings, conn, runtime, app_name, acted))
+    names_open_incident = (incident is not None and decision is not None and incident.app == decision.app
+                           and incident.status == OPEN)
+    if (verdict.allowed or verdict.approval) and not names_open_incident:
+        verdict = gates.Verdict(False, "intake", "INTAKE_REFUSED", "decision names no open incident of that app")
+    wait = (_restart_backoff(settings, acted, decision.params["slots"])
+            if verdict.allowed and decision.action == "restart_service" else 0.0)
+    # Then record, under the lock, with the claim checked again: another delivery of this decision
+    # may have got here first, and the unique key says which one acts.
+    with transaction(settings) as conn:
+        claim = None
+        if incident is not None and attempt is not None:
+            claim = conn.execute(_CLAIM, {"incident_id": incident_id, "attempt": attempt}).first()
+        if claim is not None and claim.status not in ("started", "deferred"):
+            proof.append(conn, env, "EXECUTION_DEDUPLICATED", incident_id=incident_id, app=claim.app,
+                         payload={"attempt": attempt, "status": claim.status})
+            return summary(claim, deduplicated=True)
+        if verdict.approval:
+            return _hold_for_approval(conn, settings, verdict, raw, decision)
+        if not verdict.allowed:
+            return _refuse(conn, settings, verdict, raw, decision, incident)
+        if wait > 0:
+            return _defer(conn, settings, decision, claim, wait)
+        proof.append(conn, env, "RL_INTAKE_VALIDATED", incident_id=incident_id, app=decision.app,
+                     payload={"attempt": attempt, "nonce": decision.nonce})
+        proof.append(conn, env, "EXECUTION_GATE_PASSED", incident_id=incident_id, app=decision.app,
+                     payload={"attempt": attempt, "action": decision.action, "params": decision.params,
+                              "gates": list(GATE_NAMES)})
+        if claim is None:
+            claim_id = conn.execute(_NEW_EXECUTION, _execution_row(env, decision, "started")).inserted_primary_key[0]
+        else:
+            claim_id = claim.id
+            conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": "started"})
+    return _act(settings, runtime, request_deploy, claim_id, decision)
+
+
+def _restart_backoff(settings: Settings, acted: list, slots: list[int]) -> float:
+    """Per replica, as Kubernetes backs off per container: the longest wait any of these slots owes."""
+    restarts = [(at, params) for action, at, params in acted if action == "restart_service"]
+    return max((gates.restart_backoff_s([at for at, params in restarts if slot in params.get("slots", [])],
+                                        utcnow(), settings.backoff_base_s, settings.backoff_max_s,
+                                        settings.backoff_reset_s) for slot in slots), default=0.0)
+
+
+def _defer(conn, settings: Settings, decision: Decision, claim, wait: float) -> dict:
+    """Hold the restart until its backoff is over: a row with a due time (the housekeeping task
+    sends it on then), not a message held for minutes in a worker."""
+    due = utcnow() + timedelta(seconds=wait)
+    result = {"due_at": iso(due)}
+    if claim is None:
+        row = _execution_row(settings.env, decision, "deferred", result=result)
+        conn.execute(_NEW_EXECUTION, row)
+    else:
+        conn.execute(_SET_EXECUTION, {"k_id": claim.id, "result": result})
+        row = {**claim._mapping, "result": result}
+    proof.append(conn, settings.env, "RESTART_BACKOFF", incident_id=decision.incident_id, app=decision.app,
+                 payload={"attempt": decision.attempt, "wait_s": round(wait, 3), "due_at": iso(due)})
+    return summary(row)
+
+
+def due_deferred(settings: Settings, resend_after_s: float = 60.0) -> list[dict]:
+    """Decisions whose backoff is over, to send through the chain again (each at most once a
+    minute: a resend lost with a killed worker is made again)."""
+    now, out = utcnow(), []
+    with session_scope(settings) as session:
+        for claim in session.scalars(select(Execution).where(Execution.env == settings.env,
+                                                             Execution.status == "deferred")):
+            result = dict(claim.result or {})
+            resent = result.get("resent_at")
+            if parse_iso(result["due_at"]) > now or (resent and (now - parse_iso(resent)).total_seconds() < resend_after_s):
+                continue
+            incident = session.get(Incident, claim.incident_id)
+            if incident is None or incident.status != OPEN or (incident.decision or {}).get("attempt") != claim.attempt:
+                continue
+            claim.result = {**result, "resent_at": iso(now)}
+            out.append(incident.decision)
+    return out
+
+
+def execute_approved(settings: Settings, runtime: Runtime, approval_id: str, request_deploy) -> dict | None:
+    """Run a decision a human approved: signature, blocklist and catalogue are checked again."""
+    env = settings.env
+    with session_scope(settings) as session:
+        approval = session.get(Approval, approval_id)
+        if approval is None or approval.env != env or approval.kind != "action" or approval.status != "granted":
+            return None
+        raw = approval.payload["decision"]
+        claim = session.scalar(select(Execution).where(Execution.incident_id == approval.incident_id,
+                                                       Execution.attempt == approval.attempt))
+        incident = session.get(Incident, approval.incident_id)
+        if claim is None or claim.status not in ("awaiting_approval", "started") \
+                or incident is None or incident.status != OPEN:
+            return summary(claim, deduplicated=True) if claim else None
+        conn, app_name = connection_of(session), _field(raw, "app", str)
+        acted = _acted(conn, env, app_name) if app_name else []
+        verdict, decision = gates.evaluate(raw, _gate_context(settings, conn, runtime, app_name, acted,
+                                                              approved=True))
+        if not verdict.allowed:
+            claim.status, claim.gate, claim.reason = "refused", verdict.gate, verdict.reason
+            return _refuse(session, settings, verdict, raw, None, incident)
+        proof.append(session, env, "EXECUTION_GATE_PASSED", incident_id=incident.id, app=decision.app,
+                     payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
+                              "approval": approval_id, "approved_by": approval.decided_by})
+        claim.status = "started"
+    return _act(settings, runtime, request_deploy, claim.id, decision, approval=approval_id)
+
+
+def _act(settings: Settings, runtime: Runtime, request_deploy, claim_id: int, decision: Decision, **extra) -> dict:
+    # The claim is committed. A redelivery from here on resumes it, and the runtime's op key
+    # keeps the effect single even if we die between acting and recording.
+    op_key = f"{decision.incident_id}/{decision.attempt}"
+    try:
+        runtime.note_action(decision.app, decision.action, decision.params, op_key)
+        result = actions.perform(action_context(settings, runtime, request_deploy), decision.app, decision.action,
+                                 decision.params, op_key)
+        status = "done"
+    except RuntimeFailure as exc:
+        result, status = {"error": str(exc)}, "failed"
+    with transaction(settings) as conn:
+        conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": status, "result": result, "finished_at": utcnow()})
+        proof.append(conn, settings.env, "ORCH_EXEC", incident_id=decision.incident_id, app=decision.app,
+                     payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
+                              "status": status, "result": result, **extra})
+        return summary(conn.execute(_CLAIM_BY_ID, {"id": claim_id}).one())

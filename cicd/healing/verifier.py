@@ -1,0 +1,146 @@
+"""After an action: probe until the app is stable, or conclude that the attempt failed.
+
+`check` is one look; the monitor task calls it again (a retry with countdown) while the answer
+is "wait". `conclude` closes the incident (stable, escalated, refused) or opens the next attempt.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import bindparam, select, update
+
+from cicd.store import proof
+from cicd.config import Settings
+from cicd.core.events import ESCALATED, OPEN, REFUSED, STABLE, as_utc, parse_iso, utcnow
+from cicd.signals.probes import mean_utilization
+from cicd.runtime.base import ReplicaStatus, Runtime
+from cicd.store import App, Execution, Release, app_row, incident_row, transaction, update_incident
+
+
+def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expected: int) -> bool:
+    if not statuses or len(statuses) < expected or not all(s.healthy for s in statuses):
+        return False
+    if kind == "overload":
+        return mean_utilization(statuses) <= settings.overload_threshold
+    return True
+
+
+# On top of the verify timeout, a deploy being waited for gets its spec's health deadline plus
+# this much for fetching and building.
+DEPLOY_ALLOWANCE_S = 60.0
+
+
+_RELEASES = Release.__table__
+_RELEASE_OF_REQUEST = select(_RELEASES).where(_RELEASES.c.request_id == bindparam("request_id"))
+_RELEASE_NUMBER = select(_RELEASES).where(_RELEASES.c.env == bindparam("env"), _RELEASES.c.app == bindparam("app"),
+                                          _RELEASES.c.number == bindparam("number"))
+_CALL_A_HUMAN = (update(App.__table__).where(App.__table__.c.env == bindparam("k_env"),
+                                             App.__table__.c.name == bindparam("k_name"))
+                 .values(attention=bindparam("attention")))
+
+
+def _awaited_release(conn, execution: dict, incident):
+    """The release this attempt's outcome depends on: (True, release row or None) or (False, None)."""
+    result = execution.get("result") or {}
+    if result.get("effect") == "deploy_requested":
+        return True, conn.execute(_RELEASE_OF_REQUEST, {"request_id": result["request_id"]}).first()
+    if incident.kind == "slow_deploy" and execution.get("action") == "noop":
+        number = (incident.context or {}).get("release")
+        return True, conn.execute(_RELEASE_NUMBER, {"env": incident.env, "app": incident.app, "number": number}).first()
+    return False, None
+
+
+def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: int, started_at: str):
+    """("wait", stable_checks so far) or ("done", outcome)."""
+    if execution.get("status") in ("awaiting_approval", "deferred"):
+        return "done", None  # held for a human, or for a backoff: the chain runs again from there
+    if execution.get("status") == "refused":
+        return "done", conclude(settings, execution, "refused")
+    if execution.get("status") == "failed":
+        return "done", conclude(settings, execution, "failed", detail=execution.get("result", {}).get("error", ""))
+    with transaction(settings, readonly=True) as conn:
+        incident = incident_row(conn, execution["incident_id"])
+        if incident is None or incident.status != OPEN or incident.attempt != execution["attempt"]:
+            return "done", None  # already concluded by an earlier delivery of this task
+        kind, app = incident.kind, incident.app
+        awaiting, release = _awaited_release(conn, execution, incident)
+        release_status = (release.number, release.status, release.detail) if release else None
+        timeout = settings.verify_timeout_s
+        if awaiting:
+            timeout += app_row(conn, settings.env, app).spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
+    timed_out = utcnow() - parse_iso(started_at) > timedelta(seconds=timeout)
+    if awaiting and (release_status is None or release_status[1] in ("fetching", "starting", "switching")):
+        if timed_out:
+            return "done", conclude(settings, execution, "failed", detail=f"the release did not finish within {timeout:.0f} s")
+        return "wait", 0
+    if awaiting and release_status[1] == "failed":
+        return "done", conclude(settings, execution, "failed",
+                                detail=f"release {release_status[0]} failed: {release_status[2]}")
+    statuses = runtime.probe([app])[app]
+    if is_stable(settings, kind, statuses, runtime.replica_count(app)):
+        stable_checks += 1
+        if stable_checks >= settings.stable_checks:
+            return "done", conclude(settings, execution, "stable")
+    else:
+        stable_checks = 0
+    if timed_out:
+        seen = ", ".join(f"{s.slot}:{s.status}" for s in statuses) or "no replicas"
+        return "done", conclude(settings, execution, "failed", detail=f"not stable within {timeout:.0f} s ({seen})")
+    return "wait", stable_checks
+
+
+def conclude(settings: Settings, execution: dict, result: str, detail: str = "") -> dict | None:
+    """Close the incident or move it to its next attempt; returns the outcome for learning."""
+    env = settings.env
+    with transaction(settings) as conn:
+        incident = incident_row(conn, execution.get("incident_id") or "", lock=True)
+        if incident is None or incident.status != OPEN:
+            return None
+        attempt = incident.attempt
+        now = utcnow()
+        ttr = round((now - as_utc(incident.opened_at)).total_seconds(), 3)
+        outcome = {"env": env, "incident_id": incident.id, "app": incident.app, "kind": incident.kind,
+                   "severity": incident.severity, "fresh": bool((incident.context or {}).get("fresh_release")),
+                   "attempt": attempt, "action": execution.get("action") or "",
+                   "result": result, "time_to_recover_s": None, "next_attempt": None}
+        base = {"attempt": attempt, "action": outcome["action"], "kind": incident.kind}
+        if result == "stable":
+            outcome["time_to_recover_s"] = ttr
+            _close(conn, incident, STABLE, f"recovered by {outcome['action']} on attempt {attempt}", now)
+            proof.append(conn, env, "SYSTEM_STABLE", incident_id=incident.id, app=incident.app,
+                         payload={**base, "time_to_recover_s": ttr})
+        elif result == "refused":
+            # Past a budget the design says escalate; any other refusal closes the incident as refused.
+            over_budget = execution.get("gate") == "budget"
+            why = f"{outcome['action'] or 'decision'} refused by the {execution.get('gate')} gate: {execution.get('reason')}"
+            _close(conn, incident, ESCALATED if over_budget else REFUSED, why, now)
+            _call_a_human(conn, env, incident.app, why)
+            proof.append(conn, env, "ESCALATED" if over_budget else "INCIDENT_REFUSED",
+                         incident_id=incident.id, app=incident.app, payload={**base, "reason": why})
+        elif attempt < settings.max_attempts:
+            update_incident(conn, incident.id, attempt=attempt + 1, decision=None)
+            outcome["next_attempt"] = attempt + 1
+            proof.append(conn, env, "ATTEMPT_FAILED", incident_id=incident.id, app=incident.app,
+                         payload={**base, "detail": detail, "next_attempt": attempt + 1})
+        else:
+            why = f"not recovered after {attempt} attempts; last: {outcome['action']} ({detail})"
+            _close(conn, incident, ESCALATED, why, now)
+            _call_a_human(conn, env, incident.app, why)
+            proof.append(conn, env, "ESCALATED", incident_id=incident.id, app=incident.app,
+                         payload={**base, "reason": why, "history": _history(conn, incident)})
+        return outcome
+
+
+def _close(conn, incident, status: str, resolution: str, now) -> None:
+    update_incident(conn, incident.id, status=status, resolution=resolution, closed_at=now, open_key=None)
+
+
+def _call_a_human(conn, env: str, app_name: str, why: str) -> None:
+    conn.execute(_CALL_A_HUMAN, {"k_env": env, "k_name": app_name, "attention": why[:200]})
+
+
+def _history(conn, incident) -> list[dict]:
+    e = Execution.__table__.c
+    rows = conn.execute(select(e.attempt, e.action, e.status, e.reason).where(e.incident_id == incident.id)
+                        .order_by(e.attempt))
+    return [{"attempt": r.attempt, "action": r.action, "status": r.status, "reason": r.reason} for r in rows]

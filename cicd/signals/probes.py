@@ -1,0 +1,141 @@
+"""One probe cycle: probe every replica of every live app in a batch, remember what was seen,
+and turn anomalies into signals for the detector.
+
+A dead process or a refused connection is a signal at once; a failing health check must repeat
+`unhealthy_probes` times before it counts as a crash (fewer, then recovered, is a blip); high
+utilization must last `overload_probes` probes, and low utilization with more replicas than the
+spec asks for `underload_probes` probes. Uptime per app is counted here.
+
+Written for fleets of thousands: the bookkeeping is a handful of bulk statements per cycle, and
+a replica has a row only while its health checks are failing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, delete, insert, select, update
+
+from cicd.config import Settings
+from cicd.core.events import OPEN, iso, utcnow
+from cicd.runtime.base import ReplicaStatus, Runtime
+from cicd.store import App, AppHealth, Incident, ReplicaHealth, session_scope
+
+FAILING = ("degraded", "timeout")
+GONE = ("down", "refused")
+
+_HEALTH = AppHealth.__table__
+# One prebuilt UPDATE run as executemany: the ORM's bulk update spent more time collecting
+# per-row commands than SQLite spent on the rows (0.37 of 1.1 s per cycle at 10,000 apps).
+_UPDATE_HEALTH = (update(_HEALTH)
+                  .where(_HEALTH.c.env == bindparam("k_env"), _HEALTH.c.app == bindparam("k_app"))
+                  .values({column: bindparam(column) for column in
+                           ("probes", "up_probes", "healthy_replicas", "replicas", "utilization",
+                            "consecutive_hot", "consecutive_cold", "last_probe_at")}))
+
+
+def mean_utilization(statuses: list[ReplicaStatus]) -> float:
+    serving = [s.utilization for s in statuses if s.healthy]
+    return sum(serving) / len(serving) if serving else 0.0
+
+
+@dataclass(frozen=True)
+class Observation:
+    health: dict          # the app's new AppHealth values
+    failures: dict        # slot -> consecutive failed health checks (only the failing slots)
+    signal: dict | None
+
+
+def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
+    """Probe, record, and return the signals to send to the detector (at most one per app)."""
+    env, now = settings.env, utcnow()
+    with session_scope(settings, readonly=True) as session:
+        # Only the wanted replica count, taken out of the spec by the database: decoding 10,000
+        # whole specs in Python cost a fifth of a cycle.
+        apps = {name: (wanted, attention) for name, wanted, attention in
+                session.execute(select(App.name, App.spec["replicas"].as_integer(), App.attention)
+                                .where(App.env == env))}
+    # Probing happens outside any transaction: HTTP waits must not hold the database lock.
+    results = runtime.probe(sorted(apps))
+    signals = []
+    with session_scope(settings) as session:
+        busy = set(session.scalars(select(Incident.app).where(Incident.env == env, Incident.status == OPEN)))
+        failing = {}
+        for app, slot, count in session.execute(select(ReplicaHealth.app, ReplicaHealth.slot,
+                                                       ReplicaHealth.consecutive_failures)
+                                                .where(ReplicaHealth.env == env)):
+            failing.setdefault(app, {})[slot] = count
+        before = {row.app: row for row in session.execute(
+            select(AppHealth.app, AppHealth.probes, AppHealth.up_probes, AppHealth.consecutive_hot,
+                   AppHealth.consecutive_cold).where(AppHealth.env == env))}
+        updates, inserts, healed, replica_rows = [], [], [], []
+        for name, statuses in results.items():
+            if not statuses or name not in apps:
+                continue  # nothing deployed yet, or removed while we were probing
+            wanted, attention = apps[name]
+            seen = observe(settings, name, wanted or 1, statuses, failing.get(name, {}), before.get(name), now)
+            if name in before:
+                updates.append({"k_env": env, "k_app": name, **seen.health})
+            else:
+                inserts.append({"env": env, "app": name, **seen.health})
+            replica_rows += [{"env": env, "app": name, "slot": slot, "consecutive_failures": count,
+                              "last_status": "failing", "last_utilization": 0.0, "updated_at": now}
+                             for slot, count in seen.failures.items()]
+            if attention and all(s.healthy for s in statuses):
+                healed.append(name)  # healthy again: the detector may act on it from now on
+            elif seen.signal and name not in busy and not attention:
+                signals.append(seen.signal)
+        if updates:
+            session.connection().execute(_UPDATE_HEALTH, updates)
+        if inserts:
+            session.execute(insert(AppHealth), inserts)
+        if failing or replica_rows:
+            session.execute(delete(ReplicaHealth).where(ReplicaHealth.env == env))
+            if replica_rows:
+                session.execute(insert(ReplicaHealth), replica_rows)
+        if healed:
+            session.execute(update(App).where(App.env == env, App.name.in_(healed)).values(attention=None))
+    return signals
+
+
+def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[ReplicaStatus], failures_before: dict,
+            before, now) -> Observation:
+    """One app's probe results against what earlier probes saw: new counters, and its signal."""
+    down, unhealthy, blips, failures = [], [], [], {}
+    for status in statuses:
+        count = failures_before.get(status.slot, 0)
+        if status.status in GONE:
+            down.append(status.slot)
+        elif status.status in FAILING:
+            failures[status.slot] = count + 1
+            if count + 1 >= settings.unhealthy_probes:
+                unhealthy.append(status.slot)
+        elif status.healthy and 0 < count < settings.unhealthy_probes:
+            blips.append(status.slot)
+    healthy = sum(1 for s in statuses if s.healthy)
+    utilization = mean_utilization(statuses)
+    hot = (before.consecutive_hot if before else 0) + 1 if utilization > settings.overload_threshold else 0
+    # Idle only counts while there are more replicas than the spec asks for, all of them healthy.
+    idle = healthy == len(statuses) > wanted_replicas and utilization < settings.underload_threshold
+    cold = (before.consecutive_cold if before else 0) + 1 if idle else 0
+    health = {"probes": (before.probes if before else 0) + 1, "up_probes": (before.up_probes if before else 0) + bool(healthy),
+              "healthy_replicas": healthy, "replicas": len(statuses), "utilization": utilization,
+              "consecutive_hot": hot, "consecutive_cold": cold, "last_probe_at": now}
+
+    def signal(kind, slots):
+        return {"env": settings.env, "app": name, "kind": kind, "slots": sorted(slots), "observed_at": iso(now),
+                "utilization": round(utilization, 4), "replicas_total": len(statuses),
+                "detail": ", ".join(f"{s.slot}:{s.status}" for s in statuses)}
+
+    if down:
+        found = signal("replica_down", down)
+    elif unhealthy:
+        found = signal("replica_unhealthy", unhealthy)
+    elif hot >= settings.overload_probes:
+        found = signal("replica_hot", [s.slot for s in statuses if s.healthy])
+    elif blips:
+        found = signal("replica_blip", blips)
+    elif cold >= settings.underload_probes:
+        found = signal("replica_cold", [s.slot for s in statuses])
+    else:
+        found = None
+    return Observation(health, failures, found)

@@ -1,0 +1,194 @@
+"""Read-side views for the CLI (and scripts): apps, incidents, and following one incident."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterator
+
+from sqlalchemy import select
+
+from cicd.store import proof
+from cicd.config import Settings
+from cicd.core.events import OPEN, iso, parse_iso, utcnow
+from cicd.runtime.base import Runtime
+from cicd.store import App, AppHealth, Incident, ProofRecord, Release, session_scope
+
+
+LEARN_GRACE_S = 5.0
+
+
+def incident_dict(i: Incident) -> dict:
+    return {"id": i.id, "env": i.env, "app": i.app, "kind": i.kind, "severity": i.severity, "status": i.status,
+            "attempt": i.attempt, "opened_at": iso(i.opened_at), "closed_at": iso(i.closed_at) if i.closed_at else None,
+            "resolution": i.resolution,
+            "action": (i.decision or {}).get("action")}
+
+
+def incidents(settings: Settings, limit: int = 20, app: str | None = None) -> list[dict]:
+    with session_scope(settings, readonly=True) as session:
+        query = select(Incident).where(Incident.env == settings.env)
+        if app:
+            query = query.where(Incident.app == app)
+        rows = session.scalars(query.order_by(Incident.opened_at.desc()).limit(limit)).all()
+        return [incident_dict(i) for i in rows]
+
+
+def apps(settings: Settings, runtime: Runtime) -> list[dict]:
+    with session_scope(settings, readonly=True) as session:
+        rows = session.scalars(select(App).where(App.env == settings.env).order_by(App.name)).all()
+        health = {h.app: h for h in session.scalars(select(AppHealth).where(AppHealth.env == settings.env))}
+        live = {r.app: r.number for r in session.scalars(select(Release).where(Release.env == settings.env,
+                                                                               Release.status == "live"))}
+        open_incidents = {i.app: i.id for i in session.scalars(select(Incident).where(
+            Incident.env == settings.env, Incident.status == OPEN))}
+        out = []
+        for app in rows:
+            h = health.get(app.name)
+            out.append({"app": app.name, "runtime": app.runtime, "release": live.get(app.name),
+                        "replicas": runtime.replica_count(app.name),
+                        "healthy": h.healthy_replicas if h else None,
+                        # What the last probe saw (healthy is out of these), beside what the runtime holds now.
+                        "probed_replicas": h.replicas if h else None,
+                        "utilization": round(h.utilization, 3) if h else None,
+                        "uptime": round(h.up_probes / h.probes, 5) if h and h.probes else None,
+                        "probes": h.probes if h else 0,
+                        "last_probe_at": iso(h.last_probe_at) if h and h.last_probe_at else None,
+                        "open_incident": open_incidents.get(app.name), "attention": app.attention})
+        return out
+
+
+def timeline(settings: Settings, incident_id: str, extra_seqs: tuple[int, ...] = ()) -> list[dict]:
+    """The incident's proof records (and any extra ones, like the injection), in chain order."""
+    with session_scope(settings, readonly=True) as session:
+        query = select(ProofRecord).where(ProofRecord.env == settings.env)
+        if extra_seqs:
+            query = query.where((ProofRecord.incident_id == incident_id) | ProofRecord.seq.in_(extra_seqs))
+        else:
+            query = query.where(ProofRecord.incident_id == incident_id)
+        return [proof.as_dict(r) for r in session.scalars(query.order_by(ProofRecord.seq))]
+
+
+def timelines(settings: Settings, incident_ids: list[str]) -> dict[str, list[dict]]:
+    """Several incidents' proof records in one query (a page of incidents, not one query each)."""
+    out: dict[str, list[dict]] = {incident_id: [] for incident_id in incident_ids}
+    if not incident_ids:
+        return out
+    with session_scope(settings, readonly=True) as session:
+        query = select(ProofRecord).where(ProofRecord.env == settings.env, ProofRecord.incident_id.in_(incident_ids))
+        for record in session.scalars(query.order_by(ProofRecord.seq)):
+            out[record.incident_id].append(proof.as_dict(record))
+    return out
+
+
+def follow(settings: Settings, app: str, after_seq: int, timeout_s: float,
+           on_record: Callable[[dict], None] = lambda r: None, poll_s: float = 0.1) -> dict | None:
+    """Wait for the app's next incident (detected after proof seq `after_seq`) to end.
+
+    Calls on_record for each of its proof records as they land; returns the closed incident,
+    or None if nothing ended within the timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    incident_id, seen, closed, learned = None, after_seq, None, False
+    while time.monotonic() < deadline:
+        with session_scope(settings, readonly=True) as session:
+            query = select(ProofRecord).where(ProofRecord.env == settings.env, ProofRecord.seq > seen)
+            for record in session.scalars(query.order_by(ProofRecord.seq)):
+                seen = record.seq
+                if incident_id is None and record.event_name == "INCIDENT_DETECTED" and record.app == app:
+                    incident_id = record.incident_id
+                if incident_id and record.incident_id == incident_id:
+                    on_record(proof.as_dict(record))
+                    learned = record.event_name == "RL_UPDATE"
+            if incident_id and closed is None:
+                incident = session.get(Incident, incident_id)
+                if incident.status != OPEN:
+                    closed = incident_dict(incident)
+                    # The chain's last step (learning) lands just after the close: show it too.
+                    deadline = min(deadline, time.monotonic() + LEARN_GRACE_S)
+        if closed and learned:
+            return closed
+        time.sleep(poll_s)
+    return closed
+
+
+# Where each proof event of an incident stands in the healing chain, for a live tail.
+PHASES = {
+    "INCIDENT_DETECTED": "opened", "INCIDENT_RESUMED": "resumed",
+    "RL_CONSUME": "decided", "RL_DECISION": "decided",
+    "RL_INTAKE_VALIDATED": "gated", "EXECUTION_GATE_PASSED": "gated", "ORCH_REFUSE": "gated",
+    "REFUSAL_EMIT_SUCCESS": "gated", "INTAKE_REFUSED": "gated", "UNSAFE_ACTION_REFUSED": "gated",
+    "ACTION_NOT_ALLOWED": "gated", "DEMO_MODE_BLOCK": "gated", "ENVIRONMENT_REFUSED": "gated",
+    "BUDGET_EXCEEDED": "gated", "RESTART_BACKOFF": "gated", "APPROVAL_REQUESTED": "gated",
+    "APPROVAL_GRANTED": "gated", "APPROVAL_DENIED": "gated", "APPROVAL_EXPIRED": "gated",
+    "ORCH_EXEC": "executed", "EXECUTION_DEDUPLICATED": "executed",
+    "ATTEMPT_FAILED": "failed", "SYSTEM_STABLE": "stable", "ESCALATED": "escalated",
+    "INCIDENT_REFUSED": "refused", "RL_UPDATE": "learned",
+}
+
+
+def phase_of(event_name: str) -> str:
+    return PHASES.get(event_name, "other")
+
+
+def incident_events(settings: Settings, after_seq: int, app: str | None = None, *, poll_s: float) -> Iterator[dict]:
+    """Every proof record of an incident after `after_seq`, in chain order, as it lands; for ever.
+
+    Followed by sequence number, never by time: appends take the chain head under a lock and
+    commit in seq order, so reading `seq > last seen` again and again misses nothing and
+    repeats nothing, however many agents append at once.
+    """
+    seen = after_seq
+    while True:
+        for record in proof.records_since(settings, seen):
+            seen = record["seq"]
+            if record["incident_id"] and (app is None or record["app"] == app):
+                yield record
+        time.sleep(poll_s)
+
+
+def seconds_between(start_iso: str, end_iso: str) -> float:
+    return round((parse_iso(end_iso) - parse_iso(start_iso)).total_seconds(), 3)
+
+
+def payload_text(record: dict, width: int = 90) -> str:
+    text = json.dumps(record.get("payload", {}), sort_keys=True, separators=(",", ":"))
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+
+
+def latest_release(settings: Settings, app: str, status: str | None = None) -> dict | None:
+    """The app's newest release (with that status, if given)."""
+    with session_scope(settings, readonly=True) as session:
+        query = select(Release).where(Release.env == settings.env, Release.app == app)
+        if status:
+            query = query.where(Release.status == status)
+        release = session.scalar(query.order_by(Release.number.desc()).limit(1))
+        if release is None:
+            return None
+        return {"release": release.number, "status": release.status, "detail": release.detail, "kind": release.kind,
+                "ref": release.ref, "sha": release.sha, "started_at": iso(release.started_at),
+                "finished_at": iso(release.finished_at) if release.finished_at else None}
+
+
+def wait_for_release(settings: Settings, app: str, after: int, timeout_s: float) -> dict | None:
+    """The first release numbered above `after` once it is live or failed; None on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        release = latest_release(settings, app)
+        if release and release["release"] > after and release["status"] in ("live", "failed"):
+            return release
+        time.sleep(0.2)
+    return None
+
+
+def steady(settings: Settings, runtime: Runtime, app: str) -> bool:
+    """Healthy on every replica at the last probe, no open incident, nobody called."""
+    for row in apps(settings, runtime):
+        if row["app"] == app:
+            fresh = row["last_probe_at"] and (utcnow() - parse_iso(row["last_probe_at"])).total_seconds() < \
+                max(3.0, 3 * settings.probe_interval_s)
+            return bool(fresh and row["release"] is not None and row["replicas"] > 0
+                        and row["healthy"] == row["replicas"] and row["open_incident"] is None
+                        and row["attention"] is None)
+    return False

@@ -18,9 +18,10 @@ from cicd.store import proof
 from cicd.config import ENVIRONMENTS, Settings, check_env_name
 from cicd.core.events import ESCALATED, OPEN, REFUSED, as_utc, iso, utcnow
 from cicd.store import Approval, Execution, Incident, Release, connection_of, get_app, session_scope
+from cicd.errors import CicdError
 
 
-class ApprovalError(ValueError):
+class ApprovalError(CicdError, ValueError):
     pass
 
 

@@ -14,11 +14,12 @@ from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import iso, utcnow
 from cicd.store import DeadLetter, session_scope
+from cicd.errors import CicdError
 
 LIMIT_CHARS = 100_000
 
 
-class DeadLetterError(ValueError):
+class DeadLetterError(CicdError, ValueError):
     pass
 
 

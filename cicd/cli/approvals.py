@@ -6,8 +6,6 @@ import click
 from cicd.cli import terminal
 from cicd.cli.context import JSON_OPTION, Invocation, control_plane, echo_json, env_option, pass_invocation, whoami
 from cicd.config import ENVIRONMENTS, Settings
-from cicd.healing import approvals
-from cicd.stack import cluster
 
 
 @click.command()
@@ -21,6 +19,7 @@ def promote(invocation: Invocation, app, source, target):
     The request waits in the target environment (`cicd approvals`) until someone runs
     `cicd approve ID` or `cicd deny ID`, or it expires ($CICD_APPROVAL_TTL, default 1 h).
     """
+    from cicd.healing import approvals
     source_settings, target_settings = invocation.settings_for(source), invocation.settings_for(target)
     request = approvals.request_promotion(target_settings, source_settings, app, whoami())
     click.echo(f"APPROVAL_REQUESTED {request['id']}: {request['summary']} (expires {request['expires_at']})")
@@ -34,6 +33,7 @@ def promote(invocation: Invocation, app, source, target):
 @pass_invocation
 def approvals_list(invocation: Invocation, include_decided, as_json):
     """Requests waiting for a human: promotions, and actions held back in prod."""
+    from cicd.healing import approvals
     env = invocation.env
     rows = []
     for name in [env] if env else ENVIRONMENTS:
@@ -52,6 +52,7 @@ def approvals_list(invocation: Invocation, include_decided, as_json):
 
 def answer_settings(invocation: Invocation, approval_id: str) -> Settings:
     """The Settings of the environment an approval id names (apr-ENV-...): a bad id is a bad argument."""
+    from cicd.healing import approvals
     try:
         env = approvals.env_of(approval_id)
     except approvals.ApprovalError as exc:
@@ -66,6 +67,8 @@ def answer_settings(invocation: Invocation, approval_id: str) -> Settings:
 @pass_invocation
 def approve(invocation: Invocation, approval_id, reason, who):
     """Grant a request: a promotion is onboarded and deployed; a held-back action runs."""
+    from cicd.healing import approvals
+    from cicd.stack import cluster
     settings = answer_settings(invocation, approval_id)
 
     def say_granted(granted: dict) -> None:  # as soon as it is recorded, before its work is sent
@@ -86,6 +89,7 @@ def approve(invocation: Invocation, approval_id, reason, who):
 @pass_invocation
 def deny(invocation: Invocation, approval_id, reason, who):
     """Deny a request; an action held back for it is refused and its incident closes."""
+    from cicd.healing import approvals
     settings = answer_settings(invocation, approval_id)
     denied = approvals.deny(settings, approval_id, who or whoami(), reason)
     click.echo(f"APPROVAL_DENIED {approval_id} by {denied['decided_by']}: {denied['summary']}")

@@ -10,8 +10,6 @@ from cicd.cli.context import Invocation, control_plane, env_option, pass_invocat
 from cicd.config import Settings
 from cicd.delivery import faults, gitsource, onboarding
 from cicd.runtime import make_runtime
-from cicd.stack import cluster
-from cicd.store import reports
 
 
 @click.command()
@@ -48,6 +46,7 @@ def onboard(invocation: Invocation, name, repo, runtime_kind, wait):
 
 
 def report_release(settings: Settings, app: str, after: int, timeout_s: float = 120) -> None:
+    from cicd.store import reports
     with terminal.progress(f"deploying {app} in {settings.env}: fetch, build, health gate"):
         release = reports.wait_for_release(settings, app, after, timeout_s)
     if release is None:
@@ -72,6 +71,7 @@ def deploy(invocation: Invocation, app, ref, wait):
     fails (fetch, build or gate) is discarded and the live one keeps serving (ROLLBACK). One
     deploy per app at a time: a second one waits for the first.
     """
+    from cicd.store import reports
     settings = invocation.settings
     require_stack(settings)
     try:
@@ -123,6 +123,8 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot):
     failed-deploy  deploy the repo's cicd-inject/broken branch (does not build)
     bad-release    deploy the repo's cicd-inject/crashy branch (passes its gate, then dies)
     """
+    from cicd.stack import cluster
+    from cicd.store import reports
     settings = invocation.settings
     runtime = make_runtime(settings)
     plane = control_plane(settings)

@@ -10,7 +10,6 @@ import click
 from cicd.cli import terminal
 from cicd.cli.context import Invocation, control_plane, pass_invocation
 from cicd.runtime import make_runtime
-from cicd.stack import cluster
 
 
 @click.command()
@@ -31,6 +30,7 @@ def demo(invocation: Invocation, scenario, timeout):
     Starts the stack if it is not up, in DEMO_MODE (only noop, restart and scaling execute;
     set CICD_DEMO_MODE=false to let the healer retry and roll back deploys), and leaves it running.
     """
+    from cicd.stack import cluster
     from cicd.stack import demo as demo_module
     os.environ.setdefault("CICD_DEMO_MODE", "true")
     settings = invocation.settings_for("stage")

@@ -6,7 +6,6 @@ import click
 from cicd.cli import terminal
 from cicd.cli.context import (JSON_OPTION, Invocation, control_plane, echo_json, env_option, pass_invocation,
                               require_stack, whoami)
-from cicd.store import deadletters
 
 
 @click.group(name="dlq")
@@ -26,6 +25,7 @@ def dlq_group():
 @pass_invocation
 def dlq_list(invocation: Invocation, include_retried, as_json):
     """The dead letters of an environment, oldest first."""
+    from cicd.store import deadletters
     settings = invocation.settings
     rows = deadletters.listing(settings, include_retried)
     if as_json:
@@ -46,6 +46,7 @@ def dlq_list(invocation: Invocation, include_retried, as_json):
 @pass_invocation
 def dlq_show(invocation: Invocation, letter_id):
     """One dead letter, whole: task, arguments, the chain it was part of, and why."""
+    from cicd.store import deadletters
     echo_json(deadletters.get(invocation.settings, letter_id))
 
 
@@ -55,6 +56,7 @@ def dlq_show(invocation: Invocation, letter_id):
 @pass_invocation
 def dlq_retry(invocation: Invocation, letter_ids):
     """Send dead letters to their task again (a fixed bug, a broker that is back)."""
+    from cicd.store import deadletters
     settings = invocation.settings
     require_stack(settings)
     plane = control_plane(settings)
@@ -70,6 +72,7 @@ def dlq_retry(invocation: Invocation, letter_ids):
 @pass_invocation
 def dlq_purge(invocation: Invocation, letter_ids, purge_all):
     """Delete dead letters you have dealt with (the proof log records what was deleted, by whom)."""
+    from cicd.store import deadletters
     if bool(letter_ids) == purge_all:
         raise click.UsageError("give the IDs to purge, or --all")
     settings = invocation.settings

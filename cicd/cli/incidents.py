@@ -8,7 +8,6 @@ import click
 from cicd.cli import terminal
 from cicd.cli.context import JSON_OPTION, Invocation, echo_json, env_option, pass_invocation
 from cicd.config import Settings
-from cicd.store import proof, reports
 
 INCIDENT_COLUMNS = [("id", "id"), ("app", "app"), ("kind", "kind"), ("severity", "severity"), ("status", "status"),
                     ("attempt", "attempt"), ("action", "action"), ("opened_at", "opened"), ("resolution", "resolution")]
@@ -35,6 +34,7 @@ def incidents(invocation: Invocation, limit, app, follow, interval, as_json):
       {"type": "incident", "id": ..., "status": ..., ...}    the incidents listed first
       {"type": "event", "phase": "executed", "seq": ..., "event_name": ..., ...}
     """
+    from cicd.store import reports
     settings = invocation.settings
     if follow:
         follow_incidents(settings, limit, app, interval, as_json)
@@ -50,6 +50,7 @@ def incidents(invocation: Invocation, limit, app, follow, interval, as_json):
 
 
 def follow_incidents(settings: Settings, limit: int, app: str | None, interval: float, as_json: bool) -> None:
+    from cicd.store import proof, reports
     # The chain head before the listing: an event that lands in between is then printed once,
     # as an event, and none is lost.
     after = proof.head_seq(settings)

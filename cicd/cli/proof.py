@@ -7,7 +7,6 @@ import click
 
 from cicd.cli import terminal
 from cicd.cli.context import JSON_OPTION, Invocation, echo_json, env_option, pass_invocation
-from cicd.store import proof, reports
 
 
 @click.group(name="proof")
@@ -23,6 +22,7 @@ def proof_group():
 @pass_invocation
 def proof_tail(invocation: Invocation, count, incident, as_json):
     """The last records of the chain, oldest first (`proof export` writes them all as JSONL)."""
+    from cicd.store import proof, reports
     settings = invocation.settings
     records = proof.tail(settings, count, incident)
     if as_json:
@@ -41,6 +41,7 @@ def proof_tail(invocation: Invocation, count, incident, as_json):
 @pass_invocation
 def proof_verify(invocation: Invocation, path):
     """Check every record's hash and link; name the first bad record. Exit 1 if broken."""
+    from cicd.store import proof
     settings = invocation.settings
     result = proof.verify_file(path) if path else proof.verify(settings)
     click.echo(f"{path or settings.env}: {result.describe()}")
@@ -54,6 +55,7 @@ def proof_verify(invocation: Invocation, path):
 @pass_invocation
 def proof_export(invocation: Invocation, fmt, output):
     """Write the whole chain as JSONL or CSV (the columns `cicd replay` reads)."""
+    from cicd.store import proof
     settings = invocation.settings
     count = proof.export(settings, fmt, output)
     if output is not sys.stdout:

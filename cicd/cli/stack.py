@@ -9,8 +9,6 @@ from cicd.cli import terminal
 from cicd.cli.context import JSON_OPTION, Invocation, control_plane, echo_json, env_option, pass_invocation
 from cicd.config import AGENTS, ENVIRONMENTS
 from cicd.runtime import make_runtime
-from cicd.stack import cluster
-from cicd.store import reports
 
 
 def parse_scale(values: tuple[str, ...]) -> dict[str, int]:
@@ -43,6 +41,7 @@ def up(invocation: Invocation, scale, flower, flower_port):
     With --flower, also Flower, watching every environment on the broker. Returns when every
     worker answers a ping. Running it again starts only what is missing.
     """
+    from cicd.stack import cluster
     if flower is False and flower_port is not None:
         raise click.BadParameter("--flower-port starts Flower; --no-flower stops it: give one of them",
                                  param_hint="--flower-port")
@@ -71,6 +70,7 @@ def down(invocation: Invocation, stop_apps):
 
     Apps keep running unless --apps is given: stopping the control plane never takes your apps down.
     """
+    from cicd.stack import cluster
     env = invocation.env
     settings = invocation.settings
     if stop_apps:
@@ -108,6 +108,8 @@ def watch(invocation: Invocation):
 @pass_invocation
 def status(invocation: Invocation, as_json):
     """Each agent (replicas, alive, queue depth), and each app (replicas, health, uptime)."""
+    from cicd.stack import cluster
+    from cicd.store import reports
     settings = invocation.settings
     state = cluster.status(settings, control_plane(settings).ping)
     apps = reports.apps(settings, make_runtime(settings))

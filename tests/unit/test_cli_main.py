@@ -4,6 +4,9 @@ and one --env option, with each command's default, chooses the environment a com
 In-process (click's runner) against an empty home: no stack, no broker."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -115,3 +118,12 @@ def test_the_command_gets_the_settings_of_its_env(tmp_path):
     assert invoke(trains, tmp_path, CICD_ENV="prod").stdout == "dev\n"  # its own default, not $CICD_ENV
     out = invoke(trains, tmp_path, "--env", "qa")
     assert out.exit_code == 2 and "--env" in out.stderr and "'qa' is not one of" in out.stderr
+
+
+# -- start-up ------------------------------------------------------------------------------------
+def test_the_command_starts_without_the_heavy_libraries():
+    """`cicd --version`, `--help` and every shell completion import the whole command tree: the
+    database, broker and numeric libraries wait for the commands that use them."""
+    probe = "import sys, cli; print(sorted(m for m in ('sqlalchemy', 'redis', 'celery', 'kombu', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (0, "[]\n"), out.stderr

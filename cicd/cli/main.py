@@ -1,4 +1,8 @@
-"""The root of the `cicd` command: its help, its version, and every command group, registered here."""
+"""The root of the `cicd` command: its help, its version, and every command group, registered here.
+
+Every `cicd --version`, `--help` and shell completion imports this whole tree, so the command
+modules import the store, the stack, Celery and numpy inside the commands that use them.
+"""
 from __future__ import annotations
 
 import click

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
+from cicd.errors import CicdError
+
 ENVIRONMENTS = ("dev", "stage", "prod")
 AGENTS = ("onboard", "deploy", "detect", "decide", "orchestrate", "monitor")
 
@@ -23,7 +25,7 @@ AGENTS = ("onboard", "deploy", "detect", "decide", "orchestrate", "monitor")
 POLICY_MODES = {"dev": "explore", "stage": "greedy", "prod": "cautious"}
 
 
-class ConfigError(ValueError):
+class ConfigError(CicdError, ValueError):
     """A setting has a value the tool cannot use; the message names the variable and the rule."""
 
 

@@ -67,6 +67,10 @@ class ControlPlane:
         """Send a dead letter again, with the rest of the chain it was part of."""
         self._sender().send_task(task, args=args, kwargs=kwargs, chain=chain or None)
 
+    def require_broker(self) -> None:
+        """StackDown within seconds if the broker does not answer (a send would retry for long)."""
+        cluster.require_broker(self.settings)
+
     def run_approved(self, approval_id: str) -> None:
         """The rest of a held-back incident chain, now that a human approved its action."""
         self._sender()  # the broker answers, and is configured before the chain is built

@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import Callable
 
 from cicd.delivery import gitsource
-from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import iso, utcnow
 from cicd.delivery.examples import INJECT_REFS
 from cicd.runtime.base import Runtime, RuntimeFailure
-from cicd.store import get_app, session_scope
 
 REPLICA_FAULTS = ("crash", "overload", "false-alarm")
 FAULT_KINDS = REPLICA_FAULTS + tuple(INJECT_REFS)
@@ -26,6 +24,8 @@ def inject(settings: Settings, runtime: Runtime, app: str, kind: str,
 
     request_deploy(app, ref, reason) hands a deploy to the deploy agent (deploy faults only).
     """
+    # The store (SQLAlchemy) only here: `cicd --help` reads FAULT_KINDS without loading it.
+    from cicd.store import get_app, proof, session_scope
     if kind not in FAULT_KINDS:
         raise RuntimeFailure(f"fault kind {kind!r}: must be one of {', '.join(FAULT_KINDS)}")
     with session_scope(settings) as session:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from cicd.config import ENVIRONMENTS
+from cicd.errors import CicdError
 
 NAME_PATTERN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 NAME_MIN, NAME_MAX = 2, 40
@@ -61,7 +62,7 @@ class Refusal:
         return {"field": self.field, "rule": self.rule, "message": self.message}
 
 
-class OnboardingRefused(ValueError):
+class OnboardingRefused(CicdError, ValueError):
     def __init__(self, refusals: list[Refusal]):
         super().__init__("; ".join(f"{r.field}: {r.message}" for r in refusals))
         self.refusals = refusals

@@ -3,24 +3,27 @@
 A request is a row in the target environment's database and an APPROVAL_REQUESTED record in its
 proof chain; the answer (APPROVAL_GRANTED / APPROVAL_DENIED) records who answered and why.
 Requests expire: an unanswered one becomes APPROVAL_EXPIRED, and an action it held back
-escalates its incident. Acting on a granted request is the caller's next step (deploying a
-promotion, executing an action), so this module needs no broker.
+escalates its incident. A grant's work (deploying a promotion, executing an action) is sent
+through the control plane the caller hands to `approve`, so this module needs no broker.
 """
 from __future__ import annotations
 
 import secrets
 from datetime import timedelta
 from types import SimpleNamespace
+from typing import Callable, Protocol
 
 from sqlalchemy import insert, select
 
+from cicd.delivery import onboarding
 from cicd.store import proof
 from cicd.config import ENVIRONMENTS, Settings, check_env_name
 from cicd.core.events import ESCALATED, OPEN, REFUSED, as_utc, iso, utcnow
 from cicd.store import Approval, Execution, Incident, Release, connection_of, get_app, session_scope
+from cicd.errors import CicdError
 
 
-class ApprovalError(ValueError):
+class ApprovalError(CicdError, ValueError):
     pass
 
 
@@ -116,6 +119,39 @@ def _answer(session, settings: Settings, approval_id: str, status: str, who: str
 def grant(settings: Settings, approval_id: str, who: str, reason: str) -> dict:
     with session_scope(settings) as session:
         return as_dict(_answer(session, settings, approval_id, "granted", who, reason))
+
+
+class GrantedWorkSender(Protocol):
+    """What a grant needs of the control plane (workers.client.ControlPlane): the agents' broker."""
+
+    def require_broker(self) -> None: ...
+
+    def run_approved(self, approval_id: str) -> None: ...
+
+    def deploy(self, app: str, ref: str, reason: str, kind: str, sha: str | None, request_id: str | None) -> str: ...
+
+
+def approve(settings: Settings, approval_id: str, who: str, reason: str, plane: GrantedWorkSender,
+            on_granted: Callable[[dict], None] = lambda granted: None) -> dict:
+    """Grant a request and send the work it held: the held action's chain, or the promoted app,
+    registered here with the spec it had and deployed at the same sha (returned as "sha").
+
+    The broker must answer first: with it down the grant would be recorded and its work never
+    sent, so the request stays pending instead. `on_granted` hears of the grant once it is
+    recorded, before its work is sent.
+    """
+    plane.require_broker()
+    granted = grant(settings, approval_id, who, reason)
+    on_granted(granted)
+    if granted["kind"] == "action":
+        plane.run_approved(approval_id)
+        return granted
+    promoted = onboarding.register_promoted(settings, granted)
+    if not promoted["ok"]:
+        raise onboarding.OnboardingRefused([onboarding.Refusal(**r) for r in promoted["refusals"]])
+    plane.deploy(granted["app"], promoted["ref"], f"promotion {approval_id}", kind="promotion", sha=promoted["sha"],
+                 request_id=f"promotion/{approval_id}")
+    return {**granted, "sha": promoted["sha"]}
 
 
 def deny(settings: Settings, approval_id: str, who: str, reason: str) -> dict:

@@ -314,6 +314,36 @@ def save_training(settings: Settings, training: Training, episodes: int, seed: i
     return path
 
 
+@dataclass
+class StoredTraining:
+    training: Training
+    states_written: int   # state-actions written to the environment's Q-table
+    curve_path: Path      # the learning curve, for `cicd rl eval`'s plot
+
+
+def current_table(settings: Settings) -> np.ndarray:
+    """The environment's Q-table: the priors overlaid with what it has learned (read-only)."""
+    from cicd.store import session_scope  # the simulation itself needs no database
+    with session_scope(settings) as session:
+        return policy.load_table(session, settings.env)
+
+
+def train_and_store(settings: Settings, episodes: int, seed: int, keep: bool = False,
+                    progress: Callable[[int, int], None] = lambda done, total: None) -> StoredTraining:
+    """Train from the priors (or, with keep, from the environment's current table), store the table
+    in the environment (RL_TRAINED in its proof chain says how it was made) and save the curve."""
+    from cicd.store import proof, session_scope
+    env = settings.env
+    training = train(settings, episodes, seed, current_table(settings) if keep else None, progress=progress)
+    with session_scope(settings) as session:
+        written = policy.store_table(session, env, training.table, training.visits, replace=not keep)
+        proof.append(session, env, "RL_TRAINED", payload={
+            "episodes": episodes, "seed": seed, "from": "current table" if keep else "priors",
+            "states_written": written, "converged_at": training.converged_at,
+            "final": {k: v for k, v in training.curve[-1].items() if k != "greedy"}})
+    return StoredTraining(training, written, save_training(settings, training, episodes, seed))
+
+
 def load_training(settings: Settings) -> dict | None:
     try:
         return json.loads((settings.env_dir / "rl" / "training.json").read_text())

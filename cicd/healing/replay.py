@@ -22,11 +22,12 @@ from cicd.core.events import INCIDENT_KINDS, SEVERITIES
 from cicd.store.proof import EXPORT_COLUMNS
 from cicd.store.reports import seconds_between
 from cicd.runtime.sim import CAUSE_MIX, Fault, _weighted
+from cicd.errors import CicdError
 
 ENDINGS = {"SYSTEM_STABLE": "stable", "ESCALATED": "escalated", "INCIDENT_REFUSED": "refused"}
 
 
-class TraceError(ValueError):
+class TraceError(CicdError, ValueError):
     pass
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 
+from cicd.errors import CicdError
 
-class RuntimeFailure(RuntimeError):
+
+class RuntimeFailure(CicdError, RuntimeError):
     """A runtime operation could not be done; the message says what and why."""
 
 

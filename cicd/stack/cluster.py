@@ -28,6 +28,7 @@ from cicd.delivery import examples
 from cicd.config import AGENTS, ConfigError, Settings, read_secret_file, redact_url, signing_key, write_secret_file
 from cicd.core.events import iso, utcnow
 from cicd.runtime import process
+from cicd.errors import CicdError
 
 CELERY_APP = "workers.app:celery_app"
 # Each agent replica is one process with a thread pool: a forked pool child per worker would
@@ -41,7 +42,7 @@ READY_TIMEOUT_S = 90.0
 Ping = Callable[[list[str], float], set[str]]  # (node names, timeout) -> the nodes that answered
 
 
-class StackError(RuntimeError):
+class StackError(CicdError, RuntimeError):
     pass
 
 

@@ -7,6 +7,7 @@ If the database itself cannot take the letter, it goes to logs/ENV/dead-letters.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 from sqlalchemy import delete, select
 
@@ -14,11 +15,12 @@ from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import iso, utcnow
 from cicd.store import DeadLetter, session_scope
+from cicd.errors import CicdError
 
 LIMIT_CHARS = 100_000
 
 
-class DeadLetterError(ValueError):
+class DeadLetterError(CicdError, ValueError):
     pass
 
 
@@ -78,6 +80,15 @@ def mark_retried(settings: Settings, letter_id: int, who: str) -> dict:
         proof.append(session, settings.env, "DLQ_RETRIED", payload={"dead_letter": letter_id, "task": letter.task,
                                                                     "by": who, "retries": letter.retries})
         return as_dict(letter)
+
+
+def retry(settings: Settings, letter_id: int, who: str, resend: Callable[[str, list, dict, list | None], None]) -> dict:
+    """Send a letter to its task again with `resend(task, args, kwargs, chain)` (the control plane's),
+    then record that it was; returns the letter."""
+    letter = get(settings, letter_id)
+    resend(letter["task"], letter["args"], letter["kwargs"], letter["chain"])
+    mark_retried(settings, letter_id, who)
+    return letter
 
 
 def purge(settings: Settings, letter_ids: list[int] | None, who: str) -> int:

@@ -32,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cicd.web import api, metrics
 from cicd.config import Settings
 from cicd.core.events import iso, utcnow
+from cicd.errors import CicdError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ DEFAULT_EVENTS, DEFAULT_INCIDENTS = 50, 50
 STREAM_SECONDS, STREAM_POLL_S, KEEPALIVE_S = 30.0, 0.5, 10.0
 
 
-class DashboardError(RuntimeError):
+class DashboardError(CicdError, RuntimeError):
     """The server cannot start (port taken, bad host, no environment); the message says what to do."""
 
 

@@ -11,6 +11,7 @@ from cicd.healing import approvals
 from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import OPEN
+from cicd.stack.cluster import StackDown
 from cicd.store import App, Execution, Incident, Release, session_scope
 
 SPEC = {"name": "shop-api", "env": "stage", "runtime": "backend", "repo": "https://git.example.com/shop.git",
@@ -136,3 +137,50 @@ def test_an_unanswered_held_action_escalates_its_incident(tmp_path):
     status, open_key, attention = incident_and_app(prod)
     assert (status, open_key) == ("escalated", None) and "nobody answered" in attention
     assert proof.verify(prod).ok
+
+
+class FakePlane:
+    """The control plane as a grant uses it: what was sent, in order, and a broker that may be down."""
+
+    def __init__(self, broker_up: bool = True):
+        self.broker_up, self.sent = broker_up, []
+
+    def require_broker(self):
+        if not self.broker_up:
+            raise StackDown("prod", "its broker does not answer")
+
+    def run_approved(self, approval_id):
+        self.sent.append(("run_approved", approval_id))
+
+    def deploy(self, app, ref, reason, kind, sha, request_id):
+        self.sent.append(("deploy", app, ref, kind, sha, request_id))
+
+
+def test_approving_with_the_broker_down_records_nothing(prod):
+    approval_id = held_action(prod)
+    with pytest.raises(StackDown, match="does not answer"):
+        approvals.approve(prod, approval_id, "dave", "go", FakePlane(broker_up=False))
+    assert [a["status"] for a in approvals.pending(prod)] == ["pending"]
+    assert events(prod, "APPROVAL_GRANTED") == []
+
+
+def test_approving_a_held_action_sends_its_chain_after_the_grant_is_recorded(prod):
+    approval_id = held_action(prod)
+    plane, heard = FakePlane(), []
+    granted = approvals.approve(prod, approval_id, "dave", "try once more", plane,
+                                on_granted=lambda g: heard.append((g["status"], list(plane.sent))))
+    assert heard == [("granted", [])]  # told of the grant before anything was sent
+    assert plane.sent == [("run_approved", approval_id)]
+    assert (granted["kind"], granted["decided_by"]) == ("action", "dave")
+    assert events(prod, "APPROVAL_GRANTED")[0]["payload"]["reason"] == "try once more"
+
+
+def test_approving_a_promotion_registers_the_app_and_deploys_the_same_revision(stage, prod):
+    request = approvals.request_promotion(prod, stage, "shop-api", "me")
+    plane = FakePlane()
+    granted = approvals.approve(prod, request["id"], "alice", "soaked", plane)
+    assert granted["sha"] == "a" * 40
+    assert plane.sent == [("deploy", "shop-api", "main", "promotion", "a" * 40, f"promotion/{request['id']}")]
+    assert events(prod, "PROMOTED")[0]["payload"]["approved_by"] == "alice"
+    with session_scope(prod) as s:
+        assert s.scalar(select(App).where(App.env == "prod")).name == "shop-api"

@@ -54,3 +54,17 @@ def test_when_the_database_refuses_a_file_keeps_the_letter(settings):
     assert deadletters.keep(settings, "t.x", [1], {"k": 2}, "store down") is None
     line = json.loads((settings.logs_dir / "dead-letters.jsonl").read_text())
     assert (line["task"], line["args"], line["reason"]) == ("t.x", [1], "store down") and line["store_error"]
+
+
+def test_retry_sends_the_letter_with_its_chain_then_records_it(settings):
+    chain = [{"task": "cicd.decide.choose", "kwargs": {"env": "stage"}}]
+    letter_id = deadletters.keep(settings, "cicd.detect.classify", [{"app": "x"}], {"env": "stage"}, "broker gone",
+                                 chain)
+    sent = []
+    letter = deadletters.retry(settings, letter_id, "alice", lambda *message: sent.append(message))
+    assert sent == [("cicd.detect.classify", [{"app": "x"}], {"env": "stage"}, chain)]
+    assert letter["id"] == letter_id and deadletters.get(settings, letter_id)["status"] == "retried"
+    assert proof.records_since(settings, 0)[0]["payload"]["by"] == "alice"
+    with pytest.raises(deadletters.DeadLetterError, match="no dead letter 99"):
+        deadletters.retry(settings, 99, "alice", lambda *message: sent.append(message))
+    assert len(sent) == 1  # nothing is sent for a letter that is not there

@@ -116,6 +116,19 @@ def test_a_refused_action_teaches_a_negative_reward(tmp_path):
         "restart_service"
 
 
+def test_train_and_store_writes_the_table_the_proof_record_and_the_curve(dev):
+    from cicd.store import proof
+    stored = learning.train_and_store(dev, 300, seed=4)
+    assert stored.states_written > 0
+    assert np.array_equal(learning.current_table(dev), stored.training.table)
+    trained = [r for r in proof.records_since(dev, 0) if r["event_name"] == "RL_TRAINED"]
+    assert [(r["payload"]["from"], r["payload"]["states_written"]) for r in trained] == [("priors", stored.states_written)]
+    assert json.loads(stored.curve_path.read_text())["episodes"] == 300
+    again = learning.train_and_store(dev, 100, seed=5, keep=True)  # from the stored table, not the priors
+    assert proof.records_since(dev, trained[0]["seq"])[0]["payload"]["from"] == "current table"
+    assert again.curve_path == stored.curve_path
+
+
 def cicd(home, *args):
     env = {**os.environ, "CICD_HOME": str(home)}
     return subprocess.run([str(Path(sys.executable).with_name("cicd")), *args], capture_output=True, text=True,

@@ -1,0 +1,158 @@
+"""Apps: `cicd onboard`, `deploy`, `scale`, and `inject` (break one on purpose)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cicd.cli import terminal
+from cicd.cli.context import Invocation, control_plane, env_option, pass_invocation, require_stack
+from cicd.config import Settings
+from cicd.delivery import faults, gitsource, onboarding
+from cicd.runtime import make_runtime
+
+
+@click.command()
+@click.argument("name")
+@click.option("--repo", required=True, help="http(s) URL of the app's git repository (no credentials).")
+@click.option("--runtime", "runtime_kind", required=True, metavar="backend|frontend|fullstack",
+              help="Which template generates the spec (port, build and start commands, health path).")
+@env_option()
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the first deploy to finish.")
+@pass_invocation
+def onboard(invocation: Invocation, name, repo, runtime_kind, wait):
+    """Onboard an app: validate, generate its spec from the runtime's template, deploy it.
+
+    NAME is 2-40 lowercase letters, digits and single hyphens, unique in the environment.
+    Onboarding straight into prod is refused: onboard into stage, then promote.
+    """
+    settings = invocation.settings
+    if settings.env == "prod":
+        # Prod refuses every onboarding, so no agent is needed to say so (and the prod stack may be
+        # down): the same domain call logs the refusal in prod's proof chain.
+        result = onboarding.register(settings, name, repo, runtime_kind)
+    else:
+        require_stack(settings)
+        result = control_plane(settings).onboard(name, repo, runtime_kind)
+    if not result["ok"]:
+        for refusal in result["refusals"]:
+            click.echo(f"refused: {refusal['field']} ({refusal['rule']}): {refusal['message']}", err=True)
+        sys.exit(2)
+    click.echo(f"onboarded {name} in {settings.env}; spec: {settings.registry_dir / (name + '.json')}")
+    if not wait:
+        click.echo("deploy triggered; `cicd status` shows when it is live")
+        return
+    report_release(settings, name, after=0)
+
+
+def report_release(settings: Settings, app: str, after: int, timeout_s: float = 120) -> None:
+    from cicd.store import reports
+    with terminal.progress(f"deploying {app} in {settings.env}: fetch, build, health gate"):
+        release = reports.wait_for_release(settings, app, after, timeout_s)
+    if release is None:
+        raise click.ClickException(f"the deploy did not finish within {timeout_s:.0f} s; "
+                                   f"see `cicd status` and {settings.logs_dir}")
+    seconds = reports.seconds_between(release["started_at"], release["finished_at"])
+    click.echo(f"release {release['release']} {release['status']} in {seconds:.2f} s: {release['detail']}")
+    sys.exit(0 if release["status"] == "live" else 1)
+
+
+@click.command()
+@click.argument("app")
+@click.option("--ref", default="HEAD", show_default=True,
+              help="Branch, tag or commit of the app's repository to deploy (HEAD: its default branch).")
+@env_option()
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the release to finish.")
+@pass_invocation
+def deploy(invocation: Invocation, app, ref, wait):
+    """Deploy a revision: fetch it over git, build, start new replicas, health-gate, switch.
+
+    The live release keeps serving until the new one passes its health gate; a release that
+    fails (fetch, build or gate) is discarded and the live one keeps serving (ROLLBACK). One
+    deploy per app at a time: a second one waits for the first.
+    """
+    from cicd.store import reports
+    settings = invocation.settings
+    require_stack(settings)
+    try:
+        gitsource.check_ref(ref)
+    except gitsource.SourceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ref") from None
+    if not any(row["app"] == app for row in reports.apps(settings, make_runtime(settings))):
+        raise click.ClickException(f"{app} is not onboarded in {settings.env}: `cicd onboard` it first")
+    before = (reports.latest_release(settings, app) or {}).get("release", 0)
+    control_plane(settings).deploy(app, ref, "requested by `cicd deploy`")
+    click.echo(f"deploy of {app} at {ref} triggered in {settings.env}")
+    if wait:
+        report_release(settings, app, after=before)
+
+
+@click.command()
+@click.argument("app")
+@click.argument("replicas", type=click.IntRange(0, 64))
+@env_option()
+@pass_invocation
+def scale(invocation: Invocation, app, replicas):
+    """Set an app's number of replicas (within its spec's limits), through the deploy agent."""
+    settings = invocation.settings
+    require_stack(settings)
+    result = control_plane(settings).scale(app, replicas)
+    if not result["ok"]:
+        raise click.ClickException(result["error"])
+    click.echo(f"{app}: {result['from']} -> {result['to']} replicas")
+
+
+@click.command()
+@click.argument("kind", type=click.Choice(faults.FAULT_KINDS))
+@click.argument("app")
+@env_option()
+@click.option("--wait", is_flag=True, help="Follow the incident to its end; print its timeline and time to "
+                                           "recover. Exit status 0 only if it ended stable.")
+@click.option("--timeout", default=90.0, show_default=True, help="Seconds --wait follows before giving up.")
+@click.option("--duration", default=30.0, show_default=True, help="overload: seconds the extra load lasts.")
+@click.option("--slot", type=int, default=None, help="crash/false-alarm: which replica (default: the first).")
+@pass_invocation
+def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot):
+    """Break an app on purpose, for real.
+
+    \b
+    crash          SIGKILL one replica process
+    overload       real traffic until measured utilization crosses the threshold
+    false-alarm    a short health blip that clears by itself
+    slow-deploy    deploy the repo's cicd-inject/slow branch (starts slowly)
+    failed-deploy  deploy the repo's cicd-inject/broken branch (does not build)
+    bad-release    deploy the repo's cicd-inject/crashy branch (passes its gate, then dies)
+    """
+    from cicd.stack import cluster
+    from cicd.store import reports
+    settings = invocation.settings
+    runtime = make_runtime(settings)
+    plane = control_plane(settings)
+    if wait:
+        require_stack(settings)  # before breaking anything: with --wait we promise to follow the healing
+    elif not cluster.is_up(settings):
+        click.echo(f"warning: the {settings.env} stack is not running, so nothing will heal this "
+                   f"until `cicd up --env {settings.env}`", err=True)
+    injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot,
+                             request_deploy=lambda name, ref, reason: plane.deploy(name, ref, reason))
+    details = ", ".join(f"{k}={v}" for k, v in injected.items() if k not in ("injected_at", "seq"))
+    click.echo(f"FAILURE_INJECTED {kind} on {app} in {settings.env}: {details}")
+    if not wait:
+        return
+    start = injected["injected_at"]
+
+    def show(record):
+        click.echo(f"  +{reports.seconds_between(start, record['ts']):7.3f} s  {record['event_name']:<24} "
+                   f"{reports.payload_text(record, 70)}")
+
+    incident = reports.follow(settings, app, injected["seq"], timeout, on_record=show)
+    if incident is None:
+        click.echo(f"no incident for {app} ended within {timeout:.0f} s", err=True)
+        sys.exit(1)
+    stable = [r for r in reports.timeline(settings, incident["id"]) if r["event_name"] == "SYSTEM_STABLE"]
+    if incident["status"] == "stable" and stable:
+        click.echo(f"{incident['id']} {incident['kind']} -> {incident['action']}: stable; "
+                   f"time to recover {reports.seconds_between(start, stable[-1]['ts']):.3f} s")
+        return
+    click.echo(f"{incident['id']} ended {incident['status']}: {incident['resolution']}", err=True)
+    sys.exit(1)

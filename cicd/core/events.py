@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from cicd.core.lifecycle import INCIDENT_END_STATES, IncidentStatus  # noqa: F401 (re-exported)
+
 # Proof event names. One list, so a typo in an agent is an error, not a new kind of event.
 PROOF_EVENTS = frozenset({
     # onboarding and deploys
@@ -45,8 +47,9 @@ REPLICA_SIGNALS = ("replica_down", "replica_unhealthy", "replica_hot", "replica_
 DEPLOY_SIGNALS = ("deploy_slow", "deploy_failed")
 SIGNAL_KINDS = REPLICA_SIGNALS + DEPLOY_SIGNALS
 
-OPEN, STABLE, ESCALATED, REFUSED = "open", "stable", "escalated", "refused"
-INCIDENT_END_STATES = (STABLE, ESCALATED, REFUSED)
+# The incident statuses, as cicd.core.lifecycle defines them (kept here for older imports).
+OPEN, STABLE, ESCALATED, REFUSED = (IncidentStatus.OPEN, IncidentStatus.STABLE, IncidentStatus.ESCALATED,
+                                    IncidentStatus.REFUSED)
 
 
 class Unprocessable(ValueError):

@@ -18,6 +18,7 @@ from cicd.store import deadletters, proof, reports
 from cicd.delivery import faults, gitsource, onboarding
 from cicd.cli import terminal
 from cicd.config import AGENTS, ENVIRONMENTS, ConfigError, Settings
+from cicd.core.lifecycle import IncidentStatus, ReleaseStatus
 from cicd.runtime import RuntimeFailure, make_runtime
 
 ENV_OPTION = click.option("--env", "env", type=click.Choice(ENVIRONMENTS), default=None,
@@ -256,7 +257,7 @@ def report_release(settings: Settings, app: str, after: int, timeout_s: float = 
                                    f"see `cicd status` and {settings.logs_dir}")
     seconds = reports.seconds_between(release["started_at"], release["finished_at"])
     click.echo(f"release {release['release']} {release['status']} in {seconds:.2f} s: {release['detail']}")
-    sys.exit(0 if release["status"] == "live" else 1)
+    sys.exit(0 if release["status"] == ReleaseStatus.LIVE else 1)
 
 
 @main.command()
@@ -349,7 +350,7 @@ def inject(kind, app, env, wait, timeout, duration, slot):
         click.echo(f"no incident for {app} ended within {timeout:.0f} s", err=True)
         sys.exit(1)
     stable = [r for r in reports.timeline(settings, incident["id"]) if r["event_name"] == "SYSTEM_STABLE"]
-    if incident["status"] == "stable" and stable:
+    if incident["status"] == IncidentStatus.STABLE and stable:
         click.echo(f"{incident['id']} {incident['kind']} -> {incident['action']}: stable; "
                    f"time to recover {reports.seconds_between(start, stable[-1]['ts']):.3f} s")
         return

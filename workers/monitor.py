@@ -2,6 +2,7 @@
 from cicd.healing import approvals, orchestrator, reconciler, verifier
 from cicd.signals import probes as monitor
 from cicd.core.events import iso, utcnow
+from cicd.core.lifecycle import Step
 
 from .app import celery_app, runtime, settings_for
 
@@ -37,9 +38,9 @@ def housekeeping(self, env):
         decision_chain(env, decision).apply_async()
     stalled = reconciler.stalled(settings)
     for step in stalled:
-        if step["step"] == "decide":
+        if step["step"] == Step.DECIDE:
             attempt_chain(env, step["incident_id"], step["incident"]["attempt"]).apply_async()
-        elif step["step"] == "execute":
+        elif step["step"] == Step.EXECUTE:
             decision_chain(env, step["decision"]).apply_async()
         else:
             verify_chain(env, step["execution"]).apply_async()

@@ -75,8 +75,9 @@ TRANSITIONS: dict[type, dict[StrEnum | None, frozenset]] = {
     },
     ExecutionStatus: {
         None: frozenset({_E.STARTED, _E.DEFERRED, _E.AWAITING_APPROVAL, _E.REFUSED}),
-        # started -> started: a redelivered execute (or approved execute) resumes its own claim.
-        _E.STARTED: frozenset({_E.STARTED, _E.DONE, _E.FAILED}),
+        # started -> started: a redelivered execute (or approved execute) resumes its own claim;
+        # started -> refused: the gates, checked again on a redelivered approved execute, refuse.
+        _E.STARTED: frozenset({_E.STARTED, _E.DONE, _E.FAILED, _E.REFUSED}),
         _E.DEFERRED: frozenset({_E.STARTED}),
         _E.AWAITING_APPROVAL: frozenset({_E.STARTED, _E.REFUSED}),
     },

@@ -17,6 +17,7 @@ from cicd.delivery import gitsource
 from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import as_utc, iso, parse_iso, utcnow
+from cicd.core.lifecycle import RELEASE_CLAIMABLE, ReleaseStatus, transition
 from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.store import DeployLock, Release, get_app, session_scope
 
@@ -68,7 +69,7 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
     gitsource.check_ref(ref)
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.request_id == request_id))
-        if release is not None and release.status != "fetching":
+        if release is not None and release.status != ReleaseStatus.FETCHING:
             return _state(release)
         app = get_app(session, env, app_name)
         if app is None:
@@ -78,8 +79,8 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
         if release is None:
             number = (session.scalar(select(func.max(Release.number)).where(
                 Release.env == env, Release.app == app_name)) or 0) + 1
-            release = Release(env=env, app=app_name, number=number, status="fetching", kind=kind, ref=ref,
-                              sha=sha, replicas=app.spec["replicas"], request_id=request_id)
+            release = Release(env=env, app=app_name, number=number, status=transition(None, ReleaseStatus.FETCHING),
+                              kind=kind, ref=ref, sha=sha, replicas=app.spec["replicas"], request_id=request_id)
             session.add(release)
             proof.append(session, env, "DEPLOY_STARTED", app=app_name,
                          payload={"release": number, "ref": ref, "kind": kind, "reason": reason,
@@ -106,11 +107,18 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
     except RuntimeFailure as exc:
         return finish(settings, runtime, app_name, number, ok=False, detail=str(exc), stage="build")
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.request_id == request_id))
-        release.status = "starting"
-        proof.append(session, env, "BUILD_SUCCEEDED", app=app_name, payload={"release": number, "sha": sha})
-        proof.append(session, env, "REPLICAS_STARTED", app=app_name, payload={"release": number, **staged})
-        return _state(release)
+        release = session.scalar(select(Release).where(Release.request_id == request_id).with_for_update())
+        concluded = release.status != ReleaseStatus.FETCHING
+        if not concluded:
+            release.status = transition(release.status, ReleaseStatus.STARTING)
+            proof.append(session, env, "BUILD_SUCCEEDED", app=app_name, payload={"release": number, "sha": sha})
+            proof.append(session, env, "REPLICAS_STARTED", app=app_name, payload={"release": number, **staged})
+        state = _state(release)
+    if concluded:
+        # The reconciler gave this release up while we built it (our lease had run out): the
+        # replicas just started must not outlive it.
+        runtime.discard_release(app_name, number)
+    return state
 
 
 def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, started_at: str):
@@ -120,7 +128,7 @@ def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, start
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
                                                         Release.number == number))
-        if release is None or release.status != "starting":
+        if release is None or release.status != ReleaseStatus.STARTING:
             return (_state(release) if release else {"app": app_name, "release": number, "status": "unknown"}), None
         _take_lock(session, env, app_name, release.request_id)  # renew the lease while we work
         wanted, kind = release.replicas, release.kind
@@ -154,9 +162,9 @@ def _claim(settings: Settings, app_name: str, number: int) -> Release | None:
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == settings.env, Release.app == app_name,
                                                         Release.number == number).with_for_update())
-        if release is None or release.status not in ("fetching", "starting"):
+        if release is None or release.status not in RELEASE_CLAIMABLE:
             return None
-        release.status = "switching"
+        release.status = transition(release.status, ReleaseStatus.SWITCHING)
         return release
 
 
@@ -189,14 +197,17 @@ def _conclude(settings: Settings, runtime: Runtime, app_name: str, number: int, 
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
                                                         Release.number == number))
-        release.status, release.detail, release.finished_at = ("live" if ok else "failed"), detail, utcnow()
+        release.status = transition(release.status, ReleaseStatus.LIVE if ok else ReleaseStatus.FAILED)
+        release.detail, release.finished_at = detail, utcnow()
         seconds = round((release.finished_at - as_utc(release.started_at)).total_seconds(), 3)
         live = session.scalars(select(Release).where(Release.env == env, Release.app == app_name,
-                                                     Release.status == "live", Release.number != number)).all()
+                                                     Release.status == ReleaseStatus.LIVE,
+                                                     Release.number != number)).all()
         if ok:
             for older in live:
                 # A rollback replaces a release that went bad; any other deploy just supersedes it.
-                older.status = "rolled_back" if release.kind == "rollback" else "superseded"
+                older.status = transition(older.status, ReleaseStatus.ROLLED_BACK if release.kind == "rollback"
+                                          else ReleaseStatus.SUPERSEDED)
             proof.append(session, env, "HEALTH_GATE_PASSED", app=app_name, payload={"release": number, "detail": detail})
             proof.append(session, env, "DEPLOY_SUCCEEDED", app=app_name,
                          payload={"release": number, "kind": release.kind, "sha": release.sha, "seconds": seconds,

@@ -19,6 +19,7 @@ PROOF_EVENTS = frozenset({
     "ONBOARDING_STARTED", "ONBOARDING_VALIDATION_PASSED", "ONBOARDING_REFUSED", "SPEC_GENERATED",
     "DEPLOYMENT_TRIGGERED", "DEPLOY_STARTED", "BUILD_SUCCEEDED", "BUILD_FAILED", "REPLICAS_STARTED",
     "HEALTH_GATE_PASSED", "DEPLOY_SUCCEEDED", "DEPLOY_FAILED", "ROLLBACK", "SCALE_REQUESTED", "SCALED",
+    "RELEASE_RESUMED",  # the reconciler took over a release its deploy stopped moving
     # faults on purpose
     "FAILURE_INJECTED",
     # promotion and human approval

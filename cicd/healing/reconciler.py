@@ -1,4 +1,5 @@
-"""Every incident reaches an end state: open incidents that stopped moving are sent on again.
+"""Every incident reaches an end state, and every release a final one: what stopped moving is
+sent on again (an incident's step) or finished here (a release).
 
 At-least-once delivery keeps messages across worker deaths, but a message can still be lost
 (a broker restarted between two AOF writes; a dead letter in the middle of a chain). So the
@@ -17,7 +18,9 @@ from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import parse_iso, utcnow
 from cicd.core.lifecycle import IncidentStatus, Step, next_step
+from cicd.delivery import deployer
 from cicd.healing.orchestrator import summary
+from cicd.runtime.base import Runtime
 from cicd.store import Execution, Incident, ProofRecord, session_scope
 
 
@@ -49,4 +52,16 @@ def stalled(settings: Settings) -> list[dict]:
             proof.append(session, settings.env, "INCIDENT_RESUMED", incident_id=incident.id, app=incident.app,
                          payload={"attempt": attempt, "step": step["step"], "idle_since": last})
             out.append({"incident_id": incident.id, **step})
+    return out
+
+
+def finish_stalled_releases(settings: Settings, runtime: Runtime) -> list[dict]:
+    """Releases under way whose deploy's lease lapsed (its worker died mid-deploy), finished or
+    rolled back by deployer.resume; their states (with the incident signal a failed deploy
+    raises, as the deploy agent's own would)."""
+    out = []
+    for app, number in deployer.unattended(settings):
+        state = deployer.resume(settings, runtime, app, number)
+        if state is not None:
+            out.append(state)
     return out

@@ -14,6 +14,7 @@ from cicd.config import Settings
 from cicd.core.events import as_utc, parse_iso, utcnow
 from cicd.core.lifecycle import (EXECUTION_WAITING, RELEASE_UNDER_WAY, ExecutionStatus, IncidentStatus, Outcome,
                                  ReleaseStatus, transition)
+from cicd.delivery.deployer import DEPLOY_ALLOWANCE_S
 from cicd.signals.probes import mean_utilization
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import App, Execution, Release, app_row, incident_row, transaction, update_incident
@@ -28,8 +29,7 @@ def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expe
 
 
 # On top of the verify timeout, a deploy being waited for gets its spec's health deadline plus
-# this much for fetching and building.
-DEPLOY_ALLOWANCE_S = 60.0
+# DEPLOY_ALLOWANCE_S for fetching and building (the same allowance the reconciler gives it).
 
 
 _RELEASES = Release.__table__

@@ -35,7 +35,9 @@ def release(self, app, env, request_id, ref="HEAD", reason="", kind="deploy", sh
 
 @celery_app.task(name="cicd.deploy.health_gate", bind=True, max_retries=None)
 def health_gate(self, app, env, release, started_at):
-    # Waiting for replicas to come up is a retry with countdown: the worker is free meanwhile.
+    # Waiting for replicas to come up is a retry with countdown: the worker is free meanwhile, the
+    # spec's health deadline ends it, and if the message dies with its worker, housekeeping's
+    # release reconciler concludes the release once its lease lapses.
     settings = settings_for(self, env)
     result, signal = deployer.gate(settings, runtime(), app, release, started_at)
     _raise_incident(env, signal or (result or {}).pop("signal", None))

@@ -2,7 +2,8 @@
 
 The releases are written in the state a dead deploy worker leaves them in (under way, lease
 lapsed, started long enough ago); the runtime is a double that says what it serves and how the
-staged replicas answer, so every branch is reached without processes or waiting.
+staged replicas answer, so every branch is reached without processes or waiting. The last test
+uses the real local runtime and git server, for a deploy that outlives its lease.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from sqlalchemy import select
 
 from cicd.config import Settings
 from cicd.core.events import utcnow
-from cicd.delivery import deployer, onboarding
+from cicd.delivery import deployer, examples, onboarding
 from cicd.healing import reconciler
+from cicd.runtime import process
 from cicd.runtime.base import ReplicaStatus
+from cicd.runtime.local import LocalRuntime
 from cicd.store import DeployLock, Release, proof, session_scope
 
 APP = "stuck-api"
@@ -184,3 +187,42 @@ def test_a_worker_that_comes_back_after_the_reconciler_finished_changes_nothing(
     # The deploy's own conclusion, late: the release is concluded already, so it records nothing.
     state = deployer.finish(settings, runtime, APP, 2, ok=False, detail="late")
     assert state["status"] == "live" and events_after(settings, seq) == []
+
+
+class ReconciledWhileBuilding(LocalRuntime):
+    """A real local runtime whose build outlasts the deploy's lease: the reconciler gives the
+    release up while the build runs (as it would for a worker it thought dead)."""
+
+    def stage_release(self, spec, number, source_dir):
+        with session_scope(self.settings) as s:
+            release = s.scalar(select(Release).where(Release.app == spec["name"], Release.number == number))
+            overdue_s = spec["health_deadline_s"] + deployer.DEPLOY_ALLOWANCE_S + 1
+            release.started_at = utcnow() - timedelta(seconds=overdue_s)
+            s.get(DeployLock, ("stage", spec["name"])).expires_at = utcnow()
+        self.given_up = reconciler.finish_stalled_releases(self.settings, self)
+        return super().stage_release(spec, number, source_dir)
+
+
+@pytest.fixture
+def served_repo(tmp_path):
+    root = tmp_path / "git"
+    examples.make_repo(root, "late-api")
+    server = examples.start_server(root, tmp_path / "git.log")
+    yield f"{server['url']}/late-api.git"
+    process.stop(server["pid"], server["ticks"])
+
+
+def test_a_deploy_that_finds_its_release_given_up_after_its_build_stops_what_it_started(tmp_path, served_repo):
+    settings = Settings(env="stage", home=tmp_path)
+    assert onboarding.register(settings, "late-api", served_repo, "backend")["ok"]
+    runtime = ReconciledWhileBuilding(settings)
+    try:
+        state = deployer.start(settings, runtime, "late-api", "deploy/late", ref="main")
+        assert [s["status"] for s in runtime.given_up] == ["failed"]
+        assert state["status"] == "failed" and state["release"] == 1  # not moved back to starting
+        assert runtime.probe_release("late-api", 1) == []  # the replicas its build started are stopped
+        names = [r["event_name"] for r in proof.records_since(settings, 0) if r["app"] == "late-api"]
+        assert "REPLICAS_STARTED" not in names and names[-2:] == ["RELEASE_RESUMED", "DEPLOY_FAILED"]
+    finally:
+        for app in runtime.apps():
+            runtime.stop_app(app)

@@ -286,7 +286,7 @@ def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> 
       - its replicas are all healthy: make it live, as its gate would have;
       - otherwise, once it is past its health deadline plus DEPLOY_ALLOWANCE_S: roll it back.
     Its record then says so as a deploy's would (DEPLOY_SUCCEEDED, or DEPLOY_FAILED with stage
-    "stalled" and ROLLBACK), after RELEASE_RESUMED, which says what was found."""
+    "stalled" and ROLLBACK), after RELEASE_RESUMED, which says what was found and what it becomes."""
     env = settings.env
     now = utcnow()
     with session_scope(settings, readonly=True) as session:
@@ -323,7 +323,8 @@ def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> 
             release.status = transition(release.status, ReleaseStatus.SWITCHING)
         _take_lock(session, env, app_name, release.request_id)  # the switch is ours now, under its key
         proof.append(session, env, "RELEASE_RESUMED", app=app_name,
-                     payload={"release": number, "found": found, "outcome": "live" if ok else "rolled back",
+                     payload={"release": number, "found": found,
+                              "becomes": ReleaseStatus.LIVE if ok else ReleaseStatus.FAILED,
                               "detail": detail, "started_at": iso(release.started_at)})
     return _conclude(settings, runtime, app_name, number, ok, f"reconciled: {detail}",
                      stage="" if ok else "stalled")

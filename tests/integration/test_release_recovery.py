@@ -76,7 +76,7 @@ def test_a_deploy_worker_killed_while_its_release_starts_leaves_it_finished_not_
     resumed = [r for r in records if r["event_name"] == "RELEASE_RESUMED"]
     assert len(resumed) == 1 and resumed[0]["payload"]["release"] == number, names
     assert resumed[0]["payload"]["found"] in ("starting", "switching")
-    assert resumed[0]["payload"]["outcome"] == "live"
+    assert resumed[0]["payload"]["becomes"] == "live"
     succeeded = [r for r in records if r["event_name"] == "DEPLOY_SUCCEEDED"]
     assert [r["payload"]["release"] for r in succeeded] == [number]
     assert names.index("RELEASE_RESUMED") < names.index("DEPLOY_SUCCEEDED")

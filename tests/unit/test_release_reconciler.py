@@ -104,7 +104,7 @@ def test_a_switch_the_runtime_made_but_nobody_recorded_is_made_live(settings):
     names = [name for name, _ in events_after(settings, seq)]
     assert names == ["RELEASE_RESUMED", "HEALTH_GATE_PASSED", "DEPLOY_SUCCEEDED"]
     resumed = events_after(settings, seq)[0][1]
-    assert (resumed["found"], resumed["outcome"]) == ("switching", "live")
+    assert (resumed["found"], resumed["becomes"]) == ("switching", "live")
     assert lock_of(settings) is None  # the app may deploy again
     assert reconciler.finish_stalled_releases(settings, runtime) == []  # done once, not again
 

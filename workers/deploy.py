@@ -1,6 +1,7 @@
 """Deploy agent ({env}.deploy): fetch, build and start a release, health-gate it, switch; scale."""
 from cicd.delivery import deployer
 from cicd.core.events import Unprocessable
+from cicd.core.lifecycle import ReleaseStatus
 
 from .app import celery_app, runtime, settings_for, unprocessable
 
@@ -25,7 +26,7 @@ def release(self, app, env, request_id, ref="HEAD", reason="", kind="deploy", sh
         raise unprocessable(self, Unprocessable(str(exc))) from None
     if state["status"] == "busy":
         raise self.retry(countdown=LOCK_POLL_S)  # one deploy per app: wait for the one under way
-    if state["status"] == "starting":
+    if state["status"] == ReleaseStatus.STARTING:
         health_gate.apply_async(kwargs={"app": app, "env": env, "release": state["release"],
                                         "started_at": state["started_at"]}, countdown=GATE_POLL_S)
     _raise_incident(env, state.pop("signal", None))
@@ -34,7 +35,9 @@ def release(self, app, env, request_id, ref="HEAD", reason="", kind="deploy", sh
 
 @celery_app.task(name="cicd.deploy.health_gate", bind=True, max_retries=None)
 def health_gate(self, app, env, release, started_at):
-    # Waiting for replicas to come up is a retry with countdown: the worker is free meanwhile.
+    # Waiting for replicas to come up is a retry with countdown: the worker is free meanwhile, the
+    # spec's health deadline ends it, and if the message dies with its worker, housekeeping's
+    # release reconciler concludes the release once its lease lapses.
     settings = settings_for(self, env)
     result, signal = deployer.gate(settings, runtime(), app, release, started_at)
     _raise_incident(env, signal or (result or {}).pop("signal", None))

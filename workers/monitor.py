@@ -2,6 +2,7 @@
 from cicd.healing import approvals, orchestrator, reconciler, verifier
 from cicd.signals import probes as monitor
 from cicd.core.events import iso, utcnow
+from cicd.core.lifecycle import Step
 
 from .app import celery_app, runtime, settings_for
 
@@ -31,20 +32,24 @@ def verify(self, execution, env, stable_checks=0, started_at=None):
 @celery_app.task(name="cicd.monitor.housekeeping", bind=True)
 def housekeeping(self, env):
     settings = settings_for(self, env)
-    from .chains import attempt_chain, decision_chain, verify_chain
+    from .chains import attempt_chain, decision_chain, healing_chain, verify_chain
     deferred = orchestrator.due_deferred(settings)
     for decision in deferred:
         decision_chain(env, decision).apply_async()
     stalled = reconciler.stalled(settings)
     for step in stalled:
-        if step["step"] == "decide":
+        if step["step"] == Step.DECIDE:
             attempt_chain(env, step["incident_id"], step["incident"]["attempt"]).apply_async()
-        elif step["step"] == "execute":
+        elif step["step"] == Step.EXECUTE:
             decision_chain(env, step["decision"]).apply_async()
         else:
             verify_chain(env, step["execution"]).apply_async()
+    released = reconciler.finish_stalled_releases(settings, runtime())
+    for state in released:
+        if state.get("signal"):
+            healing_chain(env, state.pop("signal")).apply_async()
     return {"expired_approvals": approvals.expire_due(settings), "resumed_after_backoff": len(deferred),
-            "resumed_stalled": len(stalled)}
+            "resumed_stalled": len(stalled), "releases_reconciled": len(released)}
 
 
 @celery_app.task(name="cicd.monitor.noop")

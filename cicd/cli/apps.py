@@ -8,6 +8,7 @@ import click
 from cicd.cli import terminal
 from cicd.cli.context import Invocation, control_plane, env_option, pass_invocation, require_stack
 from cicd.config import Settings
+from cicd.core.lifecycle import IncidentStatus, ReleaseStatus
 from cicd.delivery import faults, gitsource, onboarding
 from cicd.runtime import make_runtime
 
@@ -54,7 +55,7 @@ def report_release(settings: Settings, app: str, after: int, timeout_s: float = 
                                    f"see `cicd status` and {settings.logs_dir}")
     seconds = reports.seconds_between(release["started_at"], release["finished_at"])
     click.echo(f"release {release['release']} {release['status']} in {seconds:.2f} s: {release['detail']}")
-    sys.exit(0 if release["status"] == "live" else 1)
+    sys.exit(0 if release["status"] == ReleaseStatus.LIVE else 1)
 
 
 @click.command()
@@ -150,7 +151,7 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot):
         click.echo(f"no incident for {app} ended within {timeout:.0f} s", err=True)
         sys.exit(1)
     stable = [r for r in reports.timeline(settings, incident["id"]) if r["event_name"] == "SYSTEM_STABLE"]
-    if incident["status"] == "stable" and stable:
+    if incident["status"] == IncidentStatus.STABLE and stable:
         click.echo(f"{incident['id']} {incident['kind']} -> {incident['action']}: stable; "
                    f"time to recover {reports.seconds_between(start, stable[-1]['ts']):.3f} s")
         return

@@ -19,13 +19,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
+from cicd.core.lifecycle import RELEASE_UNDER_WAY, ApprovalStatus, IncidentStatus, ReleaseStatus
+
 # Colour says how things are: green is fine, yellow is in progress or waiting, red needs a human.
+# (ok, alive, down: a replica's health; kept, retried: a dead letter's state)
 STATUS_STYLES = {
-    "stable": "green", "live": "green", "granted": "green", "ok": "green", "alive": "green",
-    "open": "yellow", "pending": "yellow", "kept": "yellow", "fetching": "yellow", "starting": "yellow",
-    "switching": "yellow",
-    "escalated": "bold red", "failed": "red", "refused": "red", "denied": "red", "down": "bold red",
-    "expired": "dim", "retried": "dim", "superseded": "dim", "rolled_back": "dim",
+    IncidentStatus.STABLE: "green", ReleaseStatus.LIVE: "green", ApprovalStatus.GRANTED: "green", "ok": "green",
+    "alive": "green",
+    IncidentStatus.OPEN: "yellow", ApprovalStatus.PENDING: "yellow", "kept": "yellow",
+    **{status: "yellow" for status in RELEASE_UNDER_WAY},
+    IncidentStatus.ESCALATED: "bold red", ReleaseStatus.FAILED: "red", IncidentStatus.REFUSED: "red",
+    ApprovalStatus.DENIED: "red", "down": "bold red",
+    ApprovalStatus.EXPIRED: "dim", "retried": "dim", ReleaseStatus.SUPERSEDED: "dim", ReleaseStatus.ROLLED_BACK: "dim",
 }
 SEVERITY_STYLES = {"low": "dim", "medium": "yellow", "high": "red", "critical": "bold red"}
 # The steps of the healing chain, so a live tail reads as a story.

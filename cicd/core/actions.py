@@ -10,6 +10,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
+from cicd.core.lifecycle import ReleaseStatus
 from cicd.runtime.base import Runtime, RuntimeFailure
 
 BLOCKLIST = frozenset({
@@ -139,7 +140,7 @@ def perform(ctx: ActionContext, app: str, action: str, params: dict, op_key: str
         cancelled = False
         if "cancel_release" in params:
             cancelled = ctx.cancel_release(app, params["cancel_release"], f"cancelled by rollback {op_key}")
-        if target["status"] == "live":
+        if target["status"] == ReleaseStatus.LIVE:
             return {"effect": "kept", "release": params["to_release"], "cancelled": cancelled}
         ctx.request_deploy(app, op_key, "rollback", target["ref"], target["sha"],
                            f"rollback to release {params['to_release']}")

@@ -11,12 +11,15 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from cicd.core.lifecycle import INCIDENT_END_STATES, IncidentStatus  # noqa: F401 (re-exported)
+
 # Proof event names. One list, so a typo in an agent is an error, not a new kind of event.
 PROOF_EVENTS = frozenset({
     # onboarding and deploys
     "ONBOARDING_STARTED", "ONBOARDING_VALIDATION_PASSED", "ONBOARDING_REFUSED", "SPEC_GENERATED",
     "DEPLOYMENT_TRIGGERED", "DEPLOY_STARTED", "BUILD_SUCCEEDED", "BUILD_FAILED", "REPLICAS_STARTED",
     "HEALTH_GATE_PASSED", "DEPLOY_SUCCEEDED", "DEPLOY_FAILED", "ROLLBACK", "SCALE_REQUESTED", "SCALED",
+    "RELEASE_RESUMED",  # the reconciler took over a release its deploy stopped moving
     # faults on purpose
     "FAILURE_INJECTED",
     # promotion and human approval
@@ -45,8 +48,9 @@ REPLICA_SIGNALS = ("replica_down", "replica_unhealthy", "replica_hot", "replica_
 DEPLOY_SIGNALS = ("deploy_slow", "deploy_failed")
 SIGNAL_KINDS = REPLICA_SIGNALS + DEPLOY_SIGNALS
 
-OPEN, STABLE, ESCALATED, REFUSED = "open", "stable", "escalated", "refused"
-INCIDENT_END_STATES = (STABLE, ESCALATED, REFUSED)
+# The incident statuses, as cicd.core.lifecycle defines them (kept here for older imports).
+OPEN, STABLE, ESCALATED, REFUSED = (IncidentStatus.OPEN, IncidentStatus.STABLE, IncidentStatus.ESCALATED,
+                                    IncidentStatus.REFUSED)
 
 
 class Unprocessable(ValueError):

@@ -17,10 +17,16 @@ from cicd.delivery import gitsource
 from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import as_utc, iso, parse_iso, utcnow
+from cicd.core.lifecycle import RELEASE_CLAIMABLE, RELEASE_UNDER_WAY, ReleaseStatus, transition
 from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.store import DeployLock, Release, get_app, session_scope
 
 LOCK_TTL_S = 60.0
+# A release under way that nobody moves is given up (by the reconciler) once it is this much past
+# its spec's health deadline: the gate measures that deadline from the release's start, so by
+# then no gate could pass it any more, whatever a slow fetch or build was doing. The allowance
+# covers the last gate look and the switch (the verifier allows the same for a deploy it awaits).
+DEPLOY_ALLOWANCE_S = 60.0
 KINDS = ("deploy", "retry", "rollback", "promotion")
 # Deploys a human asked for raise incidents when they go wrong; the healer's own deploys (retry,
 # rollback) are watched by its verifier instead.
@@ -68,7 +74,7 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
     gitsource.check_ref(ref)
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.request_id == request_id))
-        if release is not None and release.status != "fetching":
+        if release is not None and release.status != ReleaseStatus.FETCHING:
             return _state(release)
         app = get_app(session, env, app_name)
         if app is None:
@@ -78,8 +84,8 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
         if release is None:
             number = (session.scalar(select(func.max(Release.number)).where(
                 Release.env == env, Release.app == app_name)) or 0) + 1
-            release = Release(env=env, app=app_name, number=number, status="fetching", kind=kind, ref=ref,
-                              sha=sha, replicas=app.spec["replicas"], request_id=request_id)
+            release = Release(env=env, app=app_name, number=number, status=transition(None, ReleaseStatus.FETCHING),
+                              kind=kind, ref=ref, sha=sha, replicas=app.spec["replicas"], request_id=request_id)
             session.add(release)
             proof.append(session, env, "DEPLOY_STARTED", app=app_name,
                          payload={"release": number, "ref": ref, "kind": kind, "reason": reason,
@@ -106,11 +112,18 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
     except RuntimeFailure as exc:
         return finish(settings, runtime, app_name, number, ok=False, detail=str(exc), stage="build")
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.request_id == request_id))
-        release.status = "starting"
-        proof.append(session, env, "BUILD_SUCCEEDED", app=app_name, payload={"release": number, "sha": sha})
-        proof.append(session, env, "REPLICAS_STARTED", app=app_name, payload={"release": number, **staged})
-        return _state(release)
+        release = session.scalar(select(Release).where(Release.request_id == request_id).with_for_update())
+        concluded = release.status != ReleaseStatus.FETCHING
+        if not concluded:
+            release.status = transition(release.status, ReleaseStatus.STARTING)
+            proof.append(session, env, "BUILD_SUCCEEDED", app=app_name, payload={"release": number, "sha": sha})
+            proof.append(session, env, "REPLICAS_STARTED", app=app_name, payload={"release": number, **staged})
+        state = _state(release)
+    if concluded:
+        # The reconciler gave this release up while we built it (our lease had run out): the
+        # replicas just started must not outlive it.
+        runtime.discard_release(app_name, number)
+    return state
 
 
 def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, started_at: str):
@@ -120,7 +133,7 @@ def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, start
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
                                                         Release.number == number))
-        if release is None or release.status != "starting":
+        if release is None or release.status != ReleaseStatus.STARTING:
             return (_state(release) if release else {"app": app_name, "release": number, "status": "unknown"}), None
         _take_lock(session, env, app_name, release.request_id)  # renew the lease while we work
         wanted, kind = release.replicas, release.kind
@@ -148,15 +161,20 @@ def deploy_signal(settings: Settings, app_name: str, kind: str, number: int, det
             "observed_at": iso(utcnow()), "detail": detail[:500]}
 
 
-def _claim(settings: Settings, app_name: str, number: int) -> Release | None:
+def _claim(settings: Settings, app_name: str, number: int, giving_up: str = "") -> Release | None:
     """Move a release that is still under way to "switching"; None if someone else finished it
-    first (the health gate and a cancelling rollback may race: exactly one of them acts)."""
+    first (the health gate and a cancelling rollback may race: exactly one of them acts).
+
+    The switch renews the lease, so a reconciler leaves it alone while it runs; and it records
+    why a release is being given up, so one that finds it stuck there finishes it the same way."""
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == settings.env, Release.app == app_name,
                                                         Release.number == number).with_for_update())
-        if release is None or release.status not in ("fetching", "starting"):
+        if release is None or release.status not in RELEASE_CLAIMABLE:
             return None
-        release.status = "switching"
+        release.status = transition(release.status, ReleaseStatus.SWITCHING)
+        release.detail = giving_up
+        _take_lock(session, settings.env, app_name, release.request_id)
         return release
 
 
@@ -169,7 +187,7 @@ def release_info(settings: Settings, app_name: str, number: int) -> dict | None:
 
 def cancel(settings: Settings, runtime: Runtime, app_name: str, number: int, why: str) -> bool:
     """Stop a release that is still fetching or starting; False if it had already finished."""
-    if _claim(settings, app_name, number) is None:
+    if _claim(settings, app_name, number, giving_up=why) is None:
         return False
     _conclude(settings, runtime, app_name, number, ok=False, detail=why, stage="cancelled")
     return True
@@ -177,7 +195,7 @@ def cancel(settings: Settings, runtime: Runtime, app_name: str, number: int, why
 
 def finish(settings: Settings, runtime: Runtime, app_name: str, number: int, ok: bool, detail: str,
            stage: str = "") -> dict:
-    if _claim(settings, app_name, number) is None:
+    if _claim(settings, app_name, number, giving_up="" if ok else detail) is None:
         return release_info(settings, app_name, number) or {"app": app_name, "release": number, "status": "unknown"}
     return _conclude(settings, runtime, app_name, number, ok, detail, stage)
 
@@ -188,15 +206,22 @@ def _conclude(settings: Settings, runtime: Runtime, app_name: str, number: int, 
     switched = runtime.activate_release(app_name, number) if ok else runtime.discard_release(app_name, number)
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
-                                                        Release.number == number))
-        release.status, release.detail, release.finished_at = ("live" if ok else "failed"), detail, utcnow()
+                                                        Release.number == number).with_for_update())
+        if release.status != ReleaseStatus.SWITCHING:
+            # Concluded meanwhile by whoever else held the switch (a worker thought dead came
+            # back): its record stands, and the runtime calls above were the same, idempotent ones.
+            return _state(release)
+        release.status = transition(release.status, ReleaseStatus.LIVE if ok else ReleaseStatus.FAILED)
+        release.detail, release.finished_at = detail, utcnow()
         seconds = round((release.finished_at - as_utc(release.started_at)).total_seconds(), 3)
         live = session.scalars(select(Release).where(Release.env == env, Release.app == app_name,
-                                                     Release.status == "live", Release.number != number)).all()
+                                                     Release.status == ReleaseStatus.LIVE,
+                                                     Release.number != number)).all()
         if ok:
             for older in live:
                 # A rollback replaces a release that went bad; any other deploy just supersedes it.
-                older.status = "rolled_back" if release.kind == "rollback" else "superseded"
+                older.status = transition(older.status, ReleaseStatus.ROLLED_BACK if release.kind == "rollback"
+                                          else ReleaseStatus.SUPERSEDED)
             proof.append(session, env, "HEALTH_GATE_PASSED", app=app_name, payload={"release": number, "detail": detail})
             proof.append(session, env, "DEPLOY_SUCCEEDED", app=app_name,
                          payload={"release": number, "kind": release.kind, "sha": release.sha, "seconds": seconds,
@@ -234,3 +259,72 @@ def scale(settings: Settings, runtime: Runtime, app_name: str, replicas: int, re
     with session_scope(settings) as session:
         proof.append(session, env, "SCALED", app=app_name, payload=result)
     return result
+
+
+# -- releases nobody moves (the reconciler's part) -------------------------------------------------
+def _lease_lapsed(session, release: Release, now) -> bool:
+    """Nobody works on this release: its deploy's lease is gone, taken by another deploy, or run out."""
+    lock = session.get(DeployLock, (release.env, release.app))
+    return lock is None or lock.holder != release.request_id or as_utc(lock.expires_at) <= now
+
+
+def unattended(settings: Settings) -> list[tuple[str, int]]:
+    """(app, number) of every release under way whose deploy's lease has lapsed."""
+    now = utcnow()
+    with session_scope(settings, readonly=True) as session:
+        under_way = session.scalars(select(Release).where(Release.env == settings.env,
+                                                          Release.status.in_(RELEASE_UNDER_WAY))).all()
+        return [(r.app, r.number) for r in under_way if _lease_lapsed(session, r, now)]
+
+
+def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> dict | None:
+    """Finish or roll back a release whose deploy stopped moving (its worker died); None while
+    it should still be left alone. Decided from what is there to see, in this order:
+      - the runtime already serves it (the switch happened, its record did not): make it live;
+      - it was being given up (a failed gate, a cancel), or a newer release was started since:
+        roll it back (stop its replicas; the live release keeps serving);
+      - its replicas are all healthy: make it live, as its gate would have;
+      - otherwise, once it is past its health deadline plus DEPLOY_ALLOWANCE_S: roll it back.
+    Its record then says so as a deploy's would (DEPLOY_SUCCEEDED, or DEPLOY_FAILED with stage
+    "stalled" and ROLLBACK), after RELEASE_RESUMED, which says what was found and what it becomes."""
+    env = settings.env
+    now = utcnow()
+    with session_scope(settings, readonly=True) as session:
+        release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
+                                                        Release.number == number))
+        if release is None or release.status not in RELEASE_UNDER_WAY or not _lease_lapsed(session, release, now):
+            return None
+        found, giving_up, wanted = release.status, release.detail, release.replicas
+        deadline = get_app(session, env, app_name).spec["health_deadline_s"]
+        overdue = now - as_utc(release.started_at) > timedelta(seconds=deadline + DEPLOY_ALLOWANCE_S)
+        newer = session.scalar(select(func.max(Release.number)).where(Release.env == env, Release.app == app_name))
+    served = runtime.live_release(app_name) == number
+    statuses = [] if served else runtime.probe_release(app_name, number)
+    healthy = bool(statuses) and len(statuses) >= wanted and all(s.healthy for s in statuses)
+    if served:
+        ok, detail = True, "the switch had happened: the runtime serves it"
+    elif found == ReleaseStatus.SWITCHING and giving_up:
+        ok, detail = False, giving_up
+    elif newer > number:
+        ok, detail = False, f"release {newer} was started since"
+    elif healthy:
+        ok, detail = True, f"{len(statuses)} replicas healthy"
+    elif overdue:
+        seen = ", ".join(f"{s.slot}:{s.status}" for s in statuses) or "no replicas"
+        ok, detail = False, f"not healthy within {deadline} s ({seen})"
+    else:
+        return None  # not healthy yet, but still within its deadline: its gate may yet come back
+    with session_scope(settings) as session:
+        release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
+                                                        Release.number == number).with_for_update())
+        if release.status != found or not _lease_lapsed(session, release, utcnow()):
+            return None  # its deploy came back to it meanwhile
+        if release.status != ReleaseStatus.SWITCHING:
+            release.status = transition(release.status, ReleaseStatus.SWITCHING)
+        _take_lock(session, env, app_name, release.request_id)  # the switch is ours now, under its key
+        proof.append(session, env, "RELEASE_RESUMED", app=app_name,
+                     payload={"release": number, "found": found,
+                              "becomes": ReleaseStatus.LIVE if ok else ReleaseStatus.FAILED,
+                              "detail": detail, "started_at": iso(release.started_at)})
+    return _conclude(settings, runtime, app_name, number, ok, f"reconciled: {detail}",
+                     stage="" if ok else "stalled")

@@ -18,7 +18,8 @@ from sqlalchemy import insert, select
 from cicd.delivery import onboarding
 from cicd.store import proof
 from cicd.config import ENVIRONMENTS, Settings, check_env_name
-from cicd.core.events import ESCALATED, OPEN, REFUSED, as_utc, iso, utcnow
+from cicd.core.events import as_utc, iso, utcnow
+from cicd.core.lifecycle import ApprovalStatus, ExecutionStatus, IncidentStatus, ReleaseStatus, transition
 from cicd.store import Approval, Execution, Incident, Release, connection_of, get_app, session_scope
 from cicd.errors import CicdError
 
@@ -38,8 +39,8 @@ def as_dict(a, now=None) -> dict:
     """An approval (ORM object or row) as shown and returned."""
     now = now or utcnow()
     status = a.status
-    if status == "pending" and as_utc(a.expires_at) <= now:
-        status = "expired"  # not yet swept by housekeeping, but already unanswerable
+    if status == ApprovalStatus.PENDING and as_utc(a.expires_at) <= now:
+        status = ApprovalStatus.EXPIRED  # not yet swept by housekeeping, but already unanswerable
     return {"id": a.id, "env": a.env, "kind": a.kind, "app": a.app, "incident_id": a.incident_id,
             "attempt": a.attempt, "summary": a.summary, "status": status, "requested_by": a.requested_by,
             "requested_at": iso(a.requested_at), "expires_at": iso(a.expires_at), "decided_by": a.decided_by,
@@ -52,7 +53,7 @@ def _new(tx, settings: Settings, kind: str, app: str, payload: dict, summary: st
     now = utcnow()
     row = {"id": f"apr-{settings.env}-{secrets.token_hex(4)}", "env": settings.env, "kind": kind, "app": app,
            "incident_id": incident_id, "attempt": attempt, "payload": payload, "summary": summary,
-           "status": "pending", "requested_by": requested_by, "requested_at": now,
+           "status": transition(None, ApprovalStatus.PENDING), "requested_by": requested_by, "requested_at": now,
            "expires_at": now + timedelta(seconds=settings.approval_ttl_s), "decided_by": None, "decided_at": None,
            "reason": ""}
     connection_of(tx).execute(insert(Approval.__table__), row)
@@ -79,7 +80,7 @@ def request_promotion(target: Settings, source: Settings, app: str, requested_by
         if record is None:
             raise ApprovalError(f"{app} is not onboarded in {source.env}")
         live = session.scalar(select(Release).where(Release.env == source.env, Release.app == app,
-                                                     Release.status == "live"))
+                                                     Release.status == ReleaseStatus.LIVE))
         if live is None or not live.sha:
             raise ApprovalError(f"{app} has no live release in {source.env} to promote")
         spec = {**record.spec, "env": target.env}
@@ -93,23 +94,25 @@ def pending(settings: Settings, include_decided: bool = False) -> list[dict]:
     with session_scope(settings) as session:
         query = select(Approval).where(Approval.env == settings.env)
         if not include_decided:
-            query = query.where(Approval.status == "pending")
+            query = query.where(Approval.status == ApprovalStatus.PENDING)
         now = utcnow()
         return [as_dict(a, now) for a in session.scalars(query.order_by(Approval.requested_at))]
 
 
-def _answer(session, settings: Settings, approval_id: str, status: str, who: str, reason: str) -> Approval:
+def _answer(session, settings: Settings, approval_id: str, status: ApprovalStatus, who: str,
+            reason: str) -> Approval:
     """Record the answer to a pending, unexpired request, with who answered and why."""
     approval = session.get(Approval, approval_id, with_for_update=True)
     if approval is None or approval.env != settings.env:
         raise ApprovalError(f"no approval {approval_id} in {settings.env}")
-    if approval.status != "pending":
+    if approval.status != ApprovalStatus.PENDING:
         raise ApprovalError(f"{approval_id} is already {approval.status}"
                             + (f" by {approval.decided_by}" if approval.decided_by else ""))
     if as_utc(approval.expires_at) <= utcnow():
         raise ApprovalError(f"{approval_id} expired at {iso(approval.expires_at)}; request it again")
-    approval.status, approval.decided_by, approval.decided_at, approval.reason = status, who, utcnow(), reason
-    event = "APPROVAL_GRANTED" if status == "granted" else "APPROVAL_DENIED"
+    approval.status = transition(approval.status, status)
+    approval.decided_by, approval.decided_at, approval.reason = who, utcnow(), reason
+    event = "APPROVAL_GRANTED" if status == ApprovalStatus.GRANTED else "APPROVAL_DENIED"
     proof.append(session, settings.env, event, incident_id=approval.incident_id, app=approval.app,
                  payload={"approval": approval_id, "kind": approval.kind, "by": who, "reason": reason,
                           "summary": approval.summary})
@@ -118,7 +121,7 @@ def _answer(session, settings: Settings, approval_id: str, status: str, who: str
 
 def grant(settings: Settings, approval_id: str, who: str, reason: str) -> dict:
     with session_scope(settings) as session:
-        return as_dict(_answer(session, settings, approval_id, "granted", who, reason))
+        return as_dict(_answer(session, settings, approval_id, ApprovalStatus.GRANTED, who, reason))
 
 
 class GrantedWorkSender(Protocol):
@@ -159,9 +162,9 @@ def deny(settings: Settings, approval_id: str, who: str, reason: str) -> dict:
     if not reason.strip():
         raise ApprovalError("--reason: say why it is denied (it goes to the proof log)")
     with session_scope(settings) as session:
-        approval = _answer(session, settings, approval_id, "denied", who, reason)
+        approval = _answer(session, settings, approval_id, ApprovalStatus.DENIED, who, reason)
         if approval.kind == "action":
-            _close_held_incident(session, settings, approval, REFUSED, "INCIDENT_REFUSED",
+            _close_held_incident(session, settings, approval, IncidentStatus.REFUSED, "INCIDENT_REFUSED",
                                  f"{approval.summary}: denied by {who}: {reason}")
         return as_dict(approval)
 
@@ -170,28 +173,31 @@ def expire_due(settings: Settings) -> list[str]:
     """Housekeeping: pending requests past their time become expired; held actions escalate."""
     expired = []
     with session_scope(settings) as session:
-        due = session.scalars(select(Approval).where(Approval.env == settings.env, Approval.status == "pending",
+        due = session.scalars(select(Approval).where(Approval.env == settings.env,
+                                                     Approval.status == ApprovalStatus.PENDING,
                                                      Approval.expires_at <= utcnow())).all()
         for approval in due:
-            approval.status = "expired"
+            approval.status = transition(approval.status, ApprovalStatus.EXPIRED)
             proof.append(session, settings.env, "APPROVAL_EXPIRED", incident_id=approval.incident_id, app=approval.app,
                          payload={"approval": approval.id, "kind": approval.kind, "summary": approval.summary})
             if approval.kind == "action":
-                _close_held_incident(session, settings, approval, ESCALATED, "ESCALATED",
+                _close_held_incident(session, settings, approval, IncidentStatus.ESCALATED, "ESCALATED",
                                      f"{approval.summary}: nobody answered before {iso(approval.expires_at)}")
             expired.append(approval.id)
     return expired
 
 
-def _close_held_incident(session, settings: Settings, approval: Approval, status: str, event: str, why: str) -> None:
+def _close_held_incident(session, settings: Settings, approval: Approval, status: IncidentStatus, event: str,
+                         why: str) -> None:
     incident = session.get(Incident, approval.incident_id)
-    if incident is None or incident.status != OPEN:
+    if incident is None or incident.status != IncidentStatus.OPEN:
         return
     execution = session.scalar(select(Execution).where(Execution.incident_id == incident.id,
                                                        Execution.attempt == approval.attempt))
     if execution is not None:
-        execution.status, execution.reason = "refused", why
-    incident.status, incident.resolution, incident.closed_at, incident.open_key = status, why, utcnow(), None
+        execution.status, execution.reason = transition(execution.status, ExecutionStatus.REFUSED), why
+    incident.status = transition(incident.status, status)
+    incident.resolution, incident.closed_at, incident.open_key = why, utcnow(), None
     app = get_app(session, settings.env, incident.app)
     if app is not None:
         app.attention = why[:200]

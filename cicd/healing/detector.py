@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import OPEN, MalformedEvent, Signal, Unprocessable, as_utc, parse_iso, utcnow
+from cicd.core.events import MalformedEvent, Signal, Unprocessable, as_utc, parse_iso, utcnow
+from cicd.core.lifecycle import IncidentStatus, ReleaseStatus, transition
 from cicd.store import Incident, Release, app_row, transaction
 
 KIND_OF_SIGNAL = {
@@ -46,7 +47,8 @@ def classify(signal: Signal) -> tuple[str, str]:
 _RELEASES = (select(Release.__table__).where(Release.env == bindparam("env"), Release.app == bindparam("app"))
              .order_by(Release.number.desc()))
 _LAST_CLOSED = select(func.max(Incident.closed_at)).where(Incident.env == bindparam("env"),
-                                                          Incident.app == bindparam("app"), Incident.status != OPEN)
+                                                          Incident.app == bindparam("app"),
+                                                          Incident.status != IncidentStatus.OPEN)
 _OPEN_INCIDENT = select(Incident.id).where(Incident.open_key == bindparam("open_key"))
 _NEW_INCIDENT = insert(Incident.__table__)
 
@@ -54,8 +56,8 @@ _NEW_INCIDENT = insert(Incident.__table__)
 def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) -> dict:
     """What the policy needs to know beyond the signal, read from the releases."""
     releases = conn.execute(_RELEASES, {"env": settings.env, "app": signal.app}).all()
-    live = next((r for r in releases if r.status == "live"), None)
-    good_before = next((r for r in releases if r.status == "superseded" and r.sha
+    live = next((r for r in releases if r.status == ReleaseStatus.LIVE), None)
+    good_before = next((r for r in releases if r.status == ReleaseStatus.SUPERSEDED and r.sha
                         and (live is None or r.number < live.number)), None)
     # A crash or an overload soon after a release may be the release's fault.
     fresh = bool(kind in ("crash", "overload") and live and live.finished_at
@@ -105,7 +107,8 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
         with transaction(settings) as conn:
             conn.execute(_NEW_INCIDENT, {
                 "id": incident_id, "env": env, "app": signal.app, "kind": kind, "severity": severity,
-                "status": OPEN, "attempt": 1, "slot": signal.slots[0] if signal.slots else 0,
+                "status": transition(None, IncidentStatus.OPEN), "attempt": 1,
+                "slot": signal.slots[0] if signal.slots else 0,
                 "signal": signal.to_dict(), "context": context, "resolution": "", "decision": None,
                 "open_key": open_key})
             proof.append(conn, env, "INCIDENT_DETECTED", incident_id=incident_id, app=signal.app,

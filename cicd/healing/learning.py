@@ -25,6 +25,7 @@ from cicd.delivery import onboarding
 from cicd.healing import policy
 from cicd.config import Settings
 from cicd.core.events import Decision, iso, utcnow
+from cicd.core.lifecycle import Outcome
 from cicd.runtime.base import RuntimeFailure
 from cicd.runtime.sim import FAULT_MIX, Fault, SimRuntime, effect_of, sample_fault
 
@@ -123,7 +124,7 @@ class Simulation:
                 # nobody answers in a simulation).
                 episode.refused += 1
                 if learn:
-                    learn(state, action, policy.reward("refused", action, None, REWARD_SCALE_S),
+                    learn(state, action, policy.reward(Outcome.REFUSED, action, None, REWARD_SCALE_S),
                           None if last else policy.State.of(fault.kind, fault.severity, attempt + 1, fault.fresh))
                 continue
             before = self.sim.elapsed(APP)[0]
@@ -138,7 +139,7 @@ class Simulation:
             step_s = self.sim.elapsed(APP)[0] - before + (CONFIRM_S if fixed else VERIFY_TIMEOUT_S)
             clock += step_s
             if learn:
-                result = "stable" if fixed else "failed"
+                result = Outcome.STABLE if fixed else Outcome.FAILED
                 next_state = None if fixed or last else policy.State.of(fault.kind, fault.severity, attempt + 1,
                                                                         fault.fresh)
                 learn(state, action, policy.reward(result, action, step_s, REWARD_SCALE_S), next_state)

@@ -16,7 +16,8 @@ from cicd.healing import approvals
 from cicd.delivery import deployer
 from cicd.store import proof
 from cicd.config import Settings, signing_key
-from cicd.core.events import OPEN, Decision, as_utc, iso, parse_iso, utcnow
+from cicd.core.events import Decision, as_utc, iso, parse_iso, utcnow
+from cicd.core.lifecycle import EXECUTION_RESUMABLE, ApprovalStatus, ExecutionStatus, IncidentStatus, transition
 from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.store import Approval, Execution, Incident, app_row, connection_of, incident_row, session_scope, transaction
 
@@ -27,7 +28,7 @@ _EXECUTIONS = Execution.__table__
 _E = _EXECUTIONS.c
 # What the budget and backoff gates count: this app's restarts and scalings that ran.
 _ACTED = select(_E.action, _E.started_at, _E.params).where(
-    _E.env == bindparam("env"), _E.app == bindparam("app"), _E.status == "done",
+    _E.env == bindparam("env"), _E.app == bindparam("app"), _E.status == ExecutionStatus.DONE,
     _E.action.in_(("restart_service", "scale_workers")))
 _CLAIM = select(_EXECUTIONS).where(_E.incident_id == bindparam("incident_id"), _E.attempt == bindparam("attempt"))
 _CLAIM_BY_ID = select(_EXECUTIONS).where(_E.id == bindparam("id"))
@@ -89,24 +90,27 @@ def _refuse(conn, settings: Settings, verdict: gates.Verdict, raw, decision: Dec
     # Only an authentic decision for a real incident may take the execution key: a forged one must
     # not be able to block the real decision for the same attempt.
     if verdict.gate != "intake" and decision is not None and incident is not None:
-        conn.execute(_NEW_EXECUTION, _execution_row(env, decision, "refused", gate=verdict.gate,
+        conn.execute(_NEW_EXECUTION, _execution_row(env, decision, ExecutionStatus.REFUSED, gate=verdict.gate,
                                                     reason=verdict.reason))
     proof.append(conn, env, "REFUSAL_EMIT_SUCCESS", incident_id=owner, app=app, payload={"gate": verdict.gate})
     return {"env": env, "incident_id": owner, "attempt": refusal["attempt"], "app": app,
-            "action": refusal["action"], "params": {}, "status": "refused", "gate": verdict.gate,
+            "action": refusal["action"], "params": {}, "status": ExecutionStatus.REFUSED, "gate": verdict.gate,
             "reason": verdict.reason, "result": {}}
 
 
-def _execution_row(env: str, decision: Decision, status: str, **fields) -> dict:
+def _execution_row(env: str, decision: Decision, status: ExecutionStatus, **fields) -> dict:
+    """A new execution claim (with the status it is created in)."""
     return {"env": env, "app": decision.app, "incident_id": decision.incident_id, "attempt": decision.attempt,
-            "action": decision.action, "params": decision.params, "status": status, "gate": "", "reason": "",
+            "action": decision.action, "params": decision.params, "status": transition(None, status), "gate": "",
+            "reason": "",
             "nonce": decision.nonce, "result": {}, "started_at": utcnow(), "finished_at": None, **fields}
 
 
 def _hold_for_approval(conn, settings: Settings, verdict: gates.Verdict, raw: dict, decision: Decision) -> dict:
     """Claim the key and wait for a human; the incident stays open, and visible, meanwhile."""
     approval = approvals.request_action(conn, settings, raw, verdict.reason)
-    claim = _execution_row(settings.env, decision, "awaiting_approval", gate=verdict.gate, reason=verdict.reason,
+    claim = _execution_row(settings.env, decision, ExecutionStatus.AWAITING_APPROVAL, gate=verdict.gate,
+                           reason=verdict.reason,
                            result={"approval": approval["id"]})
     conn.execute(_NEW_EXECUTION, claim)
     return summary(claim, approval=approval["id"])
@@ -125,7 +129,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
         acted = _acted(conn, env, app_name) if app_name else []
         verdict, decision = gates.evaluate(raw, _gate_context(settings, conn, runtime, app_name, acted))
     names_open_incident = (incident is not None and decision is not None and incident.app == decision.app
-                           and incident.status == OPEN)
+                           and incident.status == IncidentStatus.OPEN)
     if (verdict.allowed or verdict.approval) and not names_open_incident:
         verdict = gates.Verdict(False, "intake", "INTAKE_REFUSED", "decision names no open incident of that app")
     wait = (_restart_backoff(settings, acted, decision.params["slots"])
@@ -136,7 +140,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
         claim = None
         if incident is not None and attempt is not None:
             claim = conn.execute(_CLAIM, {"incident_id": incident_id, "attempt": attempt}).first()
-        if claim is not None and claim.status not in ("started", "deferred"):
+        if claim is not None and claim.status not in EXECUTION_RESUMABLE:
             proof.append(conn, env, "EXECUTION_DEDUPLICATED", incident_id=incident_id, app=claim.app,
                          payload={"attempt": attempt, "status": claim.status})
             return summary(claim, deduplicated=True)
@@ -152,10 +156,12 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
                      payload={"attempt": attempt, "action": decision.action, "params": decision.params,
                               "gates": list(GATE_NAMES)})
         if claim is None:
-            claim_id = conn.execute(_NEW_EXECUTION, _execution_row(env, decision, "started")).inserted_primary_key[0]
+            claim_id = conn.execute(_NEW_EXECUTION, _execution_row(env, decision, ExecutionStatus.STARTED)
+                                    ).inserted_primary_key[0]
         else:
             claim_id = claim.id
-            conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": "started"})
+            conn.execute(_SET_EXECUTION, {"k_id": claim_id,
+                                          "status": transition(claim.status, ExecutionStatus.STARTED)})
     return _act(settings, runtime, request_deploy, claim_id, decision)
 
 
@@ -173,7 +179,7 @@ def _defer(conn, settings: Settings, decision: Decision, claim, wait: float) -> 
     due = utcnow() + timedelta(seconds=wait)
     result = {"due_at": iso(due)}
     if claim is None:
-        row = _execution_row(settings.env, decision, "deferred", result=result)
+        row = _execution_row(settings.env, decision, ExecutionStatus.DEFERRED, result=result)
         conn.execute(_NEW_EXECUTION, row)
     else:
         conn.execute(_SET_EXECUTION, {"k_id": claim.id, "result": result})
@@ -189,13 +195,14 @@ def due_deferred(settings: Settings, resend_after_s: float = 60.0) -> list[dict]
     now, out = utcnow(), []
     with session_scope(settings) as session:
         for claim in session.scalars(select(Execution).where(Execution.env == settings.env,
-                                                             Execution.status == "deferred")):
+                                                             Execution.status == ExecutionStatus.DEFERRED)):
             result = dict(claim.result or {})
             resent = result.get("resent_at")
             if parse_iso(result["due_at"]) > now or (resent and (now - parse_iso(resent)).total_seconds() < resend_after_s):
                 continue
             incident = session.get(Incident, claim.incident_id)
-            if incident is None or incident.status != OPEN or (incident.decision or {}).get("attempt") != claim.attempt:
+            if incident is None or incident.status != IncidentStatus.OPEN \
+                    or (incident.decision or {}).get("attempt") != claim.attempt:
                 continue
             claim.result = {**result, "resent_at": iso(now)}
             out.append(incident.decision)
@@ -207,26 +214,28 @@ def execute_approved(settings: Settings, runtime: Runtime, approval_id: str, req
     env = settings.env
     with session_scope(settings) as session:
         approval = session.get(Approval, approval_id)
-        if approval is None or approval.env != env or approval.kind != "action" or approval.status != "granted":
+        if approval is None or approval.env != env or approval.kind != "action" \
+                or approval.status != ApprovalStatus.GRANTED:
             return None
         raw = approval.payload["decision"]
         claim = session.scalar(select(Execution).where(Execution.incident_id == approval.incident_id,
                                                        Execution.attempt == approval.attempt))
         incident = session.get(Incident, approval.incident_id)
-        if claim is None or claim.status not in ("awaiting_approval", "started") \
-                or incident is None or incident.status != OPEN:
+        if claim is None or claim.status not in (ExecutionStatus.AWAITING_APPROVAL, ExecutionStatus.STARTED) \
+                or incident is None or incident.status != IncidentStatus.OPEN:
             return summary(claim, deduplicated=True) if claim else None
         conn, app_name = connection_of(session), _field(raw, "app", str)
         acted = _acted(conn, env, app_name) if app_name else []
         verdict, decision = gates.evaluate(raw, _gate_context(settings, conn, runtime, app_name, acted,
                                                               approved=True))
         if not verdict.allowed:
-            claim.status, claim.gate, claim.reason = "refused", verdict.gate, verdict.reason
+            claim.status = transition(claim.status, ExecutionStatus.REFUSED)
+            claim.gate, claim.reason = verdict.gate, verdict.reason
             return _refuse(session, settings, verdict, raw, None, incident)
         proof.append(session, env, "EXECUTION_GATE_PASSED", incident_id=incident.id, app=decision.app,
                      payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
                               "approval": approval_id, "approved_by": approval.decided_by})
-        claim.status = "started"
+        claim.status = transition(claim.status, ExecutionStatus.STARTED)
     return _act(settings, runtime, request_deploy, claim.id, decision, approval=approval_id)
 
 
@@ -238,9 +247,10 @@ def _act(settings: Settings, runtime: Runtime, request_deploy, claim_id: int, de
         runtime.note_action(decision.app, decision.action, decision.params, op_key)
         result = actions.perform(action_context(settings, runtime, request_deploy), decision.app, decision.action,
                                  decision.params, op_key)
-        status = "done"
+        status = ExecutionStatus.DONE
     except RuntimeFailure as exc:
-        result, status = {"error": str(exc)}, "failed"
+        result, status = {"error": str(exc)}, ExecutionStatus.FAILED
+    transition(ExecutionStatus.STARTED, status)  # _act runs only on a claim its caller set to started
     with transaction(settings) as conn:
         conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": status, "result": result, "finished_at": utcnow()})
         proof.append(conn, settings.env, "ORCH_EXEC", incident_id=decision.incident_id, app=decision.app,

@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from cicd.core import actions, signing
 from cicd.store import proof
 from cicd.config import Settings, signing_key
-from cicd.core.events import INCIDENT_KINDS, OPEN, SEVERITIES, Decision, iso, utcnow
+from cicd.core.events import INCIDENT_KINDS, SEVERITIES, Decision, iso, utcnow
+from cicd.core.lifecycle import IncidentStatus, Outcome
 from cicd.store import Incident, PolicyValue, app_row, connection_of, incident_row, transaction, update_incident
 
 MAX_ATTEMPT = 3            # attempts 3, 4, ... share one state: "still failing after two tries"
@@ -220,7 +221,8 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
     # this task stored one first (that one stands: same incident, same attempt, one decision).
     with transaction(settings, readonly=True) as conn:
         incident = incident_row(conn, incident_id)
-        if incident is None or incident.env != env or incident.status != OPEN or incident.attempt != attempt:
+        if incident is None or incident.env != env or incident.status != IncidentStatus.OPEN \
+                or incident.attempt != attempt:
             return None
         if (incident.decision or {}).get("attempt") == attempt:
             return incident.decision
@@ -237,7 +239,7 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
     signed = {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), signing_key(settings))}
     with transaction(settings) as conn:
         incident = incident_row(conn, incident_id, lock=True)
-        if incident.status != OPEN or incident.attempt != attempt:
+        if incident.status != IncidentStatus.OPEN or incident.attempt != attempt:
             return None
         if (incident.decision or {}).get("attempt") == attempt:
             return incident.decision
@@ -251,9 +253,9 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
         return signed
 
 
-def reward(result: str, action: str, time_to_recover_s: float | None, timeout_s: float) -> float:
+def reward(result: Outcome, action: str, time_to_recover_s: float | None, timeout_s: float) -> float:
     cost = ACTION_COST.get(action, 0.5)
-    if result == "stable":
+    if result == Outcome.STABLE:
         slowness = min(1.0, (time_to_recover_s or 0.0) / timeout_s)
         return round(1.0 - 0.5 * slowness - cost, 6)
     return round(-1.0 - cost, 6)

@@ -1,4 +1,5 @@
-"""Every incident reaches an end state: open incidents that stopped moving are sent on again.
+"""Every incident reaches an end state, and every release a final one: what stopped moving is
+sent on again (an incident's step) or finished here (a release).
 
 At-least-once delivery keeps messages across worker deaths, but a message can still be lost
 (a broker restarted between two AOF writes; a dead letter in the middle of a chain). So the
@@ -15,11 +16,12 @@ from sqlalchemy import select
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import OPEN, parse_iso, utcnow
+from cicd.core.events import parse_iso, utcnow
+from cicd.core.lifecycle import IncidentStatus, Step, next_step
+from cicd.delivery import deployer
 from cicd.healing.orchestrator import summary
+from cicd.runtime.base import Runtime
 from cicd.store import Execution, Incident, ProofRecord, session_scope
-
-WAITING_ON_PURPOSE = ("awaiting_approval", "deferred")
 
 
 def stalled(settings: Settings) -> list[dict]:
@@ -28,26 +30,38 @@ def stalled(settings: Settings) -> list[dict]:
     out = []
     with session_scope(settings) as session:
         for incident in session.scalars(select(Incident).where(Incident.env == settings.env,
-                                                               Incident.status == OPEN)):
+                                                               Incident.status == IncidentStatus.OPEN)):
             last = session.scalar(select(ProofRecord.ts).where(ProofRecord.env == settings.env,
                                                                ProofRecord.incident_id == incident.id)
                                   .order_by(ProofRecord.seq.desc()).limit(1))
             if last is not None and parse_iso(last) > cutoff:
                 continue
             attempt = incident.attempt
-            decision = incident.decision if (incident.decision or {}).get("attempt") == attempt else None
             execution = session.scalar(select(Execution).where(Execution.incident_id == incident.id,
                                                                Execution.attempt == attempt))
-            if execution is not None and execution.status in WAITING_ON_PURPOSE:
-                continue
-            if decision is None:
-                step = {"step": "decide", "incident": {"env": settings.env, "incident_id": incident.id,
-                                                       "attempt": attempt}}
-            elif execution is None or execution.status == "started":
-                step = {"step": "execute", "decision": decision}
+            due = next_step(incident.status, attempt, incident.decision, execution.status if execution else None)
+            if due == Step.DECIDE:
+                step = {"step": due, "incident": {"env": settings.env, "incident_id": incident.id,
+                                                  "attempt": attempt}}
+            elif due == Step.EXECUTE:
+                step = {"step": due, "decision": incident.decision}
+            elif due == Step.VERIFY:
+                step = {"step": due, "execution": summary(execution)}
             else:
-                step = {"step": "verify", "execution": summary(execution)}
+                continue  # waiting on purpose (a human, a backoff's due time): housekeeping resumes it
             proof.append(session, settings.env, "INCIDENT_RESUMED", incident_id=incident.id, app=incident.app,
                          payload={"attempt": attempt, "step": step["step"], "idle_since": last})
             out.append({"incident_id": incident.id, **step})
+    return out
+
+
+def finish_stalled_releases(settings: Settings, runtime: Runtime) -> list[dict]:
+    """Releases under way whose deploy's lease lapsed (its worker died mid-deploy), finished or
+    rolled back by deployer.resume; their states (with the incident signal a failed deploy
+    raises, as the deploy agent's own would)."""
+    out = []
+    for app, number in deployer.unattended(settings):
+        state = deployer.resume(settings, runtime, app, number)
+        if state is not None:
+            out.append(state)
     return out

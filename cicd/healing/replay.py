@@ -19,12 +19,14 @@ import numpy as np
 from cicd.healing import learning
 from cicd.config import Settings
 from cicd.core.events import INCIDENT_KINDS, SEVERITIES
+from cicd.core.lifecycle import IncidentStatus
 from cicd.store.proof import EXPORT_COLUMNS
 from cicd.store.reports import seconds_between
 from cicd.runtime.sim import CAUSE_MIX, Fault, _weighted
 from cicd.errors import CicdError
 
-ENDINGS = {"SYSTEM_STABLE": "stable", "ESCALATED": "escalated", "INCIDENT_REFUSED": "refused"}
+ENDINGS = {"SYSTEM_STABLE": IncidentStatus.STABLE, "ESCALATED": IncidentStatus.ESCALATED,
+           "INCIDENT_REFUSED": IncidentStatus.REFUSED}
 
 
 class TraceError(CicdError, ValueError):
@@ -83,7 +85,8 @@ def incidents(rows: list[dict]) -> list[Recorded]:
                 continue
             context = payload.get("context") if isinstance(payload.get("context"), dict) else {}
             by_id[incident_id] = Recorded(incident_id, row.get("app") or "", kind, severity,
-                                          bool(context.get("fresh_release")), context, [], "open", None)
+                                          bool(context.get("fresh_release")), context, [], IncidentStatus.OPEN,
+                                          None)
             opened_at[incident_id] = row["ts"]
         elif incident_id in by_id and name == "RL_DECISION":
             by_id[incident_id].actions.append(payload.get("action"))
@@ -110,6 +113,7 @@ def replay(settings: Settings, table: np.ndarray, recorded: list[Recorded], seed
         out.append({"incident_id": record.incident_id, "app": record.app, "kind": record.kind,
                     "severity": record.severity, "fresh": record.fresh,
                     "recorded": {"actions": record.actions, "outcome": record.outcome, "seconds": record.seconds},
-                    "replayed": {"actions": episode.actions, "outcome": "stable" if episode.success else "escalated",
+                    "replayed": {"actions": episode.actions, "outcome": IncidentStatus.STABLE if episode.success
+                                 else IncidentStatus.ESCALATED,
                                  "seconds": round(episode.time_to_recover_s, 3), "cause": fault.cause}})
     return out

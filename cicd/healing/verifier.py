@@ -11,7 +11,10 @@ from sqlalchemy import bindparam, select, update
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import ESCALATED, OPEN, REFUSED, STABLE, as_utc, parse_iso, utcnow
+from cicd.core.events import as_utc, parse_iso, utcnow
+from cicd.core.lifecycle import (EXECUTION_WAITING, RELEASE_UNDER_WAY, ExecutionStatus, IncidentStatus, Outcome,
+                                 ReleaseStatus, transition)
+from cicd.delivery.deployer import DEPLOY_ALLOWANCE_S
 from cicd.signals.probes import mean_utilization
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import App, Execution, Release, app_row, incident_row, transaction, update_incident
@@ -26,8 +29,7 @@ def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expe
 
 
 # On top of the verify timeout, a deploy being waited for gets its spec's health deadline plus
-# this much for fetching and building.
-DEPLOY_ALLOWANCE_S = 60.0
+# DEPLOY_ALLOWANCE_S for fetching and building (the same allowance the reconciler gives it).
 
 
 _RELEASES = Release.__table__
@@ -52,15 +54,16 @@ def _awaited_release(conn, execution: dict, incident):
 
 def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: int, started_at: str):
     """("wait", stable_checks so far) or ("done", outcome)."""
-    if execution.get("status") in ("awaiting_approval", "deferred"):
+    if execution.get("status") in EXECUTION_WAITING:
         return "done", None  # held for a human, or for a backoff: the chain runs again from there
-    if execution.get("status") == "refused":
-        return "done", conclude(settings, execution, "refused")
-    if execution.get("status") == "failed":
-        return "done", conclude(settings, execution, "failed", detail=execution.get("result", {}).get("error", ""))
+    if execution.get("status") == ExecutionStatus.REFUSED:
+        return "done", conclude(settings, execution, Outcome.REFUSED)
+    if execution.get("status") == ExecutionStatus.FAILED:
+        return "done", conclude(settings, execution, Outcome.FAILED,
+                                detail=execution.get("result", {}).get("error", ""))
     with transaction(settings, readonly=True) as conn:
         incident = incident_row(conn, execution["incident_id"])
-        if incident is None or incident.status != OPEN or incident.attempt != execution["attempt"]:
+        if incident is None or incident.status != IncidentStatus.OPEN or incident.attempt != execution["attempt"]:
             return "done", None  # already concluded by an earlier delivery of this task
         kind, app = incident.kind, incident.app
         awaiting, release = _awaited_release(conn, execution, incident)
@@ -69,32 +72,34 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
         if awaiting:
             timeout += app_row(conn, settings.env, app).spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
     timed_out = utcnow() - parse_iso(started_at) > timedelta(seconds=timeout)
-    if awaiting and (release_status is None or release_status[1] in ("fetching", "starting", "switching")):
+    if awaiting and (release_status is None or release_status[1] in RELEASE_UNDER_WAY):
         if timed_out:
-            return "done", conclude(settings, execution, "failed", detail=f"the release did not finish within {timeout:.0f} s")
+            return "done", conclude(settings, execution, Outcome.FAILED,
+                                    detail=f"the release did not finish within {timeout:.0f} s")
         return "wait", 0
-    if awaiting and release_status[1] == "failed":
-        return "done", conclude(settings, execution, "failed",
+    if awaiting and release_status[1] == ReleaseStatus.FAILED:
+        return "done", conclude(settings, execution, Outcome.FAILED,
                                 detail=f"release {release_status[0]} failed: {release_status[2]}")
     statuses = runtime.probe([app])[app]
     if is_stable(settings, kind, statuses, runtime.replica_count(app)):
         stable_checks += 1
         if stable_checks >= settings.stable_checks:
-            return "done", conclude(settings, execution, "stable")
+            return "done", conclude(settings, execution, Outcome.STABLE)
     else:
         stable_checks = 0
     if timed_out:
         seen = ", ".join(f"{s.slot}:{s.status}" for s in statuses) or "no replicas"
-        return "done", conclude(settings, execution, "failed", detail=f"not stable within {timeout:.0f} s ({seen})")
+        return "done", conclude(settings, execution, Outcome.FAILED,
+                                detail=f"not stable within {timeout:.0f} s ({seen})")
     return "wait", stable_checks
 
 
-def conclude(settings: Settings, execution: dict, result: str, detail: str = "") -> dict | None:
+def conclude(settings: Settings, execution: dict, result: Outcome, detail: str = "") -> dict | None:
     """Close the incident or move it to its next attempt; returns the outcome for learning."""
     env = settings.env
     with transaction(settings) as conn:
         incident = incident_row(conn, execution.get("incident_id") or "", lock=True)
-        if incident is None or incident.status != OPEN:
+        if incident is None or incident.status != IncidentStatus.OPEN:
             return None
         attempt = incident.attempt
         now = utcnow()
@@ -104,16 +109,16 @@ def conclude(settings: Settings, execution: dict, result: str, detail: str = "")
                    "attempt": attempt, "action": execution.get("action") or "",
                    "result": result, "time_to_recover_s": None, "next_attempt": None}
         base = {"attempt": attempt, "action": outcome["action"], "kind": incident.kind}
-        if result == "stable":
+        if result == Outcome.STABLE:
             outcome["time_to_recover_s"] = ttr
-            _close(conn, incident, STABLE, f"recovered by {outcome['action']} on attempt {attempt}", now)
+            _close(conn, incident, IncidentStatus.STABLE, f"recovered by {outcome['action']} on attempt {attempt}", now)
             proof.append(conn, env, "SYSTEM_STABLE", incident_id=incident.id, app=incident.app,
                          payload={**base, "time_to_recover_s": ttr})
-        elif result == "refused":
+        elif result == Outcome.REFUSED:
             # Past a budget the design says escalate; any other refusal closes the incident as refused.
             over_budget = execution.get("gate") == "budget"
             why = f"{outcome['action'] or 'decision'} refused by the {execution.get('gate')} gate: {execution.get('reason')}"
-            _close(conn, incident, ESCALATED if over_budget else REFUSED, why, now)
+            _close(conn, incident, IncidentStatus.ESCALATED if over_budget else IncidentStatus.REFUSED, why, now)
             _call_a_human(conn, env, incident.app, why)
             proof.append(conn, env, "ESCALATED" if over_budget else "INCIDENT_REFUSED",
                          incident_id=incident.id, app=incident.app, payload={**base, "reason": why})
@@ -124,15 +129,16 @@ def conclude(settings: Settings, execution: dict, result: str, detail: str = "")
                          payload={**base, "detail": detail, "next_attempt": attempt + 1})
         else:
             why = f"not recovered after {attempt} attempts; last: {outcome['action']} ({detail})"
-            _close(conn, incident, ESCALATED, why, now)
+            _close(conn, incident, IncidentStatus.ESCALATED, why, now)
             _call_a_human(conn, env, incident.app, why)
             proof.append(conn, env, "ESCALATED", incident_id=incident.id, app=incident.app,
                          payload={**base, "reason": why, "history": _history(conn, incident)})
         return outcome
 
 
-def _close(conn, incident, status: str, resolution: str, now) -> None:
-    update_incident(conn, incident.id, status=status, resolution=resolution, closed_at=now, open_key=None)
+def _close(conn, incident, status: IncidentStatus, resolution: str, now) -> None:
+    update_incident(conn, incident.id, status=transition(incident.status, status), resolution=resolution,
+                    closed_at=now, open_key=None)
 
 
 def _call_a_human(conn, env: str, app_name: str, why: str) -> None:

@@ -84,6 +84,11 @@ class Runtime(ABC):
     def apps(self) -> list[str]:
         ...
 
+    def live_release(self, app: str) -> int | None:
+        """The release whose replicas serve the app, as the runtime knows it; None if it does not
+        say (the reconciler then judges a stuck release by probing its replicas)."""
+        return None
+
     def note_action(self, app: str, action: str, params: dict, op_key: str) -> None:
         """A healing action is about to run. Real runtimes have nothing to do here; the simulated
         fleet draws the action's outcome from its fault model (once per op key)."""

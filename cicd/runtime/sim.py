@@ -16,6 +16,7 @@ import random
 import shutil
 from dataclasses import dataclass, field, replace
 
+from cicd.core.lifecycle import ReleaseStatus
 from cicd.delivery.onboarding import NAME_PATTERN
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
@@ -188,7 +189,7 @@ class SimRuntime(Runtime):
         if not NAME_PATTERN.fullmatch(spec["name"]):
             raise RuntimeFailure(f"app name {spec['name']!r}: not a valid app name")
         sim = SimApp(spec=spec, replicas=spec["replicas"],
-                     releases={1: {"status": "live", "ref": "main", "sha": "1" * 40}})
+                     releases={1: {"status": ReleaseStatus.LIVE, "ref": "main", "sha": "1" * 40}})
         self._store(spec["name"], sim)
         return sim
 
@@ -206,12 +207,12 @@ class SimRuntime(Runtime):
         with self._edit(app) as sim:
             sim.fault, sim.clock_s, sim.disruption_s = fault, 0.0, 0.0
             sim.replicas = sim.spec["replicas"] * (2 if fault.kind == "underload" else 1)
-            sim.releases = {1: {"status": "superseded", "ref": "main", "sha": "1" * 40},
-                            2: {"status": "live", "ref": "main", "sha": "2" * 40}}
+            sim.releases = {1: {"status": ReleaseStatus.SUPERSEDED, "ref": "main", "sha": "1" * 40},
+                            2: {"status": ReleaseStatus.LIVE, "ref": "main", "sha": "2" * 40}}
             sim.live = 2
             if fault.kind in ("slow_deploy", "failed_deploy"):
-                sim.releases[3] = {"status": "starting" if fault.kind == "slow_deploy" else "failed", "ref": "main",
-                                   "sha": "3" * 40}
+                sim.releases[3] = {"status": ReleaseStatus.STARTING if fault.kind == "slow_deploy"
+                                   else ReleaseStatus.FAILED, "ref": "main", "sha": "3" * 40}
 
     def context(self, app: str) -> dict:
         """What the detector would know about the app's releases (as detector.context_of)."""
@@ -306,18 +307,19 @@ class SimRuntime(Runtime):
             number = max(sim.releases) + 1
             fixed = sim.ops.get(request_id, False)
             for release in sim.releases.values():
-                if fixed and release["status"] == "live":
-                    release["status"] = "superseded"
-            sim.releases[number] = {"status": "live" if fixed else "failed", "ref": ref, "sha": sha or "3" * 40}
+                if fixed and release["status"] == ReleaseStatus.LIVE:
+                    release["status"] = ReleaseStatus.SUPERSEDED
+            sim.releases[number] = {"status": ReleaseStatus.LIVE if fixed else ReleaseStatus.FAILED, "ref": ref,
+                                    "sha": sha or "3" * 40}
             if fixed:
                 sim.live = number
 
     def cancel_release(self, app: str, number: int, why: str) -> bool:
         with self._edit(app) as sim:
             release = sim.releases.get(number)
-            if release is None or release["status"] != "starting":
+            if release is None or release["status"] != ReleaseStatus.STARTING:
                 return False
-            release["status"] = "failed"
+            release["status"] = ReleaseStatus.FAILED
             return True
 
     # -- the rest of the interface: releases exist only as records here --------------------------
@@ -325,7 +327,7 @@ class SimRuntime(Runtime):
         if self._load(spec["name"]) is None:
             self.add_app(spec)
         with self._edit(spec["name"]) as sim:
-            sim.releases[number] = {"status": "starting", "ref": "main", "sha": None}
+            sim.releases[number] = {"status": ReleaseStatus.STARTING, "ref": "main", "sha": None}
         shutil.rmtree(source_dir, ignore_errors=True)  # nothing to run: the code is not needed
         return {"release": number, "slots": list(range(spec["replicas"]))}
 
@@ -338,14 +340,14 @@ class SimRuntime(Runtime):
     def activate_release(self, app: str, number: int) -> dict:
         with self._edit(app) as sim:
             for release in sim.releases.values():
-                if release["status"] == "live":
-                    release["status"] = "superseded"
-            sim.releases[number]["status"], sim.live = "live", number
+                if release["status"] == ReleaseStatus.LIVE:
+                    release["status"] = ReleaseStatus.SUPERSEDED
+            sim.releases[number]["status"], sim.live = ReleaseStatus.LIVE, number
             return {"release": number, "replicas": sim.replicas, "stopped": sim.replicas}
 
     def discard_release(self, app: str, number: int) -> dict:
         with self._edit(app) as sim:
-            sim.releases[number]["status"] = "failed"
+            sim.releases[number]["status"] = ReleaseStatus.FAILED
         return {"release": number, "stopped": 0}
 
     def stop_load(self, app: str) -> bool:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, delete, insert, select, update
 
 from cicd.config import Settings
-from cicd.core.events import OPEN, iso, utcnow
+from cicd.core.events import iso, utcnow
+from cicd.core.lifecycle import IncidentStatus
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import App, AppHealth, Incident, ReplicaHealth, session_scope
 
@@ -58,7 +59,8 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
     results = runtime.probe(sorted(apps))
     signals = []
     with session_scope(settings) as session:
-        busy = set(session.scalars(select(Incident.app).where(Incident.env == env, Incident.status == OPEN)))
+        busy = set(session.scalars(select(Incident.app).where(Incident.env == env,
+                                                              Incident.status == IncidentStatus.OPEN)))
         failing = {}
         for app, slot, count in session.execute(select(ReplicaHealth.app, ReplicaHealth.slot,
                                                        ReplicaHealth.consecutive_failures)

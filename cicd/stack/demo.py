@@ -23,6 +23,7 @@ from cicd.delivery import faults
 from cicd.store import proof, reports
 from cicd.config import Settings
 from cicd.core.events import iso, utcnow
+from cicd.core.lifecycle import IncidentStatus, ReleaseStatus
 from cicd.runtime.base import Runtime
 
 DEMO_APP = "demo-api"
@@ -63,7 +64,8 @@ class StepResult:
 
     @property
     def passed(self) -> bool:
-        return bool(self.incident and self.incident["status"] == "stable" and self.incident["kind"] == self.step.kind
+        return bool(self.incident and self.incident["status"] == IncidentStatus.STABLE
+                    and self.incident["kind"] == self.step.kind
                     and self.action in self.step.expected and not self.error)
 
 
@@ -115,7 +117,7 @@ class Demo:
         git_url = cluster.example_git_server(settings, [name])
         known = {row["app"]: row for row in reports.apps(settings, self.runtime)}
         before = (reports.latest_release(settings, name) or {}).get("release", 0)
-        live = reports.latest_release(settings, name, status="live")
+        live = reports.latest_release(settings, name, status=ReleaseStatus.LIVE)
         if name in known and known[name]["replicas"] and live and live["ref"] == "HEAD":
             self.say(f"{name} is already onboarded and running in {settings.env}: reusing it")
         else:
@@ -130,7 +132,7 @@ class Demo:
                 self.say(f"onboarded {name} ({runtime_kind}) from {git_url}/{name}.git; spec exported to "
                          f"{settings.registry_dir / (name + '.json')}")
             release = reports.wait_for_release(settings, name, before, 120)
-            if release is None or release["status"] != "live":
+            if release is None or release["status"] != ReleaseStatus.LIVE:
                 raise DemoFailed(f"deploy of {name} failed: {release['detail'] if release else 'timed out after 120 s'}")
             self.say(f"deployed {name} release {release['release']}: {release['detail']} "
                      f"({reports.seconds_between(release['started_at'], release['finished_at'])} s)")

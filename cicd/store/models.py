@@ -39,7 +39,8 @@ class Release(Base):
     env: Mapped[str] = mapped_column(String(10))
     app: Mapped[str] = mapped_column(String(40))
     number: Mapped[int] = mapped_column(Integer)
-    # fetching, starting, live, failed, superseded (was live, replaced), rolled_back (was live, bad)
+    # a lifecycle.ReleaseStatus: fetching, starting, switching, live, failed, superseded (was live,
+    # replaced), rolled_back (was live, bad). While switching, detail says why it is being given up.
     status: Mapped[str] = mapped_column(String(20))
     kind: Mapped[str] = mapped_column(String(20), default="deploy")  # deploy, retry, rollback, promotion
     ref: Mapped[str] = mapped_column(String(200), default="HEAD")

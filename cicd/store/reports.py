@@ -9,7 +9,8 @@ from sqlalchemy import select
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import OPEN, iso, parse_iso, utcnow
+from cicd.core.events import iso, parse_iso, utcnow
+from cicd.core.lifecycle import OUTCOME_OF_EVENT, STEP_OF_EVENT, IncidentStatus, ReleaseStatus, Step
 from cicd.runtime.base import Runtime
 from cicd.store import App, AppHealth, Incident, ProofRecord, Release, session_scope
 
@@ -38,9 +39,9 @@ def apps(settings: Settings, runtime: Runtime) -> list[dict]:
         rows = session.scalars(select(App).where(App.env == settings.env).order_by(App.name)).all()
         health = {h.app: h for h in session.scalars(select(AppHealth).where(AppHealth.env == settings.env))}
         live = {r.app: r.number for r in session.scalars(select(Release).where(Release.env == settings.env,
-                                                                               Release.status == "live"))}
+                                                                               Release.status == ReleaseStatus.LIVE))}
         open_incidents = {i.app: i.id for i in session.scalars(select(Incident).where(
-            Incident.env == settings.env, Incident.status == OPEN))}
+            Incident.env == settings.env, Incident.status == IncidentStatus.OPEN))}
         out = []
         for app in rows:
             h = health.get(app.name)
@@ -101,7 +102,7 @@ def follow(settings: Settings, app: str, after_seq: int, timeout_s: float,
                     learned = record.event_name == "RL_UPDATE"
             if incident_id and closed is None:
                 incident = session.get(Incident, incident_id)
-                if incident.status != OPEN:
+                if incident.status != IncidentStatus.OPEN:
                     closed = incident_dict(incident)
                     # The chain's last step (learning) lands just after the close: show it too.
                     deadline = min(deadline, time.monotonic() + LEARN_GRACE_S)
@@ -111,18 +112,15 @@ def follow(settings: Settings, app: str, after_seq: int, timeout_s: float,
     return closed
 
 
-# Where each proof event of an incident stands in the healing chain, for a live tail.
+# Where each proof event of an incident stands in the healing chain, for a live tail: the
+# lifecycle's step, in the words of a story (a verdict reads as itself; the execute step's
+# gates and its act are told apart).
+_PHASE_OF_STEP = {Step.DETECT: "opened", Step.DECIDE: "decided", Step.EXECUTE: "gated", Step.LEARN: "learned"}
+_ACTED = ("ORCH_EXEC", "EXECUTION_DEDUPLICATED")
 PHASES = {
-    "INCIDENT_DETECTED": "opened", "INCIDENT_RESUMED": "resumed",
-    "RL_CONSUME": "decided", "RL_DECISION": "decided",
-    "RL_INTAKE_VALIDATED": "gated", "EXECUTION_GATE_PASSED": "gated", "ORCH_REFUSE": "gated",
-    "REFUSAL_EMIT_SUCCESS": "gated", "INTAKE_REFUSED": "gated", "UNSAFE_ACTION_REFUSED": "gated",
-    "ACTION_NOT_ALLOWED": "gated", "DEMO_MODE_BLOCK": "gated", "ENVIRONMENT_REFUSED": "gated",
-    "BUDGET_EXCEEDED": "gated", "RESTART_BACKOFF": "gated", "APPROVAL_REQUESTED": "gated",
-    "APPROVAL_GRANTED": "gated", "APPROVAL_DENIED": "gated", "APPROVAL_EXPIRED": "gated",
-    "ORCH_EXEC": "executed", "EXECUTION_DEDUPLICATED": "executed",
-    "ATTEMPT_FAILED": "failed", "SYSTEM_STABLE": "stable", "ESCALATED": "escalated",
-    "INCIDENT_REFUSED": "refused", "RL_UPDATE": "learned",
+    "INCIDENT_RESUMED": "resumed",
+    **{name: (str(OUTCOME_OF_EVENT[name]) if step == Step.VERIFY else "executed" if name in _ACTED
+              else _PHASE_OF_STEP[step]) for name, step in STEP_OF_EVENT.items()},
 }
 
 
@@ -176,7 +174,7 @@ def wait_for_release(settings: Settings, app: str, after: int, timeout_s: float)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         release = latest_release(settings, app)
-        if release and release["release"] > after and release["status"] in ("live", "failed"):
+        if release and release["release"] > after and release["status"] in (ReleaseStatus.LIVE, ReleaseStatus.FAILED):
             return release
         time.sleep(0.2)
     return None

@@ -21,6 +21,7 @@ from cicd.healing import policy
 from cicd.store import proof, reports
 from cicd.config import Settings
 from cicd.core.events import REFUSAL_EVENTS, SEVERITIES, parse_iso, utcnow
+from cicd.core.lifecycle import OUTCOME_OF_EVENT, STEPS, ExecutionStatus, Outcome, Step
 from cicd.healing.orchestrator import GATE_NAMES
 from cicd.runtime import make_runtime
 from cicd.store import PolicyValue, session_scope
@@ -114,6 +115,11 @@ def _attempt_of(payload: dict, current: int) -> int:
     return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 1 else current
 
 
+# What each step of an attempt shows in its chain (detection belongs to the incident, not an attempt).
+_VIEW_OF_STEP = {Step.DECIDE: ("decision",), Step.EXECUTE: ("gates", "execution"), Step.VERIFY: ("outcome",),
+                 Step.LEARN: ("learning",)}
+
+
 def chain_of(records: list[dict]) -> list[dict]:
     """An incident's proof records as its attempts: for each, the decision, the gates (passed,
     refused, held for a human, or not reached), what was executed, the outcome and the learning."""
@@ -121,8 +127,10 @@ def chain_of(records: list[dict]) -> list[dict]:
     current = 1
 
     def step(number: int) -> dict:
-        return attempts.setdefault(number, {"attempt": number, "decision": None, "gates": [], "execution": None,
-                                            "outcome": None, "learning": None})
+        if number not in attempts:
+            attempts[number] = {"attempt": number, **{key: [] if key == "gates" else None
+                                                      for s in STEPS for key in _VIEW_OF_STEP.get(s, ())}}
+        return attempts[number]
 
     for record in records:
         name, payload = record["event_name"], record.get("payload") or {}
@@ -146,20 +154,20 @@ def chain_of(records: list[dict]) -> list[dict]:
                     gate["event"] = name
         elif name == "APPROVAL_REQUESTED":
             at["gates"] = _gates_until("environment", "held", payload.get("summary"))
-            at["execution"] = {"status": "awaiting_approval", "approval": payload.get("approval")}
+            at["execution"] = {"status": ExecutionStatus.AWAITING_APPROVAL, "approval": payload.get("approval")}
         elif name == "RESTART_BACKOFF":
-            at["execution"] = {"status": "deferred", "wait_s": payload.get("wait_s"), "due_at": payload.get("due_at")}
+            at["execution"] = {"status": ExecutionStatus.DEFERRED, "wait_s": payload.get("wait_s"),
+                               "due_at": payload.get("due_at")}
         elif name == "ORCH_EXEC":
             at["execution"] = {"status": payload.get("status"), "action": payload.get("action"),
                                "params": payload.get("params"), "result": payload.get("result"), "ts": record["ts"]}
         elif name == "SYSTEM_STABLE":
-            at["outcome"] = {"result": "stable", "time_to_recover_s": payload.get("time_to_recover_s"),
+            at["outcome"] = {"result": Outcome.STABLE, "time_to_recover_s": payload.get("time_to_recover_s"),
                              "ts": record["ts"]}
         elif name == "ATTEMPT_FAILED":
-            at["outcome"] = {"result": "failed", "detail": payload.get("detail"), "ts": record["ts"]}
+            at["outcome"] = {"result": Outcome.FAILED, "detail": payload.get("detail"), "ts": record["ts"]}
         elif name in ("ESCALATED", "INCIDENT_REFUSED"):
-            at["outcome"] = {"result": "escalated" if name == "ESCALATED" else "refused",
-                             "detail": payload.get("reason"), "ts": record["ts"]}
+            at["outcome"] = {"result": OUTCOME_OF_EVENT[name], "detail": payload.get("reason"), "ts": record["ts"]}
         elif name == "RL_UPDATE":
             at["learning"] = {"reward": payload.get("reward"), "applied": payload.get("applied"),
                               "new_q": payload.get("new_q"), "why": payload.get("why")}
@@ -188,7 +196,7 @@ def incidents(limit: int = 20, env: str | Settings | None = None, app: str | Non
     for row in rows:
         row["events"] = records[row["id"]]
         row["chain"] = chain_of(row["events"])
-        stable = [at["outcome"] for at in row["chain"] if (at["outcome"] or {}).get("result") == "stable"]
+        stable = [at["outcome"] for at in row["chain"] if (at["outcome"] or {}).get("result") == Outcome.STABLE]
         row["time_to_recover_s"] = stable[-1]["time_to_recover_s"] if stable else None
         row["severity_rank"] = SEVERITIES.index(row["severity"]) if row["severity"] in SEVERITIES else None
     return rows

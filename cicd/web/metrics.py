@@ -37,7 +37,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from cicd.core import actions
 from cicd.stack import cluster
 from cicd.config import AGENTS, ConfigError, Settings
-from cicd.core.events import INCIDENT_END_STATES, INCIDENT_KINDS, OPEN, REFUSAL_EVENTS
+from cicd.core.events import INCIDENT_KINDS, REFUSAL_EVENTS
+from cicd.core.lifecycle import INCIDENT_END_STATES, IncidentStatus
 from cicd.store import AppHealth, Incident, ProofHead, ProofRecord, session_scope
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class StoreCollector:
                                      .where(AppHealth.env == env).order_by(AppHealth.app)).all()
         open_now = Counter({kind: 0 for kind in INCIDENT_KINDS})
         for kind, status, count in by_outcome:
-            if status == OPEN:
+            if status == IncidentStatus.OPEN:
                 open_now[kind] += count
             elif status in INCIDENT_END_STATES:
                 f["incidents"].add_metric([env, kind, status], count)

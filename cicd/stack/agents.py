@@ -128,6 +128,7 @@ class Workers(Component):
                 raise StackError(f"workers not ready after {READY_TIMEOUT_S:.0f} s: {', '.join(sorted(waiting))}")
 
     def ready(self, ctx: Context) -> bool:
+        """Every recorded replica answers a ping (ctx.ping) by its node name."""
         nodes = [w["node"] for w in (ctx.section or {}).get("workers", []) if alive(w)]
         return bool(nodes) and ctx.ping(nodes, 1.5) == set(nodes)
 

@@ -146,3 +146,18 @@ def test_down_of_everything_stops_in_reverse_order_and_keeps_the_ports(recorded_
     assert record["envs"] == {} and record["supervisor"] is None
     # The next `up` comes back on the same ports.
     assert (record["redis"], record["gitserver"], record["flower"]) == ({"port": 6390}, {"port": 8470}, {"port": 5560})
+
+
+def test_ready_says_whether_what_the_record_names_runs_and_answers(recorded_stack):
+    settings, everything = recorded_stack
+    stack = read_stack(settings)
+    answering = {w["node"] for w in stack["envs"]["stage"]["workers"]}
+    ctx = Context(settings, stack, say=lambda text: None, ping=lambda nodes, timeout: answering & set(nodes))
+    parts = {c.name: c for c in cluster.components()}
+    for name in ("redis", "gitserver", "workers", "beat", "watcher"):
+        assert parts[name].ready(ctx), name
+    assert not parts["supervisor"].ready(ctx)  # the record names none
+    answering.discard(f"stage-{AGENTS[0]}-1@host")
+    assert not parts["workers"].ready(ctx)  # one replica does not answer
+    process.stop(stack["redis"]["pid"], stack["redis"]["ticks"], grace_s=1)
+    assert not parts["redis"].ready(ctx)

@@ -2,6 +2,7 @@
 on passing trouble, and a dead letter for every task that cannot be done."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import redis
@@ -11,6 +12,7 @@ from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
+import celeryconfig
 from cicd import store
 from cicd.store import deadletters
 from cicd.config import Settings
@@ -32,8 +34,18 @@ class AgentTask(Task):
         dead_letter(self, f"{type(exc).__name__}: {exc}")
 
 
+def process_celery_config() -> dict:
+    """This process's Celery configuration: its environment's settings, the agent it serves
+    (CICD_AGENT, set by `cicd up` and the compose file), and the benchmark's no-op tasks only
+    where `cicd bench` started the worker (CICD_BENCH_TASKS)."""
+    return celeryconfig.celery_config(Settings.load(), os.environ.get("CICD_AGENT", ""),
+                                      bench_tasks=os.environ.get("CICD_BENCH_TASKS", "") == "1")
+
+
 celery_app = Celery("cicd-heal", task_cls=AgentTask)
-celery_app.config_from_object("celeryconfig")
+# A promise: read when Celery first needs its configuration, not when this module is imported (a
+# command may start the broker, or choose its environment, after importing it).
+celery_app.add_defaults(process_celery_config)
 
 
 @lru_cache(maxsize=1)

@@ -25,12 +25,3 @@ def learn(self, outcome, env):
         from .chains import attempt_chain
         attempt_chain(env, outcome["incident_id"], outcome["next_attempt"]).apply_async()
     return update
-
-
-@celery_app.task(name="cicd.decide.noop")
-def noop(previous=None, env=None, done_key=None):
-    """A hop that does nothing: `cicd bench` chains these as the bare-Celery baseline."""
-    if done_key:
-        from .bench import record_done
-        record_done(done_key, previous)
-    return previous

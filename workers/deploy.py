@@ -53,12 +53,3 @@ def scale(self, app, env, replicas, request_id):
         return {"ok": True, **deployer.scale(settings, runtime(), app, replicas, request_id)}
     except deployer.DeployError as exc:
         return {"ok": False, "error": str(exc)}
-
-
-@celery_app.task(name="cicd.deploy.noop")
-def noop(previous=None, env=None, done_key=None):
-    """A hop that does nothing: `cicd bench` chains these as the bare-Celery baseline."""
-    if done_key:
-        from .bench import record_done
-        record_done(done_key, previous)
-    return previous

@@ -17,12 +17,3 @@ def classify(self, signal, env):
     if incident is None:
         raise Ignore()  # nothing to heal (duplicate, stale, a human was called): the chain stops here
     return incident
-
-
-@celery_app.task(name="cicd.detect.noop")
-def noop(previous=None, env=None, done_key=None):
-    """A hop that does nothing: `cicd bench` chains these as the bare-Celery baseline."""
-    if done_key:
-        from .bench import record_done
-        record_done(done_key, previous)
-    return previous

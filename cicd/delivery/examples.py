@@ -4,10 +4,11 @@ The demo and the tests deploy real git revisions fetched over http, so they need
 that runs anywhere: a bare repository with `git update-server-info` is enough for git's "dumb
 HTTP" protocol, and any static file server can serve it (here Python's http.server).
 
-Each example repository has, besides `main`, three branches that misbehave on purpose:
+Each example repository has, besides `main`, four branches that misbehave on purpose:
   cicd-inject/slow     takes `slow_delay_s` to start listening (a slow deploy)
   cicd-inject/broken   does not compile (a failed deploy: the build fails)
   cicd-inject/crashy   passes its health gate, then dies after a few seconds (a bad release)
+  cicd-inject/stubborn ignores SIGTERM, so replacing it takes the whole stop grace period
 """
 from __future__ import annotations
 
@@ -49,11 +50,19 @@ def make_repo(root: Path, name: str, slow_delay_s: float = 15.0, crash_after_s: 
         _git(work, "init", "--quiet", "--initial-branch=main")
         _git(work, "add", "-A")
         _git(work, "commit", "--quiet", "-m", "sample service")
+        server = (work / "server.py").read_text()
+        graceful = "signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())"
+        if graceful not in server:
+            raise RuntimeError("sample_service/server.py: its SIGTERM handler changed; update cicd-inject/stubborn")
         variants = {
             "cicd-inject/slow": ("startup_delay_s", f"{slow_delay_s}\n", "start slowly"),
             "cicd-inject/crashy": ("crash_after_s", f"{crash_after_s}\n", "die soon after start"),
-            "cicd-inject/broken": ("server.py", (work / "server.py").read_text() + "\ndef broken(:\n",
-                                   "a syntax error: the build fails"),
+            "cicd-inject/broken": ("server.py", server + "\ndef broken(:\n", "a syntax error: the build fails"),
+            # A switch away from this release waits out the stop grace period (seconds): long
+            # enough for a test to kill the deploy worker in the middle of it.
+            "cicd-inject/stubborn": ("server.py",
+                                     server.replace(graceful, "signal.signal(signal.SIGTERM, signal.SIG_IGN)"),
+                                     "ignore SIGTERM: slow to replace"),
         }
         for branch, (file_name, text, message) in variants.items():
             _git(work, "checkout", "--quiet", "-b", branch, "main")

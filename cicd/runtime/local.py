@@ -152,11 +152,20 @@ class LocalRuntime(Runtime):
     def activate_release(self, app: str, number: int) -> dict:
         with self._locked(app) as state:
             staged = state["staged"].pop(str(number), None)
-            if staged is None:
-                return {"release": number, "already": state.get("live") == number}
-            old = list(state["replicas"].values())
-            state["replicas"], state["live"] = staged, number
-        self._stop_replicas(old)
+            old = [] if staged is None else list(state["replicas"].values())
+            if staged is not None:
+                state["replicas"], state["live"] = staged, number
+            # The replicas taken out of service stay on record until they are stopped: a worker
+            # killed while stopping them (a grace period each) leaves them to the next activate,
+            # the reconciler's, instead of running unowned for ever.
+            state["retiring"] = state.get("retiring", []) + old
+            retiring = list(state["retiring"])
+        self._stop_replicas(retiring)
+        with self._locked(app) as state:
+            state["retiring"] = [r for r in state.get("retiring", []) if r not in retiring]
+            live = state.get("live")
+        if staged is None:
+            return {"release": number, "already": live == number}
         self._prune_releases(app, keep=number)
         return {"release": number, "replicas": len(staged), "stopped": len(old)}
 
@@ -353,8 +362,8 @@ class LocalRuntime(Runtime):
     def stop_app(self, app: str) -> int:
         self.stop_load(app)
         with self._locked(app) as state:
-            replicas = list(state["replicas"].values())
+            replicas = list(state["replicas"].values()) + state.get("retiring", [])
             for staged in state["staged"].values():
                 replicas.extend(staged.values())
-            state["replicas"], state["staged"], state["live"] = {}, {}, None
+            state["replicas"], state["staged"], state["live"], state["retiring"] = {}, {}, None, []
         return self._stop_replicas(replicas)

@@ -2,7 +2,11 @@
 
 The worker is one process (a thread pool), so SIGKILL takes the health gate's message with it,
 and Redis gives that back only after the deploy agent's visibility timeout (over ten minutes).
-Housekeeping's release reconciler is what must finish it, while the live release keeps serving.
+Housekeeping's release reconciler is what must finish it, while the app keeps serving.
+
+Each kill waits for the release row to say where it is, in a state that lasts seconds whatever
+the machine's speed: "starting" with the slow revision (it takes seconds to listen), "switching"
+away from the stubborn one (its replicas ignore SIGTERM, so stopping them takes the whole grace).
 """
 from __future__ import annotations
 
@@ -32,9 +36,9 @@ def wait_for(check, timeout: float, what: str):
     return value
 
 
-def release_row(stack, number: int) -> dict | None:
+def release_row(stack, number: int, app: str = APP) -> dict | None:
     with session_scope(stack.settings, readonly=True) as s:
-        r = s.scalar(select(Release).where(Release.env == "stage", Release.app == APP, Release.number == number))
+        r = s.scalar(select(Release).where(Release.env == "stage", Release.app == app, Release.number == number))
         return {"status": r.status, "request_id": r.request_id, "detail": r.detail} if r else None
 
 
@@ -43,47 +47,84 @@ def deploy_workers(stack) -> list[dict]:
     return [w for w in workers if w["agent"] == "deploy" and process.is_alive(w["pid"], w["ticks"])]
 
 
+def kill_deploy_workers_once(stack, app: str, number: int, status: str) -> None:
+    """SIGKILL every deploy worker once release `number` says `status`, then run the dead
+    worker's lease out: by itself it would lapse LOCK_TTL_S (a minute) after its last renewal."""
+    killed = deploy_workers(stack)
+    assert killed
+    wait_for(lambda: (release_row(stack, number, app) or {}).get("status") == status, 60, f"release {status}")
+    for worker in killed:
+        os.kill(worker["pid"], signal.SIGKILL)
+    wait_for(lambda: not any(process.is_alive(w["pid"], w["ticks"]) for w in killed), 10, "the kill")
+    with session_scope(stack.settings) as s:
+        lock = s.get(DeployLock, ("stage", app))
+        if lock is not None and lock.holder == release_row(stack, number, app)["request_id"]:
+            lock.expires_at = utcnow()
+
+
+def concluded(stack, app: str, number: int) -> dict:
+    return wait_for(lambda: (release_row(stack, number, app) or {}).get("status") in ("live", "failed")
+                    and release_row(stack, number, app), 90, "the reconciler to conclude the release")
+
+
+def proof_of(stack, app: str, number: int, seq: int) -> list[dict]:
+    records = [r for r in stack.events() if r["seq"] > seq and r["app"] == app]
+    return [r for r in records if r["payload"].get("release") == number
+            or r["payload"].get("failed_release") == number]
+
+
+def back_and_serving(stack, app: str) -> None:
+    wait_for(lambda: deploy_workers(stack), 30, "the supervisor to restart the deploy worker")
+    stack.wait_steady(app)
+    statuses = stack.runtime.probe([app])[app]
+    assert statuses and all(s.healthy for s in statuses)
+    assert stack.cicd("proof", "verify").returncode == 0
+
+
 def test_a_deploy_worker_killed_while_its_release_starts_leaves_it_finished_not_stuck(stack):
     stack.onboard(APP)
     before = reports.latest_release(stack.settings, APP, status="live")["release"]
     number = before + 1
     seq = stack.events()[-1]["seq"]
-    killed = deploy_workers(stack)
-    assert killed
     with ServingWatch(stack.runtime, APP, interval_s=0.1) as watch:
-        # The slow revision takes seconds to listen, so its release sits in "starting" with the
-        # gate polling: the kill lands there whatever the machine's speed.
         stack.cicd("deploy", APP, "--ref", "cicd-inject/slow", "--no-wait")
-        wait_for(lambda: (release_row(stack, number) or {}).get("status") == "starting", 60, "release to start")
-        for worker in killed:
-            os.kill(worker["pid"], signal.SIGKILL)
-        wait_for(lambda: not any(process.is_alive(w["pid"], w["ticks"]) for w in killed), 10, "the kill")
-        assert release_row(stack, number)["status"] in ("starting", "switching")
-        # The dead worker's lease would run out by itself LOCK_TTL_S (a minute) after its gate's
-        # last look; run it out now instead of waiting that long.
-        with session_scope(stack.settings) as s:
-            lock = s.get(DeployLock, ("stage", APP))
-            if lock is not None and lock.holder == release_row(stack, number)["request_id"]:
-                lock.expires_at = utcnow()
-        final = wait_for(lambda: (release_row(stack, number) or {}).get("status") in ("live", "failed")
-                         and release_row(stack, number), 90, "the reconciler to conclude the release")
-    # The replicas come up healthy in the end, so the reconciler finishes it as the gate would have.
+        kill_deploy_workers_once(stack, APP, number, "starting")
+        final = concluded(stack, APP, number)
+    # Its replicas come up healthy in the end, so the reconciler finishes it as the gate would have.
     assert final["status"] == "live" and final["detail"].startswith("reconciled: "), final
     assert watch.dark == 0 and watch.probes > 0  # the live release served throughout
     assert stack.runtime.live_release(APP) == number
-    records = [r for r in stack.events() if r["seq"] > seq and r["app"] == APP]
+    records = proof_of(stack, APP, number, seq)
     names = [r["event_name"] for r in records]
-    resumed = [r for r in records if r["event_name"] == "RELEASE_RESUMED"]
-    assert len(resumed) == 1 and resumed[0]["payload"]["release"] == number, names
-    assert resumed[0]["payload"]["found"] in ("starting", "switching")
-    assert resumed[0]["payload"]["becomes"] == "live"
-    succeeded = [r for r in records if r["event_name"] == "DEPLOY_SUCCEEDED"]
-    assert [r["payload"]["release"] for r in succeeded] == [number]
-    assert names.index("RELEASE_RESUMED") < names.index("DEPLOY_SUCCEEDED")
-    assert reports.latest_release(stack.settings, APP, status="superseded")["release"] == before
-    # The supervisor brings the deploy agent back, and the app serves from the new release.
-    wait_for(lambda: deploy_workers(stack), 30, "the supervisor to restart the deploy worker")
-    stack.wait_steady(APP)
-    statuses = stack.runtime.probe([APP])[APP]
-    assert statuses and all(s.healthy for s in statuses)
-    assert stack.cicd("proof", "verify").returncode == 0
+    resumed = [r["payload"] for r in records if r["event_name"] == "RELEASE_RESUMED"]
+    assert [(p["found"], p["becomes"]) for p in resumed] == [("starting", "live")], names
+    assert names.index("RELEASE_RESUMED") < names.index("DEPLOY_SUCCEEDED") and names.count("DEPLOY_SUCCEEDED") == 1
+    assert release_row(stack, before)["status"] == "superseded"
+    back_and_serving(stack, APP)
+
+
+def test_a_deploy_worker_killed_in_the_middle_of_the_switch_leaves_the_release_live_and_the_old_stopped(stack):
+    app = "stubborn-api"
+    stack.onboard(app)
+    out = stack.cicd("deploy", app, "--ref", "cicd-inject/stubborn")
+    assert " live in " in out.stdout, out.stdout
+    stack.wait_steady(app)
+    before = reports.latest_release(stack.settings, app, status="live")["release"]
+    number = before + 1
+    old = [(r["pid"], r["ticks"]) for r in stack.runtime.replicas(app)]
+    seq = stack.events()[-1]["seq"]
+    with ServingWatch(stack.runtime, app, interval_s=0.1) as watch:
+        stack.cicd("deploy", app, "--ref", "main", "--no-wait")
+        kill_deploy_workers_once(stack, app, number, "switching")
+        final = concluded(stack, app, number)
+    assert final["status"] == "live" and final["detail"].startswith("reconciled: "), final
+    assert watch.dark == 0 and watch.probes > 0
+    records = proof_of(stack, app, number, seq)
+    names = [r["event_name"] for r in records]
+    resumed = [r["payload"] for r in records if r["event_name"] == "RELEASE_RESUMED"]
+    assert [(p["found"], p["becomes"]) for p in resumed] == [("switching", "live")], names
+    assert names.index("RELEASE_RESUMED") < names.index("DEPLOY_SUCCEEDED") and names.count("DEPLOY_SUCCEEDED") == 1
+    assert release_row(stack, before, app)["status"] == "superseded"
+    # The replicas the killed switch was stopping are not left running, unowned.
+    wait_for(lambda: not any(process.is_alive(pid, ticks) for pid, ticks in old), 15, "the old replicas to stop")
+    back_and_serving(stack, app)

@@ -152,6 +152,22 @@ def test_activating_a_new_release_stops_the_old_replicas(runtime, live_app):
     assert not {s.pid for s in statuses(runtime, live_app)} & old
 
 
+def test_old_replicas_a_killed_switch_left_running_are_stopped_by_the_next_activate(runtime, live_app):
+    old = {s.pid for s in statuses(runtime, live_app)}
+    spec = onboarding.generate_spec("shop-api", "https://git.example.com/shop-api.git", "backend", "stage")
+    runtime.stage_release(spec, 2, sample_source(runtime.settings.home))
+    wait_for(lambda: all(s.healthy for s in runtime.probe_release(live_app, 2)))
+    # What a deploy worker SIGKILLed mid-switch leaves: traffic on 2, the old replicas retiring
+    # on record but never stopped.
+    with runtime._locked(live_app) as state:
+        state["retiring"] = list(state["replicas"].values())
+        state["replicas"], state["live"] = state["staged"].pop("2"), 2
+    assert all(process.is_alive(pid, None) for pid in old)
+    assert runtime.activate_release(live_app, 2) == {"release": 2, "already": True}
+    assert not any(process.is_alive(pid, None) for pid in old)
+    assert runtime._read(live_app)["retiring"] == [] and runtime.replica_count(live_app) == 2
+
+
 def test_build_failure_is_reported_and_starts_nothing(runtime, tmp_path):
     spec = onboarding.generate_spec("broken-api", "https://git.example.com/broken.git", "backend", "stage")
     spec["build"] = ["{python}", "-c", "import sys; print('compile error'); sys.exit(3)"]

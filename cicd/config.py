@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
+from cicd.core.clock import SYSTEM_CLOCK, Clock
+
 ENVIRONMENTS = ("dev", "stage", "prod")
 AGENTS = ("onboard", "deploy", "detect", "decide", "orchestrate", "monitor")
 
@@ -133,6 +135,9 @@ class Settings:
     # An open incident with no progress for this long has its chain sent on again (a message
     # lost with a killed worker or a restarted broker must not leave it open for ever).
     stall_after_s: float = 120.0
+    # What the domain steps take the time from: the system's, or a test's manual clock. Carried
+    # here because every step already takes the settings (not compared: it is not configuration).
+    clock: Clock = field(default=SYSTEM_CLOCK, compare=False, repr=False)
 
     @classmethod
     def load(cls, env: str | None = None) -> "Settings":

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from cicd.delivery import gitsource
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import as_utc, iso, parse_iso, utcnow
+from cicd.core.events import as_utc, iso, parse_iso
 from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.store import DeployLock, Release, get_app, session_scope
 
@@ -36,8 +36,7 @@ def _state(release: Release, **extra) -> dict:
             "ref": release.ref, "sha": release.sha, "started_at": iso(release.started_at), **extra}
 
 
-def _take_lock(session, env: str, app: str, holder: str) -> bool:
-    now = utcnow()
+def _take_lock(session, env: str, app: str, holder: str, now) -> bool:
     lock = session.get(DeployLock, (env, app), with_for_update=True)
     if lock is not None and lock.holder != holder and as_utc(lock.expires_at) > now:
         return False
@@ -73,7 +72,7 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
         app = get_app(session, env, app_name)
         if app is None:
             raise DeployError(f"app {app_name!r} is not onboarded in {env}")
-        if not _take_lock(session, env, app_name, request_id):
+        if not _take_lock(session, env, app_name, request_id, settings.clock.now()):
             return {"app": app_name, "status": "busy"}
         if release is None:
             number = (session.scalar(select(func.max(Release.number)).where(
@@ -116,13 +115,13 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
 def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, started_at: str):
     """One look at a starting release: (None, signal or None) while waiting, else (finished state, None)."""
     env = settings.env
-    now = utcnow()
+    now = settings.clock.now()
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
                                                         Release.number == number))
         if release is None or release.status != "starting":
             return (_state(release) if release else {"app": app_name, "release": number, "status": "unknown"}), None
-        _take_lock(session, env, app_name, release.request_id)  # renew the lease while we work
+        _take_lock(session, env, app_name, release.request_id, settings.clock.now())  # renew the lease while we work
         wanted, kind = release.replicas, release.kind
         deadline = get_app(session, env, app_name).spec["health_deadline_s"]
         slow_due = (kind in SIGNALLING_KINDS and not release.slow_signalled
@@ -145,7 +144,7 @@ def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, start
 
 def deploy_signal(settings: Settings, app_name: str, kind: str, number: int, detail: str) -> dict:
     return {"env": settings.env, "app": app_name, "kind": kind, "slots": [], "release": number,
-            "observed_at": iso(utcnow()), "detail": detail[:500]}
+            "observed_at": iso(settings.clock.now()), "detail": detail[:500]}
 
 
 def _claim(settings: Settings, app_name: str, number: int) -> Release | None:
@@ -189,7 +188,7 @@ def _conclude(settings: Settings, runtime: Runtime, app_name: str, number: int, 
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
                                                         Release.number == number))
-        release.status, release.detail, release.finished_at = ("live" if ok else "failed"), detail, utcnow()
+        release.status, release.detail, release.finished_at = ("live" if ok else "failed"), detail, settings.clock.now()
         seconds = round((release.finished_at - as_utc(release.started_at)).total_seconds(), 3)
         live = session.scalars(select(Release).where(Release.env == env, Release.app == app_name,
                                                      Release.status == "live", Release.number != number)).all()

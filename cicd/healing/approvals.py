@@ -46,7 +46,7 @@ def as_dict(a, now=None) -> dict:
 def _new(tx, settings: Settings, kind: str, app: str, payload: dict, summary: str, requested_by: str,
          incident_id: str | None = None, attempt: int | None = None) -> dict:
     """Inside the caller's transaction (an ORM session or a Core connection): the request, as_dict."""
-    now = utcnow()
+    now = settings.clock.now()
     row = {"id": f"apr-{settings.env}-{secrets.token_hex(4)}", "env": settings.env, "kind": kind, "app": app,
            "incident_id": incident_id, "attempt": attempt, "payload": payload, "summary": summary,
            "status": "pending", "requested_by": requested_by, "requested_at": now,
@@ -91,7 +91,7 @@ def pending(settings: Settings, include_decided: bool = False) -> list[dict]:
         query = select(Approval).where(Approval.env == settings.env)
         if not include_decided:
             query = query.where(Approval.status == "pending")
-        now = utcnow()
+        now = settings.clock.now()
         return [as_dict(a, now) for a in session.scalars(query.order_by(Approval.requested_at))]
 
 
@@ -103,9 +103,9 @@ def _answer(session, settings: Settings, approval_id: str, status: str, who: str
     if approval.status != "pending":
         raise ApprovalError(f"{approval_id} is already {approval.status}"
                             + (f" by {approval.decided_by}" if approval.decided_by else ""))
-    if as_utc(approval.expires_at) <= utcnow():
+    if as_utc(approval.expires_at) <= settings.clock.now():
         raise ApprovalError(f"{approval_id} expired at {iso(approval.expires_at)}; request it again")
-    approval.status, approval.decided_by, approval.decided_at, approval.reason = status, who, utcnow(), reason
+    approval.status, approval.decided_by, approval.decided_at, approval.reason = status, who, settings.clock.now(), reason
     event = "APPROVAL_GRANTED" if status == "granted" else "APPROVAL_DENIED"
     proof.append(session, settings.env, event, incident_id=approval.incident_id, app=approval.app,
                  payload={"approval": approval_id, "kind": approval.kind, "by": who, "reason": reason,
@@ -135,7 +135,7 @@ def expire_due(settings: Settings) -> list[str]:
     expired = []
     with session_scope(settings) as session:
         due = session.scalars(select(Approval).where(Approval.env == settings.env, Approval.status == "pending",
-                                                     Approval.expires_at <= utcnow())).all()
+                                                     Approval.expires_at <= settings.clock.now())).all()
         for approval in due:
             approval.status = "expired"
             proof.append(session, settings.env, "APPROVAL_EXPIRED", incident_id=approval.incident_id, app=approval.app,
@@ -155,7 +155,7 @@ def _close_held_incident(session, settings: Settings, approval: Approval, status
                                                        Execution.attempt == approval.attempt))
     if execution is not None:
         execution.status, execution.reason = "refused", why
-    incident.status, incident.resolution, incident.closed_at, incident.open_key = status, why, utcnow(), None
+    incident.status, incident.resolution, incident.closed_at, incident.open_key = status, why, settings.clock.now(), None
     app = get_app(session, settings.env, incident.app)
     if app is not None:
         app.attention = why[:200]

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import OPEN, MalformedEvent, Signal, Unprocessable, as_utc, parse_iso, utcnow
+from cicd.core.events import OPEN, MalformedEvent, Signal, Unprocessable, as_utc, parse_iso
 from cicd.store import Incident, Release, app_row, transaction
 
 KIND_OF_SIGNAL = {
@@ -59,7 +59,7 @@ def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) 
                         and (live is None or r.number < live.number)), None)
     # A crash or an overload soon after a release may be the release's fault.
     fresh = bool(kind in ("crash", "overload") and live and live.finished_at
-                 and utcnow() - as_utc(live.finished_at) < timedelta(seconds=settings.fresh_release_s))
+                 and settings.clock.now() - as_utc(live.finished_at) < timedelta(seconds=settings.fresh_release_s))
     context = {"live_release": live.number if live else None, "fresh_release": fresh}
     if kind in ("crash", "overload"):
         context["rollback_to"] = good_before.number if good_before else None
@@ -89,7 +89,7 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
         if app is None:
             raise Unprocessable(f"unknown app {signal.app!r} in {env}")
         observed = parse_iso(signal.observed_at)
-        if utcnow() - observed > timedelta(seconds=SIGNAL_MAX_AGE_S):
+        if settings.clock.now() - observed > timedelta(seconds=SIGNAL_MAX_AGE_S):
             return None  # stale: the next probe reports what is true now
         last_closed = conn.execute(_LAST_CLOSED, {"env": env, "app": signal.app}).scalar()
         if last_closed is not None and as_utc(last_closed) >= observed:
@@ -107,7 +107,7 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
                 "id": incident_id, "env": env, "app": signal.app, "kind": kind, "severity": severity,
                 "status": OPEN, "attempt": 1, "slot": signal.slots[0] if signal.slots else 0,
                 "signal": signal.to_dict(), "context": context, "resolution": "", "decision": None,
-                "open_key": open_key})
+                "open_key": open_key, "opened_at": settings.clock.now()})
             proof.append(conn, env, "INCIDENT_DETECTED", incident_id=incident_id, app=signal.app,
                          payload={"kind": kind, "severity": severity, "signal": signal.to_dict(), "context": context})
     except IntegrityError:

@@ -16,7 +16,7 @@ from cicd.healing import approvals
 from cicd.delivery import deployer
 from cicd.store import proof
 from cicd.config import Settings, signing_key
-from cicd.core.events import OPEN, Decision, as_utc, iso, parse_iso, utcnow
+from cicd.core.events import OPEN, Decision, as_utc, iso, parse_iso
 from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.store import Approval, Execution, Incident, app_row, connection_of, incident_row, session_scope, transaction
 
@@ -54,7 +54,7 @@ def _acted(conn, env: str, app: str) -> list[tuple[str, datetime, dict]]:
 
 def _gate_context(settings: Settings, conn, runtime: Runtime, app_name: str | None, acted: list,
                   approved: bool = False) -> gates.GateContext:
-    now = utcnow()
+    now = settings.clock.now()
     app = app_row(conn, settings.env, app_name) if app_name else None
     spec = app.spec if app else {}
     since = now - timedelta(seconds=settings.budget_window_s)
@@ -89,7 +89,7 @@ def _refuse(conn, settings: Settings, verdict: gates.Verdict, raw, decision: Dec
     # Only an authentic decision for a real incident may take the execution key: a forged one must
     # not be able to block the real decision for the same attempt.
     if verdict.gate != "intake" and decision is not None and incident is not None:
-        conn.execute(_NEW_EXECUTION, _execution_row(env, decision, "refused", gate=verdict.gate,
+        conn.execute(_NEW_EXECUTION, _execution_row(settings, decision, "refused", gate=verdict.gate,
                                                     reason=verdict.reason))
     proof.append(conn, env, "REFUSAL_EMIT_SUCCESS", incident_id=owner, app=app, payload={"gate": verdict.gate})
     return {"env": env, "incident_id": owner, "attempt": refusal["attempt"], "app": app,
@@ -97,16 +97,16 @@ def _refuse(conn, settings: Settings, verdict: gates.Verdict, raw, decision: Dec
             "reason": verdict.reason, "result": {}}
 
 
-def _execution_row(env: str, decision: Decision, status: str, **fields) -> dict:
-    return {"env": env, "app": decision.app, "incident_id": decision.incident_id, "attempt": decision.attempt,
+def _execution_row(settings: Settings, decision: Decision, status: str, **fields) -> dict:
+    return {"env": settings.env, "app": decision.app, "incident_id": decision.incident_id, "attempt": decision.attempt,
             "action": decision.action, "params": decision.params, "status": status, "gate": "", "reason": "",
-            "nonce": decision.nonce, "result": {}, "started_at": utcnow(), "finished_at": None, **fields}
+            "nonce": decision.nonce, "result": {}, "started_at": settings.clock.now(), "finished_at": None, **fields}
 
 
 def _hold_for_approval(conn, settings: Settings, verdict: gates.Verdict, raw: dict, decision: Decision) -> dict:
     """Claim the key and wait for a human; the incident stays open, and visible, meanwhile."""
     approval = approvals.request_action(conn, settings, raw, verdict.reason)
-    claim = _execution_row(settings.env, decision, "awaiting_approval", gate=verdict.gate, reason=verdict.reason,
+    claim = _execution_row(settings, decision, "awaiting_approval", gate=verdict.gate, reason=verdict.reason,
                            result={"approval": approval["id"]})
     conn.execute(_NEW_EXECUTION, claim)
     return summary(claim, approval=approval["id"])
@@ -152,7 +152,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
                      payload={"attempt": attempt, "action": decision.action, "params": decision.params,
                               "gates": list(GATE_NAMES)})
         if claim is None:
-            claim_id = conn.execute(_NEW_EXECUTION, _execution_row(env, decision, "started")).inserted_primary_key[0]
+            claim_id = conn.execute(_NEW_EXECUTION, _execution_row(settings, decision, "started")).inserted_primary_key[0]
         else:
             claim_id = claim.id
             conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": "started"})
@@ -163,17 +163,17 @@ def _restart_backoff(settings: Settings, acted: list, slots: list[int]) -> float
     """Per replica, as Kubernetes backs off per container: the longest wait any of these slots owes."""
     restarts = [(at, params) for action, at, params in acted if action == "restart_service"]
     return max((gates.restart_backoff_s([at for at, params in restarts if slot in params.get("slots", [])],
-                                        utcnow(), settings.backoff_base_s, settings.backoff_max_s,
+                                        settings.clock.now(), settings.backoff_base_s, settings.backoff_max_s,
                                         settings.backoff_reset_s) for slot in slots), default=0.0)
 
 
 def _defer(conn, settings: Settings, decision: Decision, claim, wait: float) -> dict:
     """Hold the restart until its backoff is over: a row with a due time (the housekeeping task
     sends it on then), not a message held for minutes in a worker."""
-    due = utcnow() + timedelta(seconds=wait)
+    due = settings.clock.now() + timedelta(seconds=wait)
     result = {"due_at": iso(due)}
     if claim is None:
-        row = _execution_row(settings.env, decision, "deferred", result=result)
+        row = _execution_row(settings, decision, "deferred", result=result)
         conn.execute(_NEW_EXECUTION, row)
     else:
         conn.execute(_SET_EXECUTION, {"k_id": claim.id, "result": result})
@@ -186,7 +186,7 @@ def _defer(conn, settings: Settings, decision: Decision, claim, wait: float) -> 
 def due_deferred(settings: Settings, resend_after_s: float = 60.0) -> list[dict]:
     """Decisions whose backoff is over, to send through the chain again (each at most once a
     minute: a resend lost with a killed worker is made again)."""
-    now, out = utcnow(), []
+    now, out = settings.clock.now(), []
     with session_scope(settings) as session:
         for claim in session.scalars(select(Execution).where(Execution.env == settings.env,
                                                              Execution.status == "deferred")):
@@ -242,7 +242,7 @@ def _act(settings: Settings, runtime: Runtime, request_deploy, claim_id: int, de
     except RuntimeFailure as exc:
         result, status = {"error": str(exc)}, "failed"
     with transaction(settings) as conn:
-        conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": status, "result": result, "finished_at": utcnow()})
+        conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": status, "result": result, "finished_at": settings.clock.now()})
         proof.append(conn, settings.env, "ORCH_EXEC", incident_id=decision.incident_id, app=decision.app,
                      payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
                               "status": status, "result": result, **extra})

@@ -231,7 +231,7 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
                                           allowed_actions(settings, incident), rng, settings.exploration)
         spec = app_row(conn, env, incident.app).spec
     decision = Decision(env=env, incident_id=incident_id, attempt=attempt, app=incident.app, action=action,
-                        params=action_params(action, incident, spec), issued_at=iso(utcnow()),
+                        params=action_params(action, incident, spec), issued_at=iso(settings.clock.now()),
                         nonce=secrets.token_hex(16), mode=settings.policy_mode,
                         state=state.to_dict(), q_values=q_values, reason=reason)
     signed = {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), signing_key(settings))}
@@ -295,10 +295,10 @@ def learn(settings: Settings, tx: Session | Connection, state: State, action: st
     new = q_update(old, r, future)
     if row is None:
         conn.execute(insert(_POLICY), {"env": env, "state": state.key, "action": action, "q": new, "updates": 1,
-                                       "updated_at": utcnow()})
+                                       "updated_at": settings.clock.now()})
     else:
         conn.execute(_SET_VALUE, {"k_env": env, "k_state": state.key, "k_action": action, "q": new,
-                                  "updates": row.updates + 1, "updated_at": utcnow()})
+                                  "updates": row.updates + 1, "updated_at": settings.clock.now()})
     return {"applied": True, "old_q": round(old, 6), "new_q": round(new, 6), "target": round(r + GAMMA * future, 6)}
 
 

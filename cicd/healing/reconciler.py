@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import OPEN, parse_iso, utcnow
+from cicd.core.events import OPEN, parse_iso
 from cicd.healing.orchestrator import summary
 from cicd.store import Execution, Incident, ProofRecord, session_scope
 
@@ -24,7 +24,7 @@ WAITING_ON_PURPOSE = ("awaiting_approval", "deferred")
 
 def stalled(settings: Settings) -> list[dict]:
     """[{"step": "decide"|"execute"|"verify", "incident_id", ...what the step needs}]"""
-    cutoff = utcnow() - timedelta(seconds=settings.stall_after_s)
+    cutoff = settings.clock.now() - timedelta(seconds=settings.stall_after_s)
     out = []
     with session_scope(settings) as session:
         for incident in session.scalars(select(Incident).where(Incident.env == settings.env,

@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, select, update
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import ESCALATED, OPEN, REFUSED, STABLE, as_utc, parse_iso, utcnow
+from cicd.core.events import ESCALATED, OPEN, REFUSED, STABLE, as_utc, parse_iso
 from cicd.signals.probes import mean_utilization
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import App, Execution, Release, app_row, incident_row, transaction, update_incident
@@ -68,7 +68,7 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
         timeout = settings.verify_timeout_s
         if awaiting:
             timeout += app_row(conn, settings.env, app).spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
-    timed_out = utcnow() - parse_iso(started_at) > timedelta(seconds=timeout)
+    timed_out = settings.clock.now() - parse_iso(started_at) > timedelta(seconds=timeout)
     if awaiting and (release_status is None or release_status[1] in ("fetching", "starting", "switching")):
         if timed_out:
             return "done", conclude(settings, execution, "failed", detail=f"the release did not finish within {timeout:.0f} s")
@@ -97,7 +97,7 @@ def conclude(settings: Settings, execution: dict, result: str, detail: str = "")
         if incident is None or incident.status != OPEN:
             return None
         attempt = incident.attempt
-        now = utcnow()
+        now = settings.clock.now()
         ttr = round((now - as_utc(incident.opened_at)).total_seconds(), 3)
         outcome = {"env": env, "incident_id": incident.id, "app": incident.app, "kind": incident.kind,
                    "severity": incident.severity, "fresh": bool((incident.context or {}).get("fresh_release")),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, delete, insert, select, update
 
 from cicd.config import Settings
-from cicd.core.events import OPEN, iso, utcnow
+from cicd.core.events import OPEN, iso
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import App, AppHealth, Incident, ReplicaHealth, session_scope
 
@@ -47,7 +47,7 @@ class Observation:
 
 def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
     """Probe, record, and return the signals to send to the detector (at most one per app)."""
-    env, now = settings.env, utcnow()
+    env, now = settings.env, settings.clock.now()
     with session_scope(settings, readonly=True) as session:
         # Only the wanted replica count, taken out of the spec by the database: decoding 10,000
         # whole specs in Python cost a fifth of a cycle.

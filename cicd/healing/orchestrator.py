@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, insert, select, update
 
 from cicd.core import actions, gates
-from cicd.healing import approvals
+from cicd.healing import approvals, loop
 from cicd.delivery import deployer
 from cicd.store import proof
 from cicd.config import Settings, signing_key
@@ -54,19 +54,9 @@ def _acted(conn, env: str, app: str) -> list[tuple[str, datetime, dict]]:
 
 def _gate_context(settings: Settings, conn, runtime: Runtime, app_name: str | None, acted: list,
                   approved: bool = False) -> gates.GateContext:
-    now = settings.clock.now()
     app = app_row(conn, settings.env, app_name) if app_name else None
-    spec = app.spec if app else {}
-    since = now - timedelta(seconds=settings.budget_window_s)
-    return gates.GateContext(
-        env=settings.env, key=signing_key(settings), now=now, demo_mode=settings.demo_mode,
-        max_age_s=settings.decision_max_age_s,
-        restarts_in_window=sum(1 for action, at, _ in acted if action == "restart_service" and at >= since),
-        scales_in_window=sum(1 for action, at, _ in acted if action == "scale_workers" and at >= since),
-        restart_budget=settings.restart_budget, scale_budget=settings.scale_budget,
-        current_replicas=runtime.replica_count(app_name) if app else 0,
-        min_replicas=spec.get("min_replicas", 1), max_replicas=spec.get("max_replicas", 1), approved=approved,
-    )
+    return loop.gate_context(settings, signing_key(settings), acted,
+                             runtime.replica_count(app_name) if app else 0, app.spec if app else {}, approved)
 
 
 def action_context(settings: Settings, runtime: Runtime, request_deploy) -> actions.ActionContext:
@@ -128,7 +118,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
                            and incident.status == OPEN)
     if (verdict.allowed or verdict.approval) and not names_open_incident:
         verdict = gates.Verdict(False, "intake", "INTAKE_REFUSED", "decision names no open incident of that app")
-    wait = (_restart_backoff(settings, acted, decision.params["slots"])
+    wait = (loop.restart_wait_s(settings, acted, decision.params["slots"])
             if verdict.allowed and decision.action == "restart_service" else 0.0)
     # Then record, under the lock, with the claim checked again: another delivery of this decision
     # may have got here first, and the unique key says which one acts.
@@ -157,14 +147,6 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
             claim_id = claim.id
             conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": "started"})
     return _act(settings, runtime, request_deploy, claim_id, decision)
-
-
-def _restart_backoff(settings: Settings, acted: list, slots: list[int]) -> float:
-    """Per replica, as Kubernetes backs off per container: the longest wait any of these slots owes."""
-    restarts = [(at, params) for action, at, params in acted if action == "restart_service"]
-    return max((gates.restart_backoff_s([at for at, params in restarts if slot in params.get("slots", [])],
-                                        settings.clock.now(), settings.backoff_base_s, settings.backoff_max_s,
-                                        settings.backoff_reset_s) for slot in slots), default=0.0)
 
 
 def _defer(conn, settings: Settings, decision: Decision, claim, wait: float) -> dict:

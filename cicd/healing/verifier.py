@@ -12,17 +12,9 @@ from sqlalchemy import bindparam, select, update
 from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import ESCALATED, OPEN, REFUSED, STABLE, as_utc, parse_iso
-from cicd.signals.probes import mean_utilization
-from cicd.runtime.base import ReplicaStatus, Runtime
+from cicd.healing.loop import ESCALATE, NEXT_ATTEMPT, STABLE_OUTCOME, attempt_outcome, is_stable
+from cicd.runtime.base import Runtime
 from cicd.store import App, Execution, Release, app_row, incident_row, transaction, update_incident
-
-
-def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expected: int) -> bool:
-    if not statuses or len(statuses) < expected or not all(s.healthy for s in statuses):
-        return False
-    if kind == "overload":
-        return mean_utilization(statuses) <= settings.overload_threshold
-    return True
 
 
 # On top of the verify timeout, a deploy being waited for gets its spec's health deadline plus
@@ -104,20 +96,20 @@ def conclude(settings: Settings, execution: dict, result: str, detail: str = "")
                    "attempt": attempt, "action": execution.get("action") or "",
                    "result": result, "time_to_recover_s": None, "next_attempt": None}
         base = {"attempt": attempt, "action": outcome["action"], "kind": incident.kind}
-        if result == "stable":
+        ending = attempt_outcome(settings, result, attempt, execution.get("gate") or "")
+        if ending == STABLE_OUTCOME:
             outcome["time_to_recover_s"] = ttr
             _close(conn, incident, STABLE, f"recovered by {outcome['action']} on attempt {attempt}", now)
             proof.append(conn, env, "SYSTEM_STABLE", incident_id=incident.id, app=incident.app,
                          payload={**base, "time_to_recover_s": ttr})
         elif result == "refused":
-            # Past a budget the design says escalate; any other refusal closes the incident as refused.
-            over_budget = execution.get("gate") == "budget"
+            over_budget = ending == ESCALATE
             why = f"{outcome['action'] or 'decision'} refused by the {execution.get('gate')} gate: {execution.get('reason')}"
             _close(conn, incident, ESCALATED if over_budget else REFUSED, why, now)
             _call_a_human(conn, env, incident.app, why)
             proof.append(conn, env, "ESCALATED" if over_budget else "INCIDENT_REFUSED",
                          incident_id=incident.id, app=incident.app, payload={**base, "reason": why})
-        elif attempt < settings.max_attempts:
+        elif ending == NEXT_ATTEMPT:
             update_incident(conn, incident.id, attempt=attempt + 1, decision=None)
             outcome["next_attempt"] = attempt + 1
             proof.append(conn, env, "ATTEMPT_FAILED", incident_id=incident.id, app=incident.app,

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, delete, insert, select, update
 
 from cicd.config import Settings
-from cicd.core.events import OPEN, iso
+from cicd.core.events import OPEN
+from cicd.healing.loop import FAILING, GONE, mean_utilization, replica_signal
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import App, AppHealth, Incident, ReplicaHealth, session_scope
-
-FAILING = ("degraded", "timeout")
-GONE = ("down", "refused")
 
 _HEALTH = AppHealth.__table__
 # One prebuilt UPDATE run as executemany: the ORM's bulk update spent more time collecting
@@ -31,11 +29,6 @@ _UPDATE_HEALTH = (update(_HEALTH)
                   .values({column: bindparam(column) for column in
                            ("probes", "up_probes", "healthy_replicas", "replicas", "utilization",
                             "consecutive_hot", "consecutive_cold", "last_probe_at")}))
-
-
-def mean_utilization(statuses: list[ReplicaStatus]) -> float:
-    serving = [s.utilization for s in statuses if s.healthy]
-    return sum(serving) / len(serving) if serving else 0.0
 
 
 @dataclass(frozen=True)
@@ -122,9 +115,7 @@ def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[
               "consecutive_hot": hot, "consecutive_cold": cold, "last_probe_at": now}
 
     def signal(kind, slots):
-        return {"env": settings.env, "app": name, "kind": kind, "slots": sorted(slots), "observed_at": iso(now),
-                "utilization": round(utilization, 4), "replicas_total": len(statuses),
-                "detail": ", ".join(f"{s.slot}:{s.status}" for s in statuses)}
+        return replica_signal(settings.env, name, kind, statuses, now, slots)
 
     if down:
         found = signal("replica_down", down)

@@ -1,0 +1,116 @@
+"""The healing loop's steps without the store: what the agents and the simulator both run.
+
+detect (a signal from a probe's replica statuses) -> decide (policy.make_decision) -> gate
+(gate_context, gates.evaluate, restart_wait_s) -> act (actions.perform) -> verify (is_stable)
+-> conclude (attempt_outcome) -> learn (policy.reward, policy.q_update).
+
+The DB-bound steps (detector, policy, orchestrator, verifier) read their inputs from the store
+and call these; learning.Simulation calls the same ones on the in-memory fleet. So the policy
+is trained on the loop that runs in production, and tests/unit/test_one_loop.py checks that the
+two give the same decisions, verdicts and outcomes.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from cicd.config import Settings
+from cicd.core import gates
+from cicd.core.events import iso
+from cicd.runtime.base import ReplicaStatus
+
+# A probe's statuses for a replica that is gone, and for one failing its health check.
+GONE = ("down", "refused")
+FAILING = ("degraded", "timeout")
+
+# How an attempt ends (verifier.conclude writes the matching proof event).
+STABLE_OUTCOME = "stable"              # SYSTEM_STABLE: the incident is closed
+NEXT_ATTEMPT = "next_attempt"          # ATTEMPT_FAILED: the incident stays open, attempt + 1
+ESCALATE = "escalate"                  # ESCALATED: attempts spent, or a budget refused the action
+REFUSE = "refuse"                      # INCIDENT_REFUSED: any other gate refused it
+
+
+# -- detect ------------------------------------------------------------------------------------
+def mean_utilization(statuses: list[ReplicaStatus]) -> float:
+    serving = [s.utilization for s in statuses if s.healthy]
+    return sum(serving) / len(serving) if serving else 0.0
+
+
+def slots_signalled(kind: str, statuses: list[ReplicaStatus]) -> list[int]:
+    """The replicas a signal of this kind is about, as one probe shows them."""
+    if kind == "replica_down":
+        return [s.slot for s in statuses if s.status in GONE]
+    if kind in ("replica_unhealthy", "replica_blip"):
+        return [s.slot for s in statuses if s.status in FAILING]
+    if kind == "replica_hot":
+        return [s.slot for s in statuses if s.healthy]
+    return [s.slot for s in statuses]
+
+
+def replica_signal(env: str, app: str, kind: str, statuses: list[ReplicaStatus], now: datetime,
+                   slots: list[int] | None = None) -> dict:
+    """The signal (as the detector takes it) for what a probe of the app's replicas saw. slots:
+    the replicas it is about, when earlier probes decided that (a blip, K failed checks)."""
+    return {"env": env, "app": app, "kind": kind,
+            "slots": sorted(slots_signalled(kind, statuses) if slots is None else slots),
+            "observed_at": iso(now), "utilization": round(mean_utilization(statuses), 4),
+            "replicas_total": len(statuses), "detail": ", ".join(f"{s.slot}:{s.status}" for s in statuses)}
+
+
+# -- gate --------------------------------------------------------------------------------------
+Acted = list[tuple[str, datetime, dict]]   # (action, when it started, params) of the app's executions that ran
+
+
+def gate_context(settings: Settings, key: bytes, acted: Acted, current_replicas: int, spec: dict,
+                 approved: bool = False) -> gates.GateContext:
+    """What the gates judge a decision against: now, and the app's restarts and scalings within
+    the budget window."""
+    now = settings.clock.now()
+    since = now - timedelta(seconds=settings.budget_window_s)
+    return gates.GateContext(
+        env=settings.env, key=key, now=now, demo_mode=settings.demo_mode,
+        max_age_s=settings.decision_max_age_s,
+        restarts_in_window=sum(1 for action, at, _ in acted if action == "restart_service" and at >= since),
+        scales_in_window=sum(1 for action, at, _ in acted if action == "scale_workers" and at >= since),
+        restart_budget=settings.restart_budget, scale_budget=settings.scale_budget,
+        current_replicas=current_replicas,
+        min_replicas=spec.get("min_replicas", 1), max_replicas=spec.get("max_replicas", 1), approved=approved,
+    )
+
+
+def restart_wait_s(settings: Settings, acted: Acted, slots: list[int]) -> float:
+    """Per replica, as Kubernetes backs off per container: the longest wait any of these slots owes."""
+    restarts = [(at, params) for action, at, params in acted if action == "restart_service"]
+    return max((gates.restart_backoff_s([at for at, params in restarts if slot in params.get("slots", [])],
+                                        settings.clock.now(), settings.backoff_base_s, settings.backoff_max_s,
+                                        settings.backoff_reset_s) for slot in slots), default=0.0)
+
+
+def forget_acted(settings: Settings, acted: Acted) -> Acted:
+    """What can no longer count for a budget or a backoff (for a caller that keeps its own history,
+    as the simulator does: the store keeps every execution)."""
+    now = settings.clock.now()
+    since = now - timedelta(seconds=settings.budget_window_s)
+    last_restart = max((at for action, at, _ in acted if action == "restart_service"), default=None)
+    # A restart streak ends once reset_s pass without a restart; then only the window counts.
+    streak_over = last_restart is None or (now - last_restart).total_seconds() > settings.backoff_reset_s
+    return [row for row in acted
+            if row[1] >= since or (row[0] == "restart_service" and not streak_over)]
+
+
+# -- verify and conclude -----------------------------------------------------------------------
+def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expected: int) -> bool:
+    if not statuses or len(statuses) < expected or not all(s.healthy for s in statuses):
+        return False
+    if kind == "overload":
+        return mean_utilization(statuses) <= settings.overload_threshold
+    return True
+
+
+def attempt_outcome(settings: Settings, result: str, attempt: int, gate: str = "") -> str:
+    """How an attempt whose result is stable, failed or refused ends the incident (or does not)."""
+    if result == "stable":
+        return STABLE_OUTCOME
+    if result == "refused":
+        # Past a budget the design says escalate; any other refusal closes the incident as refused.
+        return ESCALATE if gate == "budget" else REFUSE
+    return NEXT_ATTEMPT if attempt < settings.max_attempts else ESCALATE

@@ -14,33 +14,10 @@ from sqlalchemy.exc import IntegrityError
 from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import OPEN, MalformedEvent, Signal, Unprocessable, as_utc, parse_iso
+from cicd.healing.loop import KIND_OF_SIGNAL, classify  # noqa: F401 (the detector's names for them)
 from cicd.store import Incident, Release, app_row, transaction
 
-KIND_OF_SIGNAL = {
-    "replica_down": "crash",          # process gone or connection refused
-    "replica_unhealthy": "crash",     # alive but failing its health check for K probes in a row
-    "replica_hot": "overload",        # utilization over the threshold for K probes in a row
-    "replica_blip": "false_alarm",    # failed a probe or two, then recovered by itself
-    "replica_cold": "underload",      # more replicas than the spec asks for, and idle for a while
-    "deploy_slow": "slow_deploy",     # a release not healthy long after it started
-    "deploy_failed": "failed_deploy", # fetch, build or health gate failed; the live release serves
-}
 SIGNAL_MAX_AGE_S = 30.0
-
-
-def classify(signal: Signal) -> tuple[str, str]:
-    """(incident kind, severity) of a signal."""
-    kind = KIND_OF_SIGNAL[signal.kind]
-    if kind == "crash":
-        all_down = signal.replicas_total and len(signal.slots) >= signal.replicas_total
-        return kind, "critical" if all_down else "high"
-    if kind == "overload":
-        return kind, "high" if signal.utilization >= 0.95 else "medium"
-    if kind == "failed_deploy":
-        return kind, "high"
-    if kind == "slow_deploy":
-        return kind, "medium"
-    return kind, "low"
 
 
 _RELEASES = (select(Release.__table__).where(Release.env == bindparam("env"), Release.app == bindparam("app"))

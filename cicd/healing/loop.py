@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from cicd.config import Settings
 from cicd.core import gates
-from cicd.core.events import iso
+from cicd.core.events import Signal, iso
 from cicd.runtime.base import ReplicaStatus
 
 # A probe's statuses for a replica that is gone, and for one failing its health check.
@@ -30,6 +30,17 @@ REFUSE = "refuse"                      # INCIDENT_REFUSED: any other gate refuse
 
 
 # -- detect ------------------------------------------------------------------------------------
+KIND_OF_SIGNAL = {
+    "replica_down": "crash",          # process gone or connection refused
+    "replica_unhealthy": "crash",     # alive but failing its health check for K probes in a row
+    "replica_hot": "overload",        # utilization over the threshold for K probes in a row
+    "replica_blip": "false_alarm",    # failed a probe or two, then recovered by itself
+    "replica_cold": "underload",      # more replicas than the spec asks for, and idle for a while
+    "deploy_slow": "slow_deploy",     # a release not healthy long after it started
+    "deploy_failed": "failed_deploy", # fetch, build or health gate failed; the live release serves
+}
+
+
 def mean_utilization(statuses: list[ReplicaStatus]) -> float:
     serving = [s.utilization for s in statuses if s.healthy]
     return sum(serving) / len(serving) if serving else 0.0
@@ -54,6 +65,21 @@ def replica_signal(env: str, app: str, kind: str, statuses: list[ReplicaStatus],
             "slots": sorted(slots_signalled(kind, statuses) if slots is None else slots),
             "observed_at": iso(now), "utilization": round(mean_utilization(statuses), 4),
             "replicas_total": len(statuses), "detail": ", ".join(f"{s.slot}:{s.status}" for s in statuses)}
+
+
+def classify(signal: Signal) -> tuple[str, str]:
+    """(incident kind, severity) of a signal."""
+    kind = KIND_OF_SIGNAL[signal.kind]
+    if kind == "crash":
+        all_down = signal.replicas_total and len(signal.slots) >= signal.replicas_total
+        return kind, "critical" if all_down else "high"
+    if kind == "overload":
+        return kind, "high" if signal.utilization >= 0.95 else "medium"
+    if kind == "failed_deploy":
+        return kind, "high"
+    if kind == "slow_deploy":
+        return kind, "medium"
+    return kind, "low"
 
 
 # -- gate --------------------------------------------------------------------------------------
@@ -104,6 +130,28 @@ def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expe
     if kind == "overload":
         return mean_utilization(statuses) <= settings.overload_threshold
     return True
+
+
+# On top of the verify timeout, a deploy being waited for gets its spec's health deadline plus
+# this much for fetching and building.
+DEPLOY_ALLOWANCE_S = 60.0
+RELEASE_UNDER_WAY = ("fetching", "starting", "switching")
+
+
+def verify_timeout_s(settings: Settings, spec: dict, awaiting_release: bool) -> float:
+    """How long an attempt may take to become stable before it counts as failed."""
+    timeout = settings.verify_timeout_s
+    if awaiting_release:
+        timeout += spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
+    return timeout
+
+
+def release_result(status: str | None) -> str | None:
+    """For an attempt that waits on a release: "wait" while it is under way (or not made yet),
+    "failed" if it failed, None once it is live (then the replicas decide)."""
+    if status is None or status in RELEASE_UNDER_WAY:
+        return "wait"
+    return "failed" if status == "failed" else None
 
 
 def attempt_outcome(settings: Settings, result: str, attempt: int, gate: str = "") -> str:

@@ -12,14 +12,10 @@ from sqlalchemy import bindparam, select, update
 from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import ESCALATED, OPEN, REFUSED, STABLE, as_utc, parse_iso
-from cicd.healing.loop import ESCALATE, NEXT_ATTEMPT, STABLE_OUTCOME, attempt_outcome, is_stable
+from cicd.healing.loop import (ESCALATE, NEXT_ATTEMPT, STABLE_OUTCOME, attempt_outcome, is_stable, release_result,
+                               verify_timeout_s)
 from cicd.runtime.base import Runtime
 from cicd.store import App, Execution, Release, app_row, incident_row, transaction, update_incident
-
-
-# On top of the verify timeout, a deploy being waited for gets its spec's health deadline plus
-# this much for fetching and building.
-DEPLOY_ALLOWANCE_S = 60.0
 
 
 _RELEASES = Release.__table__
@@ -57,15 +53,14 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
         kind, app = incident.kind, incident.app
         awaiting, release = _awaited_release(conn, execution, incident)
         release_status = (release.number, release.status, release.detail) if release else None
-        timeout = settings.verify_timeout_s
-        if awaiting:
-            timeout += app_row(conn, settings.env, app).spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
+        timeout = verify_timeout_s(settings, app_row(conn, settings.env, app).spec if awaiting else {}, awaiting)
     timed_out = settings.clock.now() - parse_iso(started_at) > timedelta(seconds=timeout)
-    if awaiting and (release_status is None or release_status[1] in ("fetching", "starting", "switching")):
+    waiting_on = release_result(release_status[1] if release_status else None) if awaiting else None
+    if waiting_on == "wait":
         if timed_out:
             return "done", conclude(settings, execution, "failed", detail=f"the release did not finish within {timeout:.0f} s")
         return "wait", 0
-    if awaiting and release_status[1] == "failed":
+    if waiting_on == "failed":
         return "done", conclude(settings, execution, "failed",
                                 detail=f"release {release_status[0]} failed: {release_status[2]}")
     statuses = runtime.probe([app])[app]

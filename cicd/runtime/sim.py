@@ -260,7 +260,16 @@ class SimRuntime(Runtime):
             sim.clock_s += effect.seconds
             sim.disruption_s += effect.disruption_s
             if fixed:
+                if sim.fault.kind == "slow_deploy" and action == "noop":
+                    self._go_live(sim, max(sim.releases))  # the deploy only needed time: it passed its gate
                 sim.fault = None
+
+    @staticmethod
+    def _go_live(sim: SimApp, number: int) -> None:
+        for release in sim.releases.values():
+            if release["status"] == "live":
+                release["status"] = "superseded"
+        sim.releases[number]["status"], sim.live = "live", number
 
     # -- probes ------------------------------------------------------------------------------
     @staticmethod
@@ -308,9 +317,16 @@ class SimRuntime(Runtime):
             for release in sim.releases.values():
                 if fixed and release["status"] == "live":
                     release["status"] = "superseded"
-            sim.releases[number] = {"status": "live" if fixed else "failed", "ref": ref, "sha": sha or "3" * 40}
+            sim.releases[number] = {"status": "failed", "ref": ref, "sha": sha or "3" * 40, "request_id": request_id}
             if fixed:
-                sim.live = number
+                self._go_live(sim, number)
+
+    def release_of_request(self, app: str, request_id: str) -> dict | None:
+        """The release a deploy request made (what the verifier waits on), as release_info."""
+        for number, release in self._app(app).releases.items():
+            if release.get("request_id") == request_id:
+                return {**release, "release": number}
+        return None
 
     def cancel_release(self, app: str, number: int, why: str) -> bool:
         with self._edit(app) as sim:

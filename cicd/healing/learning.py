@@ -115,17 +115,19 @@ class Simulation:
             self.clock.advance(wait)
             waited += wait
 
-    def _act_and_verify(self, incident, raw: dict) -> str:
-        """Execute the allowed action once, then judge it as the verifier would: stable or failed."""
+    def _act_and_verify(self, incident, raw: dict, claimed_at) -> str:
+        """Execute the allowed action once, then judge it as the verifier would: stable or failed.
+        claimed_at: when the orchestrator claimed the execution (what the budget and backoff count
+        from; for a deferred restart, when it was deferred)."""
         action, params, op_key = raw["action"], raw["params"], f"{incident.id}/{raw['attempt']}"
-        started, (before, _) = self.clock.now(), self.sim.elapsed(APP)
+        before = self.sim.elapsed(APP)[0]
         self.sim.note_action(APP, action, params, op_key)
         try:
             result = actions.perform(self.context, APP, action, params, op_key)
         except RuntimeFailure:
             result = None  # as in the orchestrator: the execution failed, the attempt too
         else:
-            self.acted.append((action, started, params))
+            self.acted.append((action, claimed_at, params))
         self.clock.advance(self.sim.elapsed(APP)[0] - before)  # what the action itself took
         if result is None:
             return "failed"
@@ -134,11 +136,11 @@ class Simulation:
         waiting_on = loop.release_result(awaited["status"] if awaited else None) if awaited is not False else None
         statuses = self.sim.probe([APP])[APP]
         if waiting_on is None and loop.is_stable(self.settings, incident.kind, statuses, self.sim.replica_count(APP)):
-            self.clock.advance(self.settings.stable_checks * self.settings.verify_interval_s)
+            self.clock.advance(loop.polled_verdict_s(self.settings, True, timeout))
             return "stable"
-        # Nothing changes on its own in the simulated fleet: a failed release fails at once, the
-        # rest only once the verifier gives up.
-        self.clock.advance(0.0 if waiting_on == "failed" else timeout)
+        # Nothing changes on its own in the simulated fleet: a failed release fails at the first
+        # look, the rest once the verifier gives up.
+        self.clock.advance(0.0 if waiting_on == "failed" else loop.polled_verdict_s(self.settings, False, timeout))
         return "failed"
 
     def _awaited_release(self, incident, action: str, result: dict):
@@ -167,6 +169,7 @@ class Simulation:
         for attempt in itertools.count(1):
             raw = policy.make_decision(self.settings, incident, attempt, self.spec, SIM_KEY, pick)
             episode.actions.append(raw["action"])
+            claimed_at = self.clock.now()
             verdict, waited = self._gate(raw)
             step = {"attempt": attempt, "action": raw["action"], "params": raw["params"],
                     "verdict": "allowed" if verdict.allowed else verdict.event, "waited_s": waited}
@@ -181,7 +184,7 @@ class Simulation:
                 episode.refused += 1
                 result = "refused"
             else:
-                result = self._act_and_verify(incident, raw)
+                result = self._act_and_verify(incident, raw, claimed_at)
             ending = loop.attempt_outcome(self.settings, result, attempt, verdict.gate)
             step.update(result=result, outcome=ending)
             if learn:

@@ -11,6 +11,7 @@ two give the same decisions, verdicts and outcomes.
 """
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 
 from cicd.config import Settings
@@ -144,6 +145,16 @@ def verify_timeout_s(settings: Settings, spec: dict, awaiting_release: bool) -> 
     if awaiting_release:
         timeout += spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
     return timeout
+
+
+def polled_verdict_s(settings: Settings, stable: bool, timeout_s: float) -> float:
+    """How long the verifier, looking every verify_interval_s, takes to reach its verdict on a
+    fleet that does not change meanwhile: the stable_checks-th stable look, or the first look
+    past the timeout."""
+    interval = settings.verify_interval_s
+    if stable:
+        return (settings.stable_checks - 1) * interval
+    return (math.floor(timeout_s / interval + 1e-9) + 1) * interval
 
 
 def release_result(status: str | None) -> str | None:

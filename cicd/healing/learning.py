@@ -159,7 +159,10 @@ class Simulation:
         self.clock.advance(self.gap_s)
         self.acted = loop.forget_acted(self.settings, self.acted)
         self.sim.set_fault(APP, fault)
-        signal = Signal.from_dict(self.signal(fault))
+        # (built by our own steps, so not validated again: Signal.from_dict's time parsing was a
+        # tenth of an episode)
+        raw_signal = self.signal(fault)
+        signal = Signal(**{**raw_signal, "slots": tuple(raw_signal["slots"])})
         kind, severity = loop.classify(signal)
         incident = SimpleNamespace(id=f"sim-{self.count:09d}", app=APP, kind=kind, severity=severity,
                                    signal=signal.to_dict(), slot=signal.slots[0] if signal.slots else 0,

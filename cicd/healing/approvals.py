@@ -103,9 +103,10 @@ def _answer(session, settings: Settings, approval_id: str, status: str, who: str
     if approval.status != "pending":
         raise ApprovalError(f"{approval_id} is already {approval.status}"
                             + (f" by {approval.decided_by}" if approval.decided_by else ""))
-    if as_utc(approval.expires_at) <= settings.clock.now():
+    now = settings.clock.now()
+    if as_utc(approval.expires_at) <= now:
         raise ApprovalError(f"{approval_id} expired at {iso(approval.expires_at)}; request it again")
-    approval.status, approval.decided_by, approval.decided_at, approval.reason = status, who, settings.clock.now(), reason
+    approval.status, approval.decided_by, approval.decided_at, approval.reason = status, who, now, reason
     event = "APPROVAL_GRANTED" if status == "granted" else "APPROVAL_DENIED"
     proof.append(session, settings.env, event, incident_id=approval.incident_id, app=approval.app,
                  payload={"approval": approval_id, "kind": approval.kind, "by": who, "reason": reason,
@@ -155,7 +156,8 @@ def _close_held_incident(session, settings: Settings, approval: Approval, status
                                                        Execution.attempt == approval.attempt))
     if execution is not None:
         execution.status, execution.reason = "refused", why
-    incident.status, incident.resolution, incident.closed_at, incident.open_key = status, why, settings.clock.now(), None
+    now = settings.clock.now()
+    incident.status, incident.resolution, incident.closed_at, incident.open_key = status, why, now, None
     app = get_app(session, settings.env, incident.app)
     if app is not None:
         app.attention = why[:200]

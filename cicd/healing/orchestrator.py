@@ -142,7 +142,8 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
                      payload={"attempt": attempt, "action": decision.action, "params": decision.params,
                               "gates": list(GATE_NAMES)})
         if claim is None:
-            claim_id = conn.execute(_NEW_EXECUTION, _execution_row(settings, decision, "started")).inserted_primary_key[0]
+            claim_id = conn.execute(_NEW_EXECUTION,
+                                    _execution_row(settings, decision, "started")).inserted_primary_key[0]
         else:
             claim_id = claim.id
             conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": "started"})
@@ -224,7 +225,8 @@ def _act(settings: Settings, runtime: Runtime, request_deploy, claim_id: int, de
     except RuntimeFailure as exc:
         result, status = {"error": str(exc)}, "failed"
     with transaction(settings) as conn:
-        conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": status, "result": result, "finished_at": settings.clock.now()})
+        conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": status, "result": result,
+                                      "finished_at": settings.clock.now()})
         proof.append(conn, settings.env, "ORCH_EXEC", incident_id=decision.incident_id, app=decision.app,
                      payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
                               "status": status, "result": result, **extra})

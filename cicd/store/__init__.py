@@ -9,6 +9,6 @@ from cicd.store.models import (App, AppHealth, Approval, Base, DeadLetter, Deplo
                                PolicyValue, ProofHead, ProofRecord, Release, ReplicaHealth, SimAppState)
 
 __all__ = ["PROOF_CLOCK", "PROOF_PENDING", "app_row", "connection_of", "dispose_engines", "engine_for", "get_app",
-           "incident_row", "session_scope", "transaction", "update_incident", "App", "AppHealth", "Approval", "Base", "DeadLetter",
-           "DeployLock", "Execution", "Incident", "PolicyValue", "ProofHead", "ProofRecord", "Release",
+           "incident_row", "session_scope", "transaction", "update_incident", "App", "AppHealth", "Approval", "Base",
+           "DeadLetter", "DeployLock", "Execution", "Incident", "PolicyValue", "ProofHead", "ProofRecord", "Release",
            "ReplicaHealth", "SimAppState"]

@@ -40,8 +40,8 @@ def fault_sequence(seed: int = 4) -> list[Fault]:
 
 
 def chain_settings(tmp_path, **overrides) -> Settings:
-    return Settings(env="stage", home=tmp_path, restart_budget=4, budget_window_s=300.0, clock=ManualClock(learning.SIM_START),
-                    **overrides)
+    return Settings(env="stage", home=tmp_path, restart_budget=4, budget_window_s=300.0,
+                    clock=ManualClock(learning.SIM_START), **overrides)
 
 
 class ChainFleet(SimRuntime):

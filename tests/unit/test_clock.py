@@ -11,7 +11,7 @@ from cicd.config import Settings, signing_key
 from cicd.core.clock import SYSTEM_CLOCK, ManualClock
 from cicd.core.events import iso, parse_iso
 from cicd.delivery import onboarding
-from cicd.healing import approvals, detector, loop, orchestrator, policy, reconciler, verifier
+from cicd.healing import detector, loop, orchestrator, policy, reconciler, verifier
 from cicd.runtime.sim import Fault, SimRuntime
 from cicd.store import proof
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import OPEN, MalformedEvent, Signal, Unprocessable, as_utc, parse_iso
-from cicd.healing.loop import KIND_OF_SIGNAL, classify  # noqa: F401 (the detector's names for them)
+from cicd.healing.loop import KIND_OF_SIGNAL, classify, release_context  # noqa: F401 (the detector's names)
 from cicd.store import Incident, Release, app_row, transaction
 
 SIGNAL_MAX_AGE_S = 30.0
@@ -31,21 +31,7 @@ _NEW_INCIDENT = insert(Incident.__table__)
 def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) -> dict:
     """What the policy needs to know beyond the signal, read from the releases."""
     releases = conn.execute(_RELEASES, {"env": settings.env, "app": signal.app}).all()
-    live = next((r for r in releases if r.status == "live"), None)
-    good_before = next((r for r in releases if r.status == "superseded" and r.sha
-                        and (live is None or r.number < live.number)), None)
-    # A crash or an overload soon after a release may be the release's fault.
-    fresh = bool(kind in ("crash", "overload") and live and live.finished_at
-                 and settings.clock.now() - as_utc(live.finished_at) < timedelta(seconds=settings.fresh_release_s))
-    context = {"live_release": live.number if live else None, "fresh_release": fresh}
-    if kind in ("crash", "overload"):
-        context["rollback_to"] = good_before.number if good_before else None
-    elif kind in ("slow_deploy", "failed_deploy"):
-        context["release"] = signal.release
-        context["rollback_to"] = live.number if live else None  # keep serving what serves now
-    elif kind == "underload":
-        context["can_scale_in"] = signal.replicas_total > spec.get("replicas", 1)
-    return context
+    return release_context(settings, kind, signal, spec, releases)
 
 
 def open_incident(settings: Settings, raw: dict) -> dict | None:

@@ -18,7 +18,7 @@ import itertools
 import json
 import random
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -65,6 +65,7 @@ class Episode:
     time_to_recover_s: float = 0.0
     downtime_s: float = 0.0
     refused: int = 0
+    context: dict = field(default_factory=dict)   # what the detector knew (the incident's context)
     # Per attempt, what the chain would record: {attempt, action, params, verdict, result, outcome}.
     steps: list[dict] = field(default_factory=list)
 
@@ -100,6 +101,15 @@ class Simulation:
         if fault.kind in actions.DEPLOY_KINDS:
             return deployer.deploy_signal(self.settings, APP, kind, DEPLOY_FAULT_RELEASE, "simulated")
         return loop.replica_signal(self.settings.env, APP, kind, self.sim.probe([APP])[APP], self.clock.now())
+
+    def _releases(self, fault: Fault) -> list[SimpleNamespace]:
+        """The app's releases as the detector reads them from the store, newest first. The fault
+        model says whether the fault is the live release's (fresh): then it went live a moment
+        ago, else long ago."""
+        went_live = self.clock.now() - (timedelta(seconds=self.settings.fresh_release_s / 2) if fault.fresh
+                                        else timedelta(days=30))
+        return [SimpleNamespace(number=r["release"], status=r["status"], sha=r["sha"], finished_at=went_live)
+                for r in self.sim.release_history(APP)]
 
     def _gate(self, raw: dict) -> tuple[gates.Verdict, float]:
         """The gates, and a restart held back by its backoff run when it is due (as the
@@ -164,10 +174,11 @@ class Simulation:
         raw_signal = self.signal(fault)
         signal = Signal(**{**raw_signal, "slots": tuple(raw_signal["slots"])})
         kind, severity = loop.classify(signal)
+        known = loop.release_context(self.settings, kind, signal, self.spec, self._releases(fault))
         incident = SimpleNamespace(id=f"sim-{self.count:09d}", app=APP, kind=kind, severity=severity,
                                    signal=signal.to_dict(), slot=signal.slots[0] if signal.slots else 0,
-                                   context={**self.sim.context(APP), **(context or {})})
-        episode, opened_at = Episode(fault), self.clock.now()
+                                   context={**known, **(context or {})})
+        episode, opened_at = Episode(fault, context=incident.context), self.clock.now()
         pick = lambda state, allowed: (choose(state, allowed, incident, episode.actions), {}, "")  # noqa: E731
         for attempt in itertools.count(1):
             raw = policy.make_decision(self.settings, incident, attempt, self.spec, SIM_KEY, pick)

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from cicd.config import Settings
 from cicd.core import gates
-from cicd.core.events import Signal, iso
+from cicd.core.events import Signal, as_utc, iso
 from cicd.runtime.base import ReplicaStatus
 
 # A probe's statuses for a replica that is gone, and for one failing its health check.
@@ -81,6 +81,26 @@ def classify(signal: Signal) -> tuple[str, str]:
     if kind == "slow_deploy":
         return kind, "medium"
     return kind, "low"
+
+
+def release_context(settings: Settings, kind: str, signal: Signal, spec: dict, releases) -> dict:
+    """What the policy needs to know beyond the signal, from the app's releases (newest first;
+    each with number, status, sha, finished_at)."""
+    live = next((r for r in releases if r.status == "live"), None)
+    good_before = next((r for r in releases if r.status == "superseded" and r.sha
+                        and (live is None or r.number < live.number)), None)
+    # A crash or an overload soon after a release may be the release's fault.
+    fresh = bool(kind in ("crash", "overload") and live and live.finished_at
+                 and settings.clock.now() - as_utc(live.finished_at) < timedelta(seconds=settings.fresh_release_s))
+    context = {"live_release": live.number if live else None, "fresh_release": fresh}
+    if kind in ("crash", "overload"):
+        context["rollback_to"] = good_before.number if good_before else None
+    elif kind in ("slow_deploy", "failed_deploy"):
+        context["release"] = signal.release
+        context["rollback_to"] = live.number if live else None  # keep serving what serves now
+    elif kind == "underload":
+        context["can_scale_in"] = signal.replicas_total > spec.get("replicas", 1)
+    return context
 
 
 # -- gate --------------------------------------------------------------------------------------

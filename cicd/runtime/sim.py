@@ -213,21 +213,6 @@ class SimRuntime(Runtime):
                 sim.releases[3] = {"status": "starting" if fault.kind == "slow_deploy" else "failed", "ref": "main",
                                    "sha": "3" * 40}
 
-    def context(self, app: str) -> dict:
-        """What the detector would know about the app's releases (as detector.context_of)."""
-        sim = self._app(app)
-        fault = sim.fault
-        context = {"live_release": sim.live, "fresh_release": bool(fault and fault.fresh)}
-        if fault is None:
-            return context
-        if fault.kind in ("crash", "overload"):
-            context["rollback_to"] = 1
-        elif fault.kind in ("slow_deploy", "failed_deploy"):
-            context["release"], context["rollback_to"] = 3, sim.live
-        elif fault.kind == "underload":
-            context["can_scale_in"] = sim.replicas > sim.spec["replicas"]
-        return context
-
     def inject(self, app: str, kind: str, **options) -> dict:
         kinds = {"crash": "crash", "overload": "overload", "false-alarm": "false_alarm"}
         if kind not in kinds:
@@ -320,6 +305,11 @@ class SimRuntime(Runtime):
             sim.releases[number] = {"status": "failed", "ref": ref, "sha": sha or "3" * 40, "request_id": request_id}
             if fixed:
                 self._go_live(sim, number)
+
+    def release_history(self, app: str) -> list[dict]:
+        """Every release of the app, newest first, as release_info."""
+        releases = self._app(app).releases
+        return [{**releases[number], "release": number} for number in sorted(releases, reverse=True)]
 
     def release_of_request(self, app: str, request_id: str) -> dict | None:
         """The release a deploy request made (what the verifier waits on), as release_info."""

@@ -66,7 +66,7 @@ def simulated_trace(settings: Settings, faults: list[Fault], seed: int) -> list[
     for fault in faults:
         rewards.clear()
         episode = simulation.run(fault, choose, learn=lambda state, action, r, next_state: rewards.append(r))
-        trace.append([{**step, "reward": r} for step, r in zip(episode.steps, rewards)])
+        trace.append([{**step, "reward": r, "context": episode.context} for step, r in zip(episode.steps, rewards)])
     return trace
 
 
@@ -130,9 +130,11 @@ def _steps_on_record(settings: Settings, incident_id: str) -> list[dict]:
     for record in proof.tail(settings, 500, incident_id=incident_id):
         name, payload = record["event_name"], record["payload"]
         attempt = payload.get("attempt")
-        if name == "RL_DECISION":
+        if name == "INCIDENT_DETECTED":
+            context = payload["context"]
+        elif name == "RL_DECISION":
             steps[attempt] = {"attempt": attempt, "action": payload["action"], "params": payload["params"],
-                              "waited_s": 0.0}
+                              "waited_s": 0.0, "context": context}
         elif name == "RESTART_BACKOFF":
             steps[attempt]["waited_s"] += payload["wait_s"]
         elif name == "EXECUTION_GATE_PASSED":
@@ -146,8 +148,8 @@ def _steps_on_record(settings: Settings, incident_id: str) -> list[dict]:
 
 
 def comparable(trace: list[list[dict]]) -> list[list[tuple]]:
-    return [[(s["attempt"], s["action"], s["params"], s["verdict"], round(s["waited_s"], 3), s["result"],
-              s["outcome"]) for s in steps] for steps in trace]
+    return [[(s["context"], s["attempt"], s["action"], s["params"], s["verdict"], round(s["waited_s"], 3),
+              s["result"], s["outcome"]) for s in steps] for steps in trace]
 
 
 SEED = 4

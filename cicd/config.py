@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
+from cicd.core.clock import SYSTEM_CLOCK, Clock
 from cicd.errors import CicdError
 
 ENVIRONMENTS = ("dev", "stage", "prod")
@@ -135,6 +136,9 @@ class Settings:
     # An open incident with no progress for this long has its chain sent on again (a message
     # lost with a killed worker or a restarted broker must not leave it open for ever).
     stall_after_s: float = 120.0
+    # What the domain steps take the time from: the system's, or a test's manual clock. Carried
+    # here because every step already takes the settings (not compared: it is not configuration).
+    clock: Clock = field(default=SYSTEM_CLOCK, compare=False, repr=False)
 
     @classmethod
     def load(cls, env: str | None = None) -> "Settings":

@@ -1,7 +1,7 @@
 """Monitor agent ({env}.monitor): beat-scheduled probes of every app; verification after an action."""
 from cicd.healing import approvals, orchestrator, reconciler, verifier
 from cicd.signals import probes as monitor
-from cicd.core.events import iso, utcnow
+from cicd.core.events import iso
 from cicd.core.lifecycle import Step
 
 from .app import celery_app, runtime, settings_for
@@ -20,7 +20,7 @@ def probe_all(self, env):
 @celery_app.task(name="cicd.monitor.verify", bind=True, max_retries=None)
 def verify(self, execution, env, stable_checks=0, started_at=None):
     settings = settings_for(self, env)
-    started_at = started_at or iso(utcnow())
+    started_at = started_at or iso(settings.clock.now())
     state, value = verifier.check(settings, runtime(), execution, stable_checks, started_at)
     if state == "wait":
         # Not stable yet: look again shortly, without holding the worker.

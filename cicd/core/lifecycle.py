@@ -66,6 +66,14 @@ class Outcome(StrEnum):
     REFUSED = "refused"
 
 
+class AttemptEnd(StrEnum):
+    """How a verified attempt ends (verifier.conclude writes the matching proof event)."""
+    STABLE = "stable"              # SYSTEM_STABLE: the incident is closed
+    NEXT_ATTEMPT = "next_attempt"  # ATTEMPT_FAILED: the incident stays open, attempt + 1
+    ESCALATE = "escalate"          # ESCALATED: attempts spent, or a budget refused the action
+    REFUSE = "refuse"              # INCIDENT_REFUSED: any other gate refused it
+
+
 _I, _E, _R, _A = IncidentStatus, ExecutionStatus, ReleaseStatus, ApprovalStatus
 # None: the row is being created with that status.
 TRANSITIONS: dict[type, dict[StrEnum | None, frozenset]] = {
@@ -98,6 +106,9 @@ TRANSITIONS: dict[type, dict[StrEnum | None, frozenset]] = {
 INCIDENT_END_STATES = (_I.STABLE, _I.ESCALATED, _I.REFUSED)
 # A release still on its way: someone (a deploy task, or the reconciler) must conclude it.
 RELEASE_UNDER_WAY = (_R.FETCHING, _R.STARTING, _R.SWITCHING)
+# How long past its spec's health deadline a release may still be under way (fetching and
+# building): the verifier waits that long for it, and the reconciler gives it that long.
+DEPLOY_ALLOWANCE_S = 60.0
 # What the gate or a cancel may claim (switching is already claimed).
 RELEASE_CLAIMABLE = (_R.FETCHING, _R.STARTING)
 # An execution that is waiting on purpose: for a human, or for a backoff's due time.

@@ -16,8 +16,8 @@ from sqlalchemy import func, select
 from cicd.delivery import gitsource
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import as_utc, iso, parse_iso, utcnow
-from cicd.core.lifecycle import RELEASE_CLAIMABLE, RELEASE_UNDER_WAY, ReleaseStatus, transition
+from cicd.core.events import as_utc, iso, parse_iso
+from cicd.core.lifecycle import DEPLOY_ALLOWANCE_S, RELEASE_CLAIMABLE, RELEASE_UNDER_WAY, ReleaseStatus, transition
 from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.store import DeployLock, Release, get_app, session_scope
 
@@ -26,7 +26,6 @@ LOCK_TTL_S = 60.0
 # its spec's health deadline: the gate measures that deadline from the release's start, so by
 # then no gate could pass it any more, whatever a slow fetch or build was doing. The allowance
 # covers the last gate look and the switch (the verifier allows the same for a deploy it awaits).
-DEPLOY_ALLOWANCE_S = 60.0
 KINDS = ("deploy", "retry", "rollback", "promotion")
 # Deploys a human asked for raise incidents when they go wrong; the healer's own deploys (retry,
 # rollback) are watched by its verifier instead.
@@ -42,8 +41,7 @@ def _state(release: Release, **extra) -> dict:
             "ref": release.ref, "sha": release.sha, "started_at": iso(release.started_at), **extra}
 
 
-def _take_lock(session, env: str, app: str, holder: str) -> bool:
-    now = utcnow()
+def _take_lock(session, env: str, app: str, holder: str, now) -> bool:
     lock = session.get(DeployLock, (env, app), with_for_update=True)
     if lock is not None and lock.holder != holder and as_utc(lock.expires_at) > now:
         return False
@@ -79,7 +77,7 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
         app = get_app(session, env, app_name)
         if app is None:
             raise DeployError(f"app {app_name!r} is not onboarded in {env}")
-        if not _take_lock(session, env, app_name, request_id):
+        if not _take_lock(session, env, app_name, request_id, settings.clock.now()):
             return {"app": app_name, "status": "busy"}
         if release is None:
             number = (session.scalar(select(func.max(Release.number)).where(
@@ -129,13 +127,13 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
 def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, started_at: str):
     """One look at a starting release: (None, signal or None) while waiting, else (finished state, None)."""
     env = settings.env
-    now = utcnow()
+    now = settings.clock.now()
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
                                                         Release.number == number))
         if release is None or release.status != ReleaseStatus.STARTING:
             return (_state(release) if release else {"app": app_name, "release": number, "status": "unknown"}), None
-        _take_lock(session, env, app_name, release.request_id)  # renew the lease while we work
+        _take_lock(session, env, app_name, release.request_id, settings.clock.now())  # renew the lease while we work
         wanted, kind = release.replicas, release.kind
         deadline = get_app(session, env, app_name).spec["health_deadline_s"]
         slow_due = (kind in SIGNALLING_KINDS and not release.slow_signalled
@@ -158,7 +156,7 @@ def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, start
 
 def deploy_signal(settings: Settings, app_name: str, kind: str, number: int, detail: str) -> dict:
     return {"env": settings.env, "app": app_name, "kind": kind, "slots": [], "release": number,
-            "observed_at": iso(utcnow()), "detail": detail[:500]}
+            "observed_at": iso(settings.clock.now()), "detail": detail[:500]}
 
 
 def _claim(settings: Settings, app_name: str, number: int, giving_up: str = "") -> Release | None:
@@ -212,7 +210,7 @@ def _conclude(settings: Settings, runtime: Runtime, app_name: str, number: int, 
             # back): its record stands, and the runtime calls above were the same, idempotent ones.
             return _state(release)
         release.status = transition(release.status, ReleaseStatus.LIVE if ok else ReleaseStatus.FAILED)
-        release.detail, release.finished_at = detail, utcnow()
+        release.detail, release.finished_at = detail, settings.clock.now()
         seconds = round((release.finished_at - as_utc(release.started_at)).total_seconds(), 3)
         live = session.scalars(select(Release).where(Release.env == env, Release.app == app_name,
                                                      Release.status == ReleaseStatus.LIVE,
@@ -270,7 +268,7 @@ def _lease_lapsed(session, release: Release, now) -> bool:
 
 def unattended(settings: Settings) -> list[tuple[str, int]]:
     """(app, number) of every release under way whose deploy's lease has lapsed."""
-    now = utcnow()
+    now = settings.clock.now()
     with session_scope(settings, readonly=True) as session:
         under_way = session.scalars(select(Release).where(Release.env == settings.env,
                                                           Release.status.in_(RELEASE_UNDER_WAY))).all()
@@ -288,7 +286,7 @@ def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> 
     Its record then says so as a deploy's would (DEPLOY_SUCCEEDED, or DEPLOY_FAILED with stage
     "stalled" and ROLLBACK), after RELEASE_RESUMED, which says what was found and what it becomes."""
     env = settings.env
-    now = utcnow()
+    now = settings.clock.now()
     with session_scope(settings, readonly=True) as session:
         release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
                                                         Release.number == number))
@@ -317,7 +315,7 @@ def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> 
     with session_scope(settings) as session:
         release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
                                                         Release.number == number).with_for_update())
-        if release.status != found or not _lease_lapsed(session, release, utcnow()):
+        if release.status != found or not _lease_lapsed(session, release, settings.clock.now()):
             return None  # its deploy came back to it meanwhile
         if release.status != ReleaseStatus.SWITCHING:
             release.status = transition(release.status, ReleaseStatus.SWITCHING)

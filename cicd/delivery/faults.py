@@ -10,7 +10,7 @@ from typing import Callable
 
 from cicd.delivery import gitsource
 from cicd.config import Settings
-from cicd.core.events import iso, utcnow
+from cicd.core.events import iso
 from cicd.delivery.examples import INJECT_REFS
 from cicd.runtime.base import Runtime, RuntimeFailure
 
@@ -33,7 +33,7 @@ def inject(settings: Settings, runtime: Runtime, app: str, kind: str,
         if record is None:
             raise RuntimeFailure(f"app {app!r} is not onboarded in {settings.env}")
         repo = record.repo
-    injected_at = utcnow()
+    injected_at = settings.clock.now()
     if kind in REPLICA_FAULTS:
         detail = runtime.inject(app, kind, **options)
     else:

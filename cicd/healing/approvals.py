@@ -50,7 +50,7 @@ def as_dict(a, now=None) -> dict:
 def _new(tx, settings: Settings, kind: str, app: str, payload: dict, summary: str, requested_by: str,
          incident_id: str | None = None, attempt: int | None = None) -> dict:
     """Inside the caller's transaction (an ORM session or a Core connection): the request, as_dict."""
-    now = utcnow()
+    now = settings.clock.now()
     row = {"id": f"apr-{settings.env}-{secrets.token_hex(4)}", "env": settings.env, "kind": kind, "app": app,
            "incident_id": incident_id, "attempt": attempt, "payload": payload, "summary": summary,
            "status": transition(None, ApprovalStatus.PENDING), "requested_by": requested_by, "requested_at": now,
@@ -95,7 +95,7 @@ def pending(settings: Settings, include_decided: bool = False) -> list[dict]:
         query = select(Approval).where(Approval.env == settings.env)
         if not include_decided:
             query = query.where(Approval.status == ApprovalStatus.PENDING)
-        now = utcnow()
+        now = settings.clock.now()
         return [as_dict(a, now) for a in session.scalars(query.order_by(Approval.requested_at))]
 
 
@@ -108,10 +108,11 @@ def _answer(session, settings: Settings, approval_id: str, status: ApprovalStatu
     if approval.status != ApprovalStatus.PENDING:
         raise ApprovalError(f"{approval_id} is already {approval.status}"
                             + (f" by {approval.decided_by}" if approval.decided_by else ""))
-    if as_utc(approval.expires_at) <= utcnow():
+    now = settings.clock.now()
+    if as_utc(approval.expires_at) <= now:
         raise ApprovalError(f"{approval_id} expired at {iso(approval.expires_at)}; request it again")
     approval.status = transition(approval.status, status)
-    approval.decided_by, approval.decided_at, approval.reason = who, utcnow(), reason
+    approval.decided_by, approval.decided_at, approval.reason = who, now, reason
     event = "APPROVAL_GRANTED" if status == ApprovalStatus.GRANTED else "APPROVAL_DENIED"
     proof.append(session, settings.env, event, incident_id=approval.incident_id, app=approval.app,
                  payload={"approval": approval_id, "kind": approval.kind, "by": who, "reason": reason,
@@ -175,7 +176,7 @@ def expire_due(settings: Settings) -> list[str]:
     with session_scope(settings) as session:
         due = session.scalars(select(Approval).where(Approval.env == settings.env,
                                                      Approval.status == ApprovalStatus.PENDING,
-                                                     Approval.expires_at <= utcnow())).all()
+                                                     Approval.expires_at <= settings.clock.now())).all()
         for approval in due:
             approval.status = transition(approval.status, ApprovalStatus.EXPIRED)
             proof.append(session, settings.env, "APPROVAL_EXPIRED", incident_id=approval.incident_id, app=approval.app,
@@ -196,8 +197,9 @@ def _close_held_incident(session, settings: Settings, approval: Approval, status
                                                        Execution.attempt == approval.attempt))
     if execution is not None:
         execution.status, execution.reason = transition(execution.status, ExecutionStatus.REFUSED), why
+    now = settings.clock.now()
     incident.status = transition(incident.status, status)
-    incident.resolution, incident.closed_at, incident.open_key = why, utcnow(), None
+    incident.resolution, incident.closed_at, incident.open_key = why, now, None
     app = get_app(session, settings.env, incident.app)
     if app is not None:
         app.attention = why[:200]

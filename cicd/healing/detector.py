@@ -13,35 +13,12 @@ from sqlalchemy.exc import IntegrityError
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import MalformedEvent, Signal, Unprocessable, as_utc, parse_iso, utcnow
-from cicd.core.lifecycle import IncidentStatus, ReleaseStatus, transition
+from cicd.core.events import MalformedEvent, Signal, Unprocessable, as_utc, parse_iso
+from cicd.core.lifecycle import IncidentStatus, transition
+from cicd.healing.loop import KIND_OF_SIGNAL, classify, release_context  # noqa: F401 (the detector's names)
 from cicd.store import Incident, Release, app_row, transaction
 
-KIND_OF_SIGNAL = {
-    "replica_down": "crash",          # process gone or connection refused
-    "replica_unhealthy": "crash",     # alive but failing its health check for K probes in a row
-    "replica_hot": "overload",        # utilization over the threshold for K probes in a row
-    "replica_blip": "false_alarm",    # failed a probe or two, then recovered by itself
-    "replica_cold": "underload",      # more replicas than the spec asks for, and idle for a while
-    "deploy_slow": "slow_deploy",     # a release not healthy long after it started
-    "deploy_failed": "failed_deploy", # fetch, build or health gate failed; the live release serves
-}
 SIGNAL_MAX_AGE_S = 30.0
-
-
-def classify(signal: Signal) -> tuple[str, str]:
-    """(incident kind, severity) of a signal."""
-    kind = KIND_OF_SIGNAL[signal.kind]
-    if kind == "crash":
-        all_down = signal.replicas_total and len(signal.slots) >= signal.replicas_total
-        return kind, "critical" if all_down else "high"
-    if kind == "overload":
-        return kind, "high" if signal.utilization >= 0.95 else "medium"
-    if kind == "failed_deploy":
-        return kind, "high"
-    if kind == "slow_deploy":
-        return kind, "medium"
-    return kind, "low"
 
 
 _RELEASES = (select(Release.__table__).where(Release.env == bindparam("env"), Release.app == bindparam("app"))
@@ -56,21 +33,7 @@ _NEW_INCIDENT = insert(Incident.__table__)
 def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) -> dict:
     """What the policy needs to know beyond the signal, read from the releases."""
     releases = conn.execute(_RELEASES, {"env": settings.env, "app": signal.app}).all()
-    live = next((r for r in releases if r.status == ReleaseStatus.LIVE), None)
-    good_before = next((r for r in releases if r.status == ReleaseStatus.SUPERSEDED and r.sha
-                        and (live is None or r.number < live.number)), None)
-    # A crash or an overload soon after a release may be the release's fault.
-    fresh = bool(kind in ("crash", "overload") and live and live.finished_at
-                 and utcnow() - as_utc(live.finished_at) < timedelta(seconds=settings.fresh_release_s))
-    context = {"live_release": live.number if live else None, "fresh_release": fresh}
-    if kind in ("crash", "overload"):
-        context["rollback_to"] = good_before.number if good_before else None
-    elif kind in ("slow_deploy", "failed_deploy"):
-        context["release"] = signal.release
-        context["rollback_to"] = live.number if live else None  # keep serving what serves now
-    elif kind == "underload":
-        context["can_scale_in"] = signal.replicas_total > spec.get("replicas", 1)
-    return context
+    return release_context(settings, kind, signal, spec, releases)
 
 
 def open_incident(settings: Settings, raw: dict) -> dict | None:
@@ -91,7 +54,7 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
         if app is None:
             raise Unprocessable(f"unknown app {signal.app!r} in {env}")
         observed = parse_iso(signal.observed_at)
-        if utcnow() - observed > timedelta(seconds=SIGNAL_MAX_AGE_S):
+        if settings.clock.now() - observed > timedelta(seconds=SIGNAL_MAX_AGE_S):
             return None  # stale: the next probe reports what is true now
         last_closed = conn.execute(_LAST_CLOSED, {"env": env, "app": signal.app}).scalar()
         if last_closed is not None and as_utc(last_closed) >= observed:
@@ -110,7 +73,7 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
                 "status": transition(None, IncidentStatus.OPEN), "attempt": 1,
                 "slot": signal.slots[0] if signal.slots else 0,
                 "signal": signal.to_dict(), "context": context, "resolution": "", "decision": None,
-                "open_key": open_key})
+                "open_key": open_key, "opened_at": settings.clock.now()})
             proof.append(conn, env, "INCIDENT_DETECTED", incident_id=incident_id, app=signal.app,
                          payload={"kind": kind, "severity": severity, "signal": signal.to_dict(), "context": context})
     except IntegrityError:

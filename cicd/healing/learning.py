@@ -1,44 +1,51 @@
 """Training and evaluating the recovery policy on the simulated fleet.
 
-An episode is one incident, healed the way the agents heal it, in-process: the fault's signal
-is classified, the policy chooses among the actions the shield offers, the decision is signed
-and goes through the same gates, the action runs through the same catalogue (actions.perform)
-against the simulated runtime, and the outcome is verified; a failed attempt leads to the next
-state (attempt + 1), up to the escalation limit. Four policies are compared on the same faults:
-the learned Q-table, the hand-written playbook (Keptn style: per problem type, an ordered list
-of actions, least invasive first), random, and an oracle that knows each fault's hidden cause.
+An episode is one incident, healed by the healing loop's own steps, in-process and on a virtual
+clock: the fault's signal is built and classified as the detector does (loop.replica_signal,
+loop.classify), the decision is made and signed as the decide agent does (policy.make_decision,
+with any chooser), it goes through the same gates with the same context (loop.gate_context: the
+budget window, and the restart backoff), the action runs through the same catalogue
+(actions.perform) against the simulated runtime, it is judged as the verifier judges it
+(loop.is_stable), and the attempt ends as verifier.conclude ends it (loop.attempt_outcome, up to
+settings.max_attempts; a refusal closes the incident); the reward is policy.transition's. Four
+policies are compared on the same faults: the learned Q-table, the hand-written playbook (Keptn
+style: per problem type, an ordered list of actions, least invasive first), random, and an
+oracle that knows each fault's hidden cause.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 
-from cicd.core import actions, gates, signing
-from cicd.delivery import onboarding
-from cicd.healing import policy
+from cicd.core import actions, gates
+from cicd.core.clock import ManualClock
+from cicd.delivery import deployer, onboarding
+from cicd.healing import loop, policy
 from cicd.config import Settings
-from cicd.core.events import Decision, iso, utcnow
-from cicd.core.lifecycle import Outcome
+from cicd.core.events import Signal
+from cicd.core.lifecycle import AttemptEnd, ExecutionStatus, Outcome
 from cicd.runtime.base import RuntimeFailure
 from cicd.runtime.sim import FAULT_MIX, Fault, SimRuntime, effect_of, sample_fault
 
 APP = "sim-app"
 DETECTION_S = {"crash": 0.5, "overload": 3.0, "false_alarm": 2.0, "underload": 10.0, "slow_deploy": 10.0,
                "failed_deploy": 0.3}
-CONFIRM_S = 0.4           # the stable checks after a fix
-VERIFY_TIMEOUT_S = 10.0   # what a failed attempt costs before the next one
 ESCALATION_S = 600.0      # a human takes over after the last failed attempt
-REWARD_SCALE_S = 30.0     # the time over which a recovery's reward falls from 1 to 0.5
-MAX_ATTEMPTS = 3
 ALPHA_FLOOR = 0.01
 SIM_KEY = b"simulation-only-key-not-a-secret-000"
+SIM_START = datetime(2026, 1, 1, tzinfo=timezone.utc)   # virtual time: the same for every run
+# What the probes (or the deploy agent) report for each kind of fault, once their counters say so.
+SIGNAL_OF_FAULT = {"crash": "replica_down", "overload": "replica_hot", "false_alarm": "replica_blip",
+                   "underload": "replica_cold", "slow_deploy": "deploy_slow", "failed_deploy": "deploy_failed"}
+DEPLOY_FAULT_RELEASE = 3  # the release a deploy fault is about (SimRuntime.set_fault makes it)
 
 # The hand-written playbook: per problem type, least invasive first.
 PLAYBOOK = {
@@ -59,95 +66,156 @@ class Episode:
     time_to_recover_s: float = 0.0
     downtime_s: float = 0.0
     refused: int = 0
+    context: dict = field(default_factory=dict)   # what the detector knew (the incident's context)
+    # Per attempt, what the chain would record: {attempt, action, params, verdict, result, outcome}.
+    steps: list[dict] = field(default_factory=list)
 
 
 Chooser = Callable[[policy.State, tuple, SimpleNamespace, list], str]
 
 
-def _signal(fault: Fault, sim: SimRuntime) -> dict:
-    statuses = sim.probe([APP])[APP]
-    kind = {"crash": "replica_down", "overload": "replica_hot", "false_alarm": "replica_blip",
-            "underload": "replica_cold", "slow_deploy": "deploy_slow", "failed_deploy": "deploy_failed"}[fault.kind]
-    slots = [s.slot for s in statuses if s.status == "down"] or [0]
-    serving = [s.utilization for s in statuses if s.healthy]
-    return {"env": "sim", "app": APP, "kind": kind, "slots": slots, "observed_at": iso(utcnow()),
-            "utilization": sum(serving) / len(serving) if serving else 0.0, "replicas_total": len(statuses)}
-
-
 class Simulation:
-    """One settings, one simulated app, one gate key: runs episodes with any chooser."""
+    """One settings, one simulated app, one gate key, one virtual clock: runs episodes with any
+    chooser, through the healing loop's own steps (cicd.healing.loop, policy.make_decision,
+    gates.evaluate, actions.perform, policy.transition), in memory.
 
-    def __init__(self, settings: Settings, seed: int):
-        self.settings = settings
-        self.sim = SimRuntime(settings, seed)
+    Incidents come incident_gap_s apart on the virtual clock; by default longer than the budget
+    window and the backoff reset, so each episode is an independent incident."""
+
+    def __init__(self, settings: Settings, seed: int, incident_gap_s: float | None = None):
+        self.clock = ManualClock(SIM_START)
+        self.settings = replace(settings, clock=self.clock)
+        self.sim = SimRuntime(self.settings, seed)
         self.spec = onboarding.generate_spec(APP, "https://sim.invalid/sim-app.git", "backend", settings.env)
         self.sim.add_app(self.spec)
         self.context = actions.ActionContext(runtime=self.sim, release_info=self.sim.release_info,
                                              request_deploy=self.sim.request_deploy,
                                              cancel_release=self.sim.cancel_release)
+        self.gap_s = (max(settings.budget_window_s, settings.backoff_reset_s) + 1.0 if incident_gap_s is None
+                      else incident_gap_s)
+        self.acted: loop.Acted = []   # the app's restarts and scalings that ran, as the store keeps them
         self.count = 0
 
-    def _decision(self, incident, attempt: int, action: str) -> dict:
-        decision = Decision(env=self.settings.env, incident_id=incident.id, attempt=attempt, app=APP, action=action,
-                            params=policy.action_params(action, incident, self.spec), issued_at=iso(utcnow()),
-                            nonce=secrets.token_hex(8), mode=self.settings.policy_mode)
-        return {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), SIM_KEY)}
+    def signal(self, fault: Fault) -> dict:
+        """What the probes (or the deploy agent) send the detector about the fault now."""
+        kind = SIGNAL_OF_FAULT[fault.kind]
+        if fault.kind in actions.DEPLOY_KINDS:
+            return deployer.deploy_signal(self.settings, APP, kind, DEPLOY_FAULT_RELEASE, "simulated")
+        return loop.replica_signal(self.settings.env, APP, kind, self.sim.probe([APP])[APP], self.clock.now())
 
-    def _gate_context(self, done: list[str]) -> gates.GateContext:
-        return gates.GateContext(
-            env=self.settings.env, key=SIM_KEY, now=utcnow(), demo_mode=self.settings.demo_mode,
-            restarts_in_window=done.count("restart_service"), scales_in_window=done.count("scale_workers"),
-            restart_budget=self.settings.restart_budget, scale_budget=self.settings.scale_budget,
-            current_replicas=self.sim.replica_count(APP), min_replicas=self.spec["min_replicas"],
-            max_replicas=self.spec["max_replicas"])
+    def _releases(self, fault: Fault) -> list[SimpleNamespace]:
+        """The app's releases as the detector reads them from the store, newest first. The fault
+        model says whether the fault is the live release's (fresh): then it went live a moment
+        ago, else long ago."""
+        went_live = self.clock.now() - (timedelta(seconds=self.settings.fresh_release_s / 2) if fault.fresh
+                                        else timedelta(days=30))
+        return [SimpleNamespace(number=r["release"], status=r["status"], sha=r["sha"], finished_at=went_live)
+                for r in self.sim.release_history(APP)]
+
+    def _gate(self, raw: dict) -> tuple[gates.Verdict, float]:
+        """The gates, and a restart held back by its backoff run when it is due (as the
+        orchestrator defers it and housekeeping sends it on): (verdict, seconds waited)."""
+        waited = 0.0
+        while True:
+            ctx = loop.gate_context(self.settings, SIM_KEY, self.acted, self.sim.replica_count(APP), self.spec)
+            verdict, decision = gates.evaluate(raw, ctx)
+            wait = (loop.restart_wait_s(self.settings, self.acted, decision.params["slots"])
+                    if verdict.allowed and decision.action == "restart_service" else 0.0)
+            if wait <= 0:
+                return verdict, waited
+            self.clock.advance(wait)
+            waited += wait
+
+    def _act_and_verify(self, incident, raw: dict, claimed_at) -> str:
+        """Execute the allowed action once, then judge it as the verifier would: stable or failed.
+        claimed_at: when the orchestrator claimed the execution (what the budget and backoff count
+        from; for a deferred restart, when it was deferred)."""
+        action, params, op_key = raw["action"], raw["params"], f"{incident.id}/{raw['attempt']}"
+        before = self.sim.elapsed(APP)[0]
+        self.sim.note_action(APP, action, params, op_key)
+        try:
+            result = actions.perform(self.context, APP, action, params, op_key)
+        except RuntimeFailure:
+            result = None  # as in the orchestrator: the execution failed, the attempt too
+        else:
+            self.acted.append((action, claimed_at, params))
+        self.clock.advance(self.sim.elapsed(APP)[0] - before)  # what the action itself took
+        if result is None:
+            return Outcome.FAILED
+        awaited = self._awaited_release(incident, action, result)
+        timeout = loop.verify_timeout_s(self.settings, self.spec, awaited is not False)
+        waiting_on = loop.release_result(awaited["status"] if awaited else None) if awaited is not False else None
+        statuses = self.sim.probe([APP])[APP]
+        if waiting_on is None and loop.is_stable(self.settings, incident.kind, statuses, self.sim.replica_count(APP)):
+            self.clock.advance(loop.polled_verdict_s(self.settings, True, timeout))
+            return Outcome.STABLE
+        # Nothing changes on its own in the simulated fleet: a failed release fails at the first
+        # look, the rest once the verifier gives up.
+        self.clock.advance(0.0 if waiting_on == Outcome.FAILED else loop.polled_verdict_s(self.settings, False, timeout))
+        return Outcome.FAILED
+
+    def _awaited_release(self, incident, action: str, result: dict):
+        """The release this attempt's outcome depends on (as verifier._awaited_release): False if none."""
+        if result.get("effect") == "deploy_requested":
+            return self.sim.release_of_request(APP, result["request_id"])
+        if incident.kind == "slow_deploy" and action == "noop":
+            return self.sim.release_info(APP, incident.context.get("release"))
+        return False
 
     def run(self, fault: Fault, choose: Chooser,
             learn: Callable[[policy.State, str, float, policy.State | None], None] | None = None,
             context: dict | None = None) -> Episode:
         """One incident. context overrides what the detector would know (a replay's record)."""
         self.count += 1
+        self.clock.advance(self.gap_s)
+        self.acted = loop.forget_acted(self.settings, self.acted)
         self.sim.set_fault(APP, fault)
-        signal = _signal(fault, self.sim)
-        incident = SimpleNamespace(id=f"sim-{self.count:09d}", kind=fault.kind, severity=fault.severity,
-                                   signal=signal, slot=signal["slots"][0],
-                                   context={**self.sim.context(APP), **(context or {})})
-        episode, clock, done = Episode(fault), DETECTION_S[fault.kind], []
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            state = policy.State.of(fault.kind, fault.severity, attempt, fault.fresh)
-            action = choose(state, policy.allowed_actions(self.settings, incident), incident, episode.actions)
-            episode.actions.append(action)
-            raw = self._decision(incident, attempt, action)
-            verdict, _ = gates.evaluate(raw, self._gate_context(done))
-            last = attempt == MAX_ATTEMPTS
-            if not verdict.allowed:
-                # Refused: a noop that teaches a negative reward (verdict.approval is a refusal here too:
-                # nobody answers in a simulation).
+        # (built by our own steps, so not validated again: Signal.from_dict's time parsing was a
+        # tenth of an episode)
+        raw_signal = self.signal(fault)
+        signal = Signal(**{**raw_signal, "slots": tuple(raw_signal["slots"])})
+        kind, severity = loop.classify(signal)
+        known = loop.release_context(self.settings, kind, signal, self.spec, self._releases(fault))
+        incident = SimpleNamespace(id=f"sim-{self.count:09d}", app=APP, kind=kind, severity=severity,
+                                   signal=signal.to_dict(), slot=signal.slots[0] if signal.slots else 0,
+                                   context={**known, **(context or {})})
+        episode, opened_at = Episode(fault, context=incident.context), self.clock.now()
+        pick = lambda state, allowed: (choose(state, allowed, incident, episode.actions), {}, "")  # noqa: E731
+        for attempt in itertools.count(1):
+            raw = policy.make_decision(self.settings, incident, attempt, self.spec, SIM_KEY, pick)
+            episode.actions.append(raw["action"])
+            claimed_at = self.clock.now()
+            verdict, waited = self._gate(raw)
+            step = {"attempt": attempt, "action": raw["action"], "params": raw["params"],
+                    "verdict": "allowed" if verdict.allowed else verdict.event, "waited_s": waited}
+            episode.steps.append(step)
+            if verdict.approval:
+                # Held for a human, and nobody answers in a simulation: the request expires and the
+                # incident escalates, with no outcome to learn from (as approvals.expire_due).
                 episode.refused += 1
-                if learn:
-                    learn(state, action, policy.reward(Outcome.REFUSED, action, None, REWARD_SCALE_S),
-                          None if last else policy.State.of(fault.kind, fault.severity, attempt + 1, fault.fresh))
-                continue
-            before = self.sim.elapsed(APP)[0]
-            op_key = f"{incident.id}/{attempt}"
-            self.sim.note_action(APP, action, raw["params"], op_key)
-            try:
-                actions.perform(self.context, APP, action, raw["params"], op_key)
-                fixed = self.sim.fault(APP) is None
-            except RuntimeFailure:
-                fixed = False  # as in the orchestrator: the execution failed, the attempt too
-            done.append(action)
-            step_s = self.sim.elapsed(APP)[0] - before + (CONFIRM_S if fixed else VERIFY_TIMEOUT_S)
-            clock += step_s
+                step.update(result=ExecutionStatus.AWAITING_APPROVAL, outcome=AttemptEnd.ESCALATE)
+                break
+            if not verdict.allowed:
+                episode.refused += 1
+                result = Outcome.REFUSED
+            else:
+                result = self._act_and_verify(incident, raw, claimed_at)
+            ending = loop.attempt_outcome(self.settings, result, attempt, verdict.gate)
+            step.update(result=result, outcome=ending)
             if learn:
-                result = Outcome.STABLE if fixed else Outcome.FAILED
-                next_state = None if fixed or last else policy.State.of(fault.kind, fault.severity, attempt + 1,
-                                                                        fault.fresh)
-                learn(state, action, policy.reward(result, action, step_s, REWARD_SCALE_S), next_state)
-            if fixed:
-                episode.success = True
+                outcome = {"kind": kind, "severity": severity, "fresh": bool(incident.context.get("fresh_release")),
+                           "attempt": attempt, "action": raw["action"], "result": result,
+                           "time_to_recover_s": ((self.clock.now() - opened_at).total_seconds()
+                                                 if result == Outcome.STABLE else None),
+                           "next_attempt": attempt + 1 if ending == AttemptEnd.NEXT_ATTEMPT else None}
+                state, r, next_state = policy.transition(self.settings, outcome)
+                learn(state, raw["action"], r, next_state)
+            if ending != AttemptEnd.NEXT_ATTEMPT:
+                episode.success = ending == AttemptEnd.STABLE
                 break
         disruption = self.sim.elapsed(APP)[1]
-        episode.time_to_recover_s = clock if episode.success else clock + ESCALATION_S
+        recovery_s = DETECTION_S[fault.kind] + (self.clock.now() - opened_at).total_seconds()
+        episode.time_to_recover_s = recovery_s if episode.success else recovery_s + ESCALATION_S
         episode.downtime_s = fault.impact * episode.time_to_recover_s + disruption
         return episode
 

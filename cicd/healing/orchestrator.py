@@ -12,11 +12,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, insert, select, update
 
 from cicd.core import actions, gates
-from cicd.healing import approvals
+from cicd.healing import approvals, loop
 from cicd.delivery import deployer
 from cicd.store import proof
 from cicd.config import Settings, signing_key
-from cicd.core.events import Decision, as_utc, iso, parse_iso, utcnow
+from cicd.core.events import Decision, as_utc, iso, parse_iso
 from cicd.core.lifecycle import EXECUTION_RESUMABLE, ApprovalStatus, ExecutionStatus, IncidentStatus, transition
 from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.store import Approval, Execution, Incident, app_row, connection_of, incident_row, session_scope, transaction
@@ -55,19 +55,9 @@ def _acted(conn, env: str, app: str) -> list[tuple[str, datetime, dict]]:
 
 def _gate_context(settings: Settings, conn, runtime: Runtime, app_name: str | None, acted: list,
                   approved: bool = False) -> gates.GateContext:
-    now = utcnow()
     app = app_row(conn, settings.env, app_name) if app_name else None
-    spec = app.spec if app else {}
-    since = now - timedelta(seconds=settings.budget_window_s)
-    return gates.GateContext(
-        env=settings.env, key=signing_key(settings), now=now, demo_mode=settings.demo_mode,
-        max_age_s=settings.decision_max_age_s,
-        restarts_in_window=sum(1 for action, at, _ in acted if action == "restart_service" and at >= since),
-        scales_in_window=sum(1 for action, at, _ in acted if action == "scale_workers" and at >= since),
-        restart_budget=settings.restart_budget, scale_budget=settings.scale_budget,
-        current_replicas=runtime.replica_count(app_name) if app else 0,
-        min_replicas=spec.get("min_replicas", 1), max_replicas=spec.get("max_replicas", 1), approved=approved,
-    )
+    return loop.gate_context(settings, signing_key(settings), acted,
+                             runtime.replica_count(app_name) if app else 0, app.spec if app else {}, approved)
 
 
 def action_context(settings: Settings, runtime: Runtime, request_deploy) -> actions.ActionContext:
@@ -90,7 +80,7 @@ def _refuse(conn, settings: Settings, verdict: gates.Verdict, raw, decision: Dec
     # Only an authentic decision for a real incident may take the execution key: a forged one must
     # not be able to block the real decision for the same attempt.
     if verdict.gate != "intake" and decision is not None and incident is not None:
-        conn.execute(_NEW_EXECUTION, _execution_row(env, decision, ExecutionStatus.REFUSED, gate=verdict.gate,
+        conn.execute(_NEW_EXECUTION, _execution_row(settings, decision, ExecutionStatus.REFUSED, gate=verdict.gate,
                                                     reason=verdict.reason))
     proof.append(conn, env, "REFUSAL_EMIT_SUCCESS", incident_id=owner, app=app, payload={"gate": verdict.gate})
     return {"env": env, "incident_id": owner, "attempt": refusal["attempt"], "app": app,
@@ -98,18 +88,18 @@ def _refuse(conn, settings: Settings, verdict: gates.Verdict, raw, decision: Dec
             "reason": verdict.reason, "result": {}}
 
 
-def _execution_row(env: str, decision: Decision, status: ExecutionStatus, **fields) -> dict:
+def _execution_row(settings: Settings, decision: Decision, status: ExecutionStatus, **fields) -> dict:
     """A new execution claim (with the status it is created in)."""
-    return {"env": env, "app": decision.app, "incident_id": decision.incident_id, "attempt": decision.attempt,
+    return {"env": settings.env, "app": decision.app, "incident_id": decision.incident_id, "attempt": decision.attempt,
             "action": decision.action, "params": decision.params, "status": transition(None, status), "gate": "",
-            "reason": "",
-            "nonce": decision.nonce, "result": {}, "started_at": utcnow(), "finished_at": None, **fields}
+            "reason": "", "nonce": decision.nonce, "result": {}, "started_at": settings.clock.now(),
+            "finished_at": None, **fields}
 
 
 def _hold_for_approval(conn, settings: Settings, verdict: gates.Verdict, raw: dict, decision: Decision) -> dict:
     """Claim the key and wait for a human; the incident stays open, and visible, meanwhile."""
     approval = approvals.request_action(conn, settings, raw, verdict.reason)
-    claim = _execution_row(settings.env, decision, ExecutionStatus.AWAITING_APPROVAL, gate=verdict.gate,
+    claim = _execution_row(settings, decision, ExecutionStatus.AWAITING_APPROVAL, gate=verdict.gate,
                            reason=verdict.reason,
                            result={"approval": approval["id"]})
     conn.execute(_NEW_EXECUTION, claim)
@@ -132,7 +122,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
                            and incident.status == IncidentStatus.OPEN)
     if (verdict.allowed or verdict.approval) and not names_open_incident:
         verdict = gates.Verdict(False, "intake", "INTAKE_REFUSED", "decision names no open incident of that app")
-    wait = (_restart_backoff(settings, acted, decision.params["slots"])
+    wait = (loop.restart_wait_s(settings, acted, decision.params["slots"])
             if verdict.allowed and decision.action == "restart_service" else 0.0)
     # Then record, under the lock, with the claim checked again: another delivery of this decision
     # may have got here first, and the unique key says which one acts.
@@ -156,7 +146,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
                      payload={"attempt": attempt, "action": decision.action, "params": decision.params,
                               "gates": list(GATE_NAMES)})
         if claim is None:
-            claim_id = conn.execute(_NEW_EXECUTION, _execution_row(env, decision, ExecutionStatus.STARTED)
+            claim_id = conn.execute(_NEW_EXECUTION, _execution_row(settings, decision, ExecutionStatus.STARTED)
                                     ).inserted_primary_key[0]
         else:
             claim_id = claim.id
@@ -165,21 +155,13 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
     return _act(settings, runtime, request_deploy, claim_id, decision)
 
 
-def _restart_backoff(settings: Settings, acted: list, slots: list[int]) -> float:
-    """Per replica, as Kubernetes backs off per container: the longest wait any of these slots owes."""
-    restarts = [(at, params) for action, at, params in acted if action == "restart_service"]
-    return max((gates.restart_backoff_s([at for at, params in restarts if slot in params.get("slots", [])],
-                                        utcnow(), settings.backoff_base_s, settings.backoff_max_s,
-                                        settings.backoff_reset_s) for slot in slots), default=0.0)
-
-
 def _defer(conn, settings: Settings, decision: Decision, claim, wait: float) -> dict:
     """Hold the restart until its backoff is over: a row with a due time (the housekeeping task
     sends it on then), not a message held for minutes in a worker."""
-    due = utcnow() + timedelta(seconds=wait)
+    due = settings.clock.now() + timedelta(seconds=wait)
     result = {"due_at": iso(due)}
     if claim is None:
-        row = _execution_row(settings.env, decision, ExecutionStatus.DEFERRED, result=result)
+        row = _execution_row(settings, decision, ExecutionStatus.DEFERRED, result=result)
         conn.execute(_NEW_EXECUTION, row)
     else:
         conn.execute(_SET_EXECUTION, {"k_id": claim.id, "result": result})
@@ -192,7 +174,7 @@ def _defer(conn, settings: Settings, decision: Decision, claim, wait: float) -> 
 def due_deferred(settings: Settings, resend_after_s: float = 60.0) -> list[dict]:
     """Decisions whose backoff is over, to send through the chain again (each at most once a
     minute: a resend lost with a killed worker is made again)."""
-    now, out = utcnow(), []
+    now, out = settings.clock.now(), []
     with session_scope(settings) as session:
         for claim in session.scalars(select(Execution).where(Execution.env == settings.env,
                                                              Execution.status == ExecutionStatus.DEFERRED)):
@@ -252,7 +234,8 @@ def _act(settings: Settings, runtime: Runtime, request_deploy, claim_id: int, de
         result, status = {"error": str(exc)}, ExecutionStatus.FAILED
     transition(ExecutionStatus.STARTED, status)  # _act runs only on a claim its caller set to started
     with transaction(settings) as conn:
-        conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": status, "result": result, "finished_at": utcnow()})
+        conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": status, "result": result,
+                                      "finished_at": settings.clock.now()})
         proof.append(conn, settings.env, "ORCH_EXEC", incident_id=decision.incident_id, app=decision.app,
                      payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
                               "status": status, "result": result, **extra})

@@ -14,6 +14,7 @@ import hashlib
 import math
 import secrets
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -210,6 +211,30 @@ def allowed_actions(settings: Settings, incident: Incident) -> tuple[str, ...]:
     return tuple(allowed)
 
 
+def state_of(incident, attempt: int) -> State:
+    return State.of(incident.kind, incident.severity, attempt, (incident.context or {}).get("fresh_release"))
+
+
+# (state, allowed actions) -> (action, q_values, reason): the Q-table's choice, or a baseline's.
+Pick = Callable[[State, tuple[str, ...]], tuple[str, dict, str]]
+
+
+def make_decision(settings: Settings, incident, attempt: int, spec: dict, key: bytes, pick: Pick) -> dict:
+    """The signed decision for an incident's attempt: its state, what the shield allows, the pick
+    among those, the params it is executed with, and an HMAC over all of it."""
+    state = state_of(incident, attempt)
+    action, q_values, reason = pick(state, allowed_actions(settings, incident))
+    decision = Decision(env=settings.env, incident_id=incident.id, attempt=attempt, app=incident.app, action=action,
+                        params=action_params(action, incident, spec), issued_at=iso(settings.clock.now()),
+                        nonce=secrets.token_hex(16), mode=settings.policy_mode,
+                        state=state.to_dict(), q_values=q_values, reason=reason)
+    return {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), key)}
+
+
+def q_pick(table: np.ndarray, mode: str, rng: np.random.Generator | None, epsilon: float | None = None) -> Pick:
+    return lambda state, allowed: choose(table, state, mode, allowed, rng, epsilon)
+
+
 def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
     """Choose and sign an action for the incident's attempt; None if the incident is closed.
 
@@ -226,17 +251,11 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
             return None
         if (incident.decision or {}).get("attempt") == attempt:
             return incident.decision
-        state = State.of(incident.kind, incident.severity, attempt, (incident.context or {}).get("fresh_release"))
         # (greedy never draws a random number: no generator to seed)
         rng = rng_for(incident_id, attempt) if settings.policy_mode != "greedy" else None
-        action, q_values, reason = choose(load_table(conn, env), state, settings.policy_mode,
-                                          allowed_actions(settings, incident), rng, settings.exploration)
+        pick = q_pick(load_table(conn, env), settings.policy_mode, rng, settings.exploration)
         spec = app_row(conn, env, incident.app).spec
-    decision = Decision(env=env, incident_id=incident_id, attempt=attempt, app=incident.app, action=action,
-                        params=action_params(action, incident, spec), issued_at=iso(utcnow()),
-                        nonce=secrets.token_hex(16), mode=settings.policy_mode,
-                        state=state.to_dict(), q_values=q_values, reason=reason)
-    signed = {**decision.to_dict(), "signature": signing.sign(decision.signed_body(), signing_key(settings))}
+    signed = make_decision(settings, incident, attempt, spec, signing_key(settings), pick)
     with transaction(settings) as conn:
         incident = incident_row(conn, incident_id, lock=True)
         if incident.status != IncidentStatus.OPEN or incident.attempt != attempt:
@@ -297,20 +316,26 @@ def learn(settings: Settings, tx: Session | Connection, state: State, action: st
     new = q_update(old, r, future)
     if row is None:
         conn.execute(insert(_POLICY), {"env": env, "state": state.key, "action": action, "q": new, "updates": 1,
-                                       "updated_at": utcnow()})
+                                       "updated_at": settings.clock.now()})
     else:
         conn.execute(_SET_VALUE, {"k_env": env, "k_state": state.key, "k_action": action, "q": new,
-                                  "updates": row.updates + 1, "updated_at": utcnow()})
+                                  "updates": row.updates + 1, "updated_at": settings.clock.now()})
     return {"applied": True, "old_q": round(old, 6), "new_q": round(new, 6), "target": round(r + GAMMA * future, 6)}
 
 
-def learn_from_outcome(settings: Settings, outcome: dict) -> dict:
-    """RL_UPDATE from a verified outcome (applied unless the environment's policy is frozen)."""
+def transition(settings: Settings, outcome: dict) -> tuple[State, float, State | None]:
+    """What a verified outcome teaches: (state, reward, next state or None at the end)."""
     fresh = outcome.get("fresh", False)
     state = State.of(outcome["kind"], outcome["severity"], outcome["attempt"], fresh)
     next_state = (State.of(outcome["kind"], outcome["severity"], outcome["next_attempt"], fresh)
                   if outcome.get("next_attempt") else None)
     r = reward(outcome["result"], outcome["action"], outcome.get("time_to_recover_s"), settings.verify_timeout_s)
+    return state, r, next_state
+
+
+def learn_from_outcome(settings: Settings, outcome: dict) -> dict:
+    """RL_UPDATE from a verified outcome (applied unless the environment's policy is frozen)."""
+    state, r, next_state = transition(settings, outcome)
     with transaction(settings) as conn:
         change = {"applied": False, "why": f"{outcome['action']!r} is not a catalogued action"}
         if outcome["action"] in actions.ACTIONS:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import parse_iso, utcnow
+from cicd.core.events import parse_iso
 from cicd.core.lifecycle import IncidentStatus, Step, next_step
 from cicd.delivery import deployer
 from cicd.healing.orchestrator import summary
@@ -26,7 +26,7 @@ from cicd.store import Execution, Incident, ProofRecord, session_scope
 
 def stalled(settings: Settings) -> list[dict]:
     """[{"step": "decide"|"execute"|"verify", "incident_id", ...what the step needs}]"""
-    cutoff = utcnow() - timedelta(seconds=settings.stall_after_s)
+    cutoff = settings.clock.now() - timedelta(seconds=settings.stall_after_s)
     out = []
     with session_scope(settings) as session:
         for incident in session.scalars(select(Incident).where(Incident.env == settings.env,

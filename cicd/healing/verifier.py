@@ -11,25 +11,11 @@ from sqlalchemy import bindparam, select, update
 
 from cicd.store import proof
 from cicd.config import Settings
-from cicd.core.events import as_utc, parse_iso, utcnow
-from cicd.core.lifecycle import (EXECUTION_WAITING, RELEASE_UNDER_WAY, ExecutionStatus, IncidentStatus, Outcome,
-                                 ReleaseStatus, transition)
-from cicd.delivery.deployer import DEPLOY_ALLOWANCE_S
-from cicd.signals.probes import mean_utilization
-from cicd.runtime.base import ReplicaStatus, Runtime
+from cicd.core.events import as_utc, parse_iso
+from cicd.core.lifecycle import EXECUTION_WAITING, AttemptEnd, ExecutionStatus, IncidentStatus, Outcome, transition
+from cicd.healing.loop import attempt_outcome, is_stable, release_result, verify_timeout_s
+from cicd.runtime.base import Runtime
 from cicd.store import App, Execution, Release, app_row, incident_row, transaction, update_incident
-
-
-def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expected: int) -> bool:
-    if not statuses or len(statuses) < expected or not all(s.healthy for s in statuses):
-        return False
-    if kind == "overload":
-        return mean_utilization(statuses) <= settings.overload_threshold
-    return True
-
-
-# On top of the verify timeout, a deploy being waited for gets its spec's health deadline plus
-# DEPLOY_ALLOWANCE_S for fetching and building (the same allowance the reconciler gives it).
 
 
 _RELEASES = Release.__table__
@@ -68,16 +54,15 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
         kind, app = incident.kind, incident.app
         awaiting, release = _awaited_release(conn, execution, incident)
         release_status = (release.number, release.status, release.detail) if release else None
-        timeout = settings.verify_timeout_s
-        if awaiting:
-            timeout += app_row(conn, settings.env, app).spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
-    timed_out = utcnow() - parse_iso(started_at) > timedelta(seconds=timeout)
-    if awaiting and (release_status is None or release_status[1] in RELEASE_UNDER_WAY):
+        timeout = verify_timeout_s(settings, app_row(conn, settings.env, app).spec if awaiting else {}, awaiting)
+    timed_out = settings.clock.now() - parse_iso(started_at) > timedelta(seconds=timeout)
+    waiting_on = release_result(release_status[1] if release_status else None) if awaiting else None
+    if waiting_on == "wait":
         if timed_out:
             return "done", conclude(settings, execution, Outcome.FAILED,
                                     detail=f"the release did not finish within {timeout:.0f} s")
         return "wait", 0
-    if awaiting and release_status[1] == ReleaseStatus.FAILED:
+    if waiting_on == Outcome.FAILED:
         return "done", conclude(settings, execution, Outcome.FAILED,
                                 detail=f"release {release_status[0]} failed: {release_status[2]}")
     statuses = runtime.probe([app])[app]
@@ -102,27 +87,27 @@ def conclude(settings: Settings, execution: dict, result: Outcome, detail: str =
         if incident is None or incident.status != IncidentStatus.OPEN:
             return None
         attempt = incident.attempt
-        now = utcnow()
+        now = settings.clock.now()
         ttr = round((now - as_utc(incident.opened_at)).total_seconds(), 3)
         outcome = {"env": env, "incident_id": incident.id, "app": incident.app, "kind": incident.kind,
                    "severity": incident.severity, "fresh": bool((incident.context or {}).get("fresh_release")),
                    "attempt": attempt, "action": execution.get("action") or "",
                    "result": result, "time_to_recover_s": None, "next_attempt": None}
         base = {"attempt": attempt, "action": outcome["action"], "kind": incident.kind}
-        if result == Outcome.STABLE:
+        ending = attempt_outcome(settings, result, attempt, execution.get("gate") or "")
+        if ending == AttemptEnd.STABLE:
             outcome["time_to_recover_s"] = ttr
             _close(conn, incident, IncidentStatus.STABLE, f"recovered by {outcome['action']} on attempt {attempt}", now)
             proof.append(conn, env, "SYSTEM_STABLE", incident_id=incident.id, app=incident.app,
                          payload={**base, "time_to_recover_s": ttr})
         elif result == Outcome.REFUSED:
-            # Past a budget the design says escalate; any other refusal closes the incident as refused.
-            over_budget = execution.get("gate") == "budget"
+            over_budget = ending == AttemptEnd.ESCALATE
             why = f"{outcome['action'] or 'decision'} refused by the {execution.get('gate')} gate: {execution.get('reason')}"
             _close(conn, incident, IncidentStatus.ESCALATED if over_budget else IncidentStatus.REFUSED, why, now)
             _call_a_human(conn, env, incident.app, why)
             proof.append(conn, env, "ESCALATED" if over_budget else "INCIDENT_REFUSED",
                          incident_id=incident.id, app=incident.app, payload={**base, "reason": why})
-        elif attempt < settings.max_attempts:
+        elif ending == AttemptEnd.NEXT_ATTEMPT:
             update_incident(conn, incident.id, attempt=attempt + 1, decision=None)
             outcome["next_attempt"] = attempt + 1
             proof.append(conn, env, "ATTEMPT_FAILED", incident_id=incident.id, app=incident.app,

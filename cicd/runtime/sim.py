@@ -214,21 +214,6 @@ class SimRuntime(Runtime):
                 sim.releases[3] = {"status": ReleaseStatus.STARTING if fault.kind == "slow_deploy"
                                    else ReleaseStatus.FAILED, "ref": "main", "sha": "3" * 40}
 
-    def context(self, app: str) -> dict:
-        """What the detector would know about the app's releases (as detector.context_of)."""
-        sim = self._app(app)
-        fault = sim.fault
-        context = {"live_release": sim.live, "fresh_release": bool(fault and fault.fresh)}
-        if fault is None:
-            return context
-        if fault.kind in ("crash", "overload"):
-            context["rollback_to"] = 1
-        elif fault.kind in ("slow_deploy", "failed_deploy"):
-            context["release"], context["rollback_to"] = 3, sim.live
-        elif fault.kind == "underload":
-            context["can_scale_in"] = sim.replicas > sim.spec["replicas"]
-        return context
-
     def inject(self, app: str, kind: str, **options) -> dict:
         kinds = {"crash": "crash", "overload": "overload", "false-alarm": "false_alarm"}
         if kind not in kinds:
@@ -261,7 +246,16 @@ class SimRuntime(Runtime):
             sim.clock_s += effect.seconds
             sim.disruption_s += effect.disruption_s
             if fixed:
+                if sim.fault.kind == "slow_deploy" and action == "noop":
+                    self._go_live(sim, max(sim.releases))  # the deploy only needed time: it passed its gate
                 sim.fault = None
+
+    @staticmethod
+    def _go_live(sim: SimApp, number: int) -> None:
+        for release in sim.releases.values():
+            if release["status"] == ReleaseStatus.LIVE:
+                release["status"] = ReleaseStatus.SUPERSEDED
+        sim.releases[number]["status"], sim.live = ReleaseStatus.LIVE, number
 
     # -- probes ------------------------------------------------------------------------------
     @staticmethod
@@ -309,10 +303,22 @@ class SimRuntime(Runtime):
             for release in sim.releases.values():
                 if fixed and release["status"] == ReleaseStatus.LIVE:
                     release["status"] = ReleaseStatus.SUPERSEDED
-            sim.releases[number] = {"status": ReleaseStatus.LIVE if fixed else ReleaseStatus.FAILED, "ref": ref,
-                                    "sha": sha or "3" * 40}
+            sim.releases[number] = {"status": ReleaseStatus.FAILED, "ref": ref, "sha": sha or "3" * 40,
+                                    "request_id": request_id}
             if fixed:
-                sim.live = number
+                self._go_live(sim, number)
+
+    def release_history(self, app: str) -> list[dict]:
+        """Every release of the app, newest first, as release_info."""
+        releases = self._app(app).releases
+        return [{**releases[number], "release": number} for number in sorted(releases, reverse=True)]
+
+    def release_of_request(self, app: str, request_id: str) -> dict | None:
+        """The release a deploy request made (what the verifier waits on), as release_info."""
+        for number, release in self._app(app).releases.items():
+            if release.get("request_id") == request_id:
+                return {**release, "release": number}
+        return None
 
     def cancel_release(self, app: str, number: int, why: str) -> bool:
         with self._edit(app) as sim:

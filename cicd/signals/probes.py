@@ -16,13 +16,10 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, delete, insert, select, update
 
 from cicd.config import Settings
-from cicd.core.events import iso, utcnow
 from cicd.core.lifecycle import IncidentStatus
+from cicd.healing.loop import FAILING, GONE, mean_utilization, replica_signal
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import App, AppHealth, Incident, ReplicaHealth, session_scope
-
-FAILING = ("degraded", "timeout")
-GONE = ("down", "refused")
 
 _HEALTH = AppHealth.__table__
 # One prebuilt UPDATE run as executemany: the ORM's bulk update spent more time collecting
@@ -34,11 +31,6 @@ _UPDATE_HEALTH = (update(_HEALTH)
                             "consecutive_hot", "consecutive_cold", "last_probe_at")}))
 
 
-def mean_utilization(statuses: list[ReplicaStatus]) -> float:
-    serving = [s.utilization for s in statuses if s.healthy]
-    return sum(serving) / len(serving) if serving else 0.0
-
-
 @dataclass(frozen=True)
 class Observation:
     health: dict          # the app's new AppHealth values
@@ -48,7 +40,7 @@ class Observation:
 
 def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
     """Probe, record, and return the signals to send to the detector (at most one per app)."""
-    env, now = settings.env, utcnow()
+    env, now = settings.env, settings.clock.now()
     with session_scope(settings, readonly=True) as session:
         # Only the wanted replica count, taken out of the spec by the database: decoding 10,000
         # whole specs in Python cost a fifth of a cycle.
@@ -124,9 +116,7 @@ def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[
               "consecutive_hot": hot, "consecutive_cold": cold, "last_probe_at": now}
 
     def signal(kind, slots):
-        return {"env": settings.env, "app": name, "kind": kind, "slots": sorted(slots), "observed_at": iso(now),
-                "utilization": round(utilization, 4), "replicas_total": len(statuses),
-                "detail": ", ".join(f"{s.slot}:{s.status}" for s in statuses)}
+        return replica_signal(settings.env, name, kind, statuses, now, slots)
 
     if down:
         found = signal("replica_down", down)

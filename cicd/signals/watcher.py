@@ -12,7 +12,7 @@ import select
 from typing import Callable
 
 from cicd.config import Settings
-from cicd.core.events import iso, utcnow
+from cicd.core.events import iso
 from cicd.runtime import process
 from cicd.runtime.local import LocalRuntime
 
@@ -56,5 +56,5 @@ def watch(settings: Settings, send: Callable[[dict], None], refresh_s: float = 0
             still_counted = any(r["pid"] == pid for r in runtime.replicas(app))
             if still_counted:
                 send({"env": settings.env, "app": app, "kind": "replica_down", "slots": [slot],
-                      "observed_at": iso(utcnow()), "replicas_total": runtime.replica_count(app),
+                      "observed_at": iso(settings.clock.now()), "replicas_total": runtime.replica_count(app),
                       "detail": f"{slot}:exited (pid {pid})"})

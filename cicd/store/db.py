@@ -144,6 +144,9 @@ def _one_writer(settings: Settings):
 _readonly: dict[Engine, Engine] = {}
 # Where proof.append leaves the records of a transaction for the mirror (session or connection info).
 PROOF_PENDING = "proof_appended"
+# The settings' clock, for the proof records' timestamps: the steps judge progress (a stall, a
+# time to recover) by them, so they must come from the clock the steps run on.
+PROOF_CLOCK = "proof_clock"
 
 
 def _engine(settings: Settings, readonly: bool) -> Engine:
@@ -172,11 +175,12 @@ def transaction(settings: Settings, readonly: bool = False) -> Iterator[Connecti
         with engine.begin() as conn:
             # The connection is pooled: what proof.append leaves here must not outlive this
             # transaction (a rolled-back record must never reach the mirror).
-            conn.info[PROOF_PENDING] = pending
+            conn.info[PROOF_PENDING], conn.info[PROOF_CLOCK] = pending, settings.clock
             try:
                 yield conn
             finally:
                 conn.info.pop(PROOF_PENDING, None)
+                conn.info.pop(PROOF_CLOCK, None)
     if pending:
         from cicd.store.proof import sync_mirror
         sync_mirror(settings, pending)
@@ -194,7 +198,7 @@ def session_scope(settings: Settings, readonly: bool = False) -> Iterator[Sessio
 
     readonly: for reads only; it neither waits for nor blocks the writers (and on PostgreSQL a
     write in it fails)."""
-    session = Session(bind=_engine(settings, readonly), expire_on_commit=False)
+    session = Session(bind=_engine(settings, readonly), expire_on_commit=False, info={PROOF_CLOCK: settings.clock})
     try:
         with contextlib.nullcontext() if readonly else _one_writer(settings):
             try:

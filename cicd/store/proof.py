@@ -20,8 +20,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from cicd.config import Settings
-from cicd.core.events import PROOF_EVENTS, canonical, iso, utcnow
-from cicd.store import PROOF_PENDING, ProofHead, ProofRecord, connection_of, session_scope
+from cicd.core.clock import SYSTEM_CLOCK
+from cicd.core.events import PROOF_EVENTS, canonical, iso
+from cicd.store import PROOF_CLOCK, PROOF_PENDING, ProofHead, ProofRecord, connection_of, session_scope
 
 GENESIS = "0" * 64
 EXPORT_COLUMNS = ("seq", "ts", "env", "event_name", "incident_id", "app", "payload", "prev_hash", "hash")
@@ -54,10 +55,12 @@ def append(tx: Session | Connection, env: str, event_name: str, *, incident_id: 
         raise ProofError(f"unknown proof event {event_name!r}")
     if isinstance(tx, Session):
         conn, pending = connection_of(tx), tx.info.setdefault(PROOF_PENDING, [])
+        clock = tx.info.get(PROOF_CLOCK, SYSTEM_CLOCK)
     else:
         conn, pending = tx, tx.info.get(PROOF_PENDING)
         if pending is None:
             raise ProofError("proof.append needs a connection from store.transaction")
+        clock = tx.info.get(PROOF_CLOCK, SYSTEM_CLOCK)
     # This transaction's own last record is the head (it holds the lock: nobody else moved it);
     # otherwise read it and lock the row. No head yet: the first append creates it, safely,
     # because store's writer lock (both backends) lets one writer at a time get this far.
@@ -69,7 +72,7 @@ def append(tx: Session | Connection, env: str, event_name: str, *, incident_id: 
     prev_seq, prev_hash = head
     payload_text = canonical(payload or {})
     # The record as it is hashed (payload as the JSON the stored text parses back to).
-    record = {"seq": prev_seq + 1, "ts": iso(utcnow()), "env": env, "event_name": event_name,
+    record = {"seq": prev_seq + 1, "ts": iso(clock.now()), "env": env, "event_name": event_name,
               "incident_id": incident_id, "app": app, "payload": json.loads(payload_text), "prev_hash": prev_hash}
     record["hash"] = hashlib.sha256(canonical(record).encode()).hexdigest()
     conn.execute(_ADD_RECORD, {**record, "payload": payload_text})

@@ -11,7 +11,7 @@ import pytest
 
 from cicd.stack import cluster
 from cicd.store import deadletters, proof
-from cicd.core.events import iso, utcnow
+from cicd.core.events import iso, parse_iso, utcnow
 from cicd.runtime import process
 
 pytestmark = pytest.mark.integration
@@ -63,8 +63,12 @@ def test_a_second_beat_refuses_to_run(stack):
     wait_for(lambda: open(beat["log"]).read().count("Sending due task") > log, timeout=10)
 
 
-def test_restarts_of_a_flapping_app_back_off(stack):
-    """Backoff here is 1 s doubling to 4 s (the suite's settings; 10 s to 300 s by default)."""
+def test_restarts_of_a_flapping_app_never_run_before_their_backoff_is_over(stack):
+    """Backoff here is 1 s doubling to 4 s (the suite's settings; 10 s to 300 s by default).
+    Whether a crash comes soon enough to owe a wait depends on how fast the machine healed the
+    one before, so this checks what holds either way: each crash was healed by one restart, and a
+    restart held back ran no sooner than its due time. That a streak of restarts does back off,
+    doubling, is tests/unit/test_clock.py's, on a manual clock."""
     app = "flappy-api"
     stack.onboard(app)
     seq = proof.head_seq(stack.settings)
@@ -73,12 +77,12 @@ def test_restarts_of_a_flapping_app_back_off(stack):
         out = stack.cicd("inject", "crash", app, "--wait", "--timeout", "60")
         assert "restart_service: stable" in out.stdout
     records = [r for r in proof.records_since(stack.settings, seq) if r["app"] == app]
-    restarts = [r["ts"] for r in records if r["event_name"] == "ORCH_EXEC" and r["payload"]["action"] == "restart_service"]
-    waits = [r["payload"]["wait_s"] for r in records if r["event_name"] == "RESTART_BACKOFF"]
-    assert len(restarts) == 3 and len(waits) >= 1
-    from cicd.store.reports import seconds_between
-    gaps = [seconds_between(a, b) for a, b in zip(restarts, restarts[1:])]
-    assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps  # never sooner than the backoff allows
+    restarts = {(r["incident_id"], r["payload"]["attempt"]): r for r in records
+                if r["event_name"] == "ORCH_EXEC" and r["payload"]["action"] == "restart_service"}
+    assert len(restarts) == 3
+    for held in (r for r in records if r["event_name"] == "RESTART_BACKOFF"):
+        ran = restarts[(held["incident_id"], held["payload"]["attempt"])]
+        assert parse_iso(ran["ts"]) >= parse_iso(held["payload"]["due_at"]), (held, ran)
 
 
 def test_no_secret_is_printed_or_logged(stack):

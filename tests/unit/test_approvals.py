@@ -2,14 +2,13 @@
 expiry does to an incident that was waiting."""
 from __future__ import annotations
 
-import time
-
 import pytest
 from sqlalchemy import select
 
 from cicd.healing import approvals
 from cicd.store import proof
 from cicd.config import Settings
+from cicd.core.clock import ManualClock
 from cicd.core.events import OPEN
 from cicd.stack.cluster import StackDown
 from cicd.store import App, Execution, Incident, Release, session_scope
@@ -83,9 +82,11 @@ def test_a_denial_must_say_why(stage, prod):
 
 
 def test_requests_expire_and_cannot_be_answered_after(stage, tmp_path):
-    prod = Settings(env="prod", home=tmp_path, approval_ttl_s=0.2)
+    prod = Settings(env="prod", home=tmp_path, approval_ttl_s=60, clock=ManualClock())
     request = approvals.request_promotion(prod, stage, "shop-api", "me")
-    time.sleep(0.3)
+    prod.clock.advance(59.9)
+    assert approvals.pending(prod)[0]["status"] == "pending" and approvals.expire_due(prod) == []
+    prod.clock.advance(0.1)
     assert approvals.pending(prod)[0]["status"] == "expired"  # shown as expired before the sweep
     with pytest.raises(approvals.ApprovalError, match="expired"):
         approvals.grant(prod, request["id"], "alice", "")
@@ -130,9 +131,11 @@ def test_denying_a_held_action_refuses_its_incident(prod):
 
 
 def test_an_unanswered_held_action_escalates_its_incident(tmp_path):
-    prod = Settings(env="prod", home=tmp_path, approval_ttl_s=0.1)
+    prod = Settings(env="prod", home=tmp_path, approval_ttl_s=60, clock=ManualClock())
     approval_id = held_action(prod)
-    time.sleep(0.2)
+    prod.clock.advance(59.9)
+    assert approvals.expire_due(prod) == []
+    prod.clock.advance(0.1)
     assert approvals.expire_due(prod) == [approval_id]
     status, open_key, attention = incident_and_app(prod)
     assert (status, open_key) == ("escalated", None) and "nobody answered" in attention

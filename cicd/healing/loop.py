@@ -1,0 +1,187 @@
+"""The healing loop's steps without the store: what the agents and the simulator both run.
+
+detect (a signal from a probe's replica statuses) -> decide (policy.make_decision) -> gate
+(gate_context, gates.evaluate, restart_wait_s) -> act (actions.perform) -> verify (is_stable)
+-> conclude (attempt_outcome) -> learn (policy.reward, policy.q_update).
+
+The DB-bound steps (detector, policy, orchestrator, verifier) read their inputs from the store
+and call these; learning.Simulation calls the same ones on the in-memory fleet. So the policy
+is trained on the loop that runs in production, and tests/unit/test_one_loop.py checks that the
+two give the same decisions, verdicts and outcomes.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+
+from cicd.config import Settings
+from cicd.core import gates
+from cicd.core.events import Signal, as_utc, iso
+from cicd.core.lifecycle import DEPLOY_ALLOWANCE_S, RELEASE_UNDER_WAY, AttemptEnd, Outcome, ReleaseStatus
+from cicd.runtime.base import ReplicaStatus
+
+# A probe's statuses for a replica that is gone, and for one failing its health check.
+GONE = ("down", "refused")
+FAILING = ("degraded", "timeout")
+
+
+
+# -- detect ------------------------------------------------------------------------------------
+KIND_OF_SIGNAL = {
+    "replica_down": "crash",          # process gone or connection refused
+    "replica_unhealthy": "crash",     # alive but failing its health check for K probes in a row
+    "replica_hot": "overload",        # utilization over the threshold for K probes in a row
+    "replica_blip": "false_alarm",    # failed a probe or two, then recovered by itself
+    "replica_cold": "underload",      # more replicas than the spec asks for, and idle for a while
+    "deploy_slow": "slow_deploy",     # a release not healthy long after it started
+    "deploy_failed": "failed_deploy", # fetch, build or health gate failed; the live release serves
+}
+
+
+def mean_utilization(statuses: list[ReplicaStatus]) -> float:
+    serving = [s.utilization for s in statuses if s.healthy]
+    return sum(serving) / len(serving) if serving else 0.0
+
+
+def slots_signalled(kind: str, statuses: list[ReplicaStatus]) -> list[int]:
+    """The replicas a signal of this kind is about, as one probe shows them."""
+    if kind == "replica_down":
+        return [s.slot for s in statuses if s.status in GONE]
+    if kind in ("replica_unhealthy", "replica_blip"):
+        return [s.slot for s in statuses if s.status in FAILING]
+    if kind == "replica_hot":
+        return [s.slot for s in statuses if s.healthy]
+    return [s.slot for s in statuses]
+
+
+def replica_signal(env: str, app: str, kind: str, statuses: list[ReplicaStatus], now: datetime,
+                   slots: list[int] | None = None) -> dict:
+    """The signal (as the detector takes it) for what a probe of the app's replicas saw. slots:
+    the replicas it is about, when earlier probes decided that (a blip, K failed checks)."""
+    return {"env": env, "app": app, "kind": kind,
+            "slots": sorted(slots_signalled(kind, statuses) if slots is None else slots),
+            "observed_at": iso(now), "utilization": round(mean_utilization(statuses), 4),
+            "replicas_total": len(statuses), "detail": ", ".join(f"{s.slot}:{s.status}" for s in statuses)}
+
+
+def classify(signal: Signal) -> tuple[str, str]:
+    """(incident kind, severity) of a signal."""
+    kind = KIND_OF_SIGNAL[signal.kind]
+    if kind == "crash":
+        all_down = signal.replicas_total and len(signal.slots) >= signal.replicas_total
+        return kind, "critical" if all_down else "high"
+    if kind == "overload":
+        return kind, "high" if signal.utilization >= 0.95 else "medium"
+    if kind == "failed_deploy":
+        return kind, "high"
+    if kind == "slow_deploy":
+        return kind, "medium"
+    return kind, "low"
+
+
+def release_context(settings: Settings, kind: str, signal: Signal, spec: dict, releases) -> dict:
+    """What the policy needs to know beyond the signal, from the app's releases (newest first;
+    each with number, status, sha, finished_at)."""
+    live = next((r for r in releases if r.status == ReleaseStatus.LIVE), None)
+    good_before = next((r for r in releases if r.status == ReleaseStatus.SUPERSEDED and r.sha
+                        and (live is None or r.number < live.number)), None)
+    # A crash or an overload soon after a release may be the release's fault.
+    fresh = bool(kind in ("crash", "overload") and live and live.finished_at
+                 and settings.clock.now() - as_utc(live.finished_at) < timedelta(seconds=settings.fresh_release_s))
+    context = {"live_release": live.number if live else None, "fresh_release": fresh}
+    if kind in ("crash", "overload"):
+        context["rollback_to"] = good_before.number if good_before else None
+    elif kind in ("slow_deploy", "failed_deploy"):
+        context["release"] = signal.release
+        context["rollback_to"] = live.number if live else None  # keep serving what serves now
+    elif kind == "underload":
+        context["can_scale_in"] = signal.replicas_total > spec.get("replicas", 1)
+    return context
+
+
+# -- gate --------------------------------------------------------------------------------------
+Acted = list[tuple[str, datetime, dict]]   # (action, when it started, params) of the app's executions that ran
+
+
+def gate_context(settings: Settings, key: bytes, acted: Acted, current_replicas: int, spec: dict,
+                 approved: bool = False) -> gates.GateContext:
+    """What the gates judge a decision against: now, and the app's restarts and scalings within
+    the budget window."""
+    now = settings.clock.now()
+    since = now - timedelta(seconds=settings.budget_window_s)
+    return gates.GateContext(
+        env=settings.env, key=key, now=now, demo_mode=settings.demo_mode,
+        max_age_s=settings.decision_max_age_s,
+        restarts_in_window=sum(1 for action, at, _ in acted if action == "restart_service" and at >= since),
+        scales_in_window=sum(1 for action, at, _ in acted if action == "scale_workers" and at >= since),
+        restart_budget=settings.restart_budget, scale_budget=settings.scale_budget,
+        current_replicas=current_replicas,
+        min_replicas=spec.get("min_replicas", 1), max_replicas=spec.get("max_replicas", 1), approved=approved,
+    )
+
+
+def restart_wait_s(settings: Settings, acted: Acted, slots: list[int]) -> float:
+    """Per replica, as Kubernetes backs off per container: the longest wait any of these slots owes."""
+    restarts = [(at, params) for action, at, params in acted if action == "restart_service"]
+    return max((gates.restart_backoff_s([at for at, params in restarts if slot in params.get("slots", [])],
+                                        settings.clock.now(), settings.backoff_base_s, settings.backoff_max_s,
+                                        settings.backoff_reset_s) for slot in slots), default=0.0)
+
+
+def forget_acted(settings: Settings, acted: Acted) -> Acted:
+    """What can no longer count for a budget or a backoff (for a caller that keeps its own history,
+    as the simulator does: the store keeps every execution)."""
+    now = settings.clock.now()
+    since = now - timedelta(seconds=settings.budget_window_s)
+    last_restart = max((at for action, at, _ in acted if action == "restart_service"), default=None)
+    # A restart streak ends once reset_s pass without a restart; then only the window counts.
+    streak_over = last_restart is None or (now - last_restart).total_seconds() > settings.backoff_reset_s
+    return [row for row in acted
+            if row[1] >= since or (row[0] == "restart_service" and not streak_over)]
+
+
+# -- verify and conclude -----------------------------------------------------------------------
+def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expected: int) -> bool:
+    if not statuses or len(statuses) < expected or not all(s.healthy for s in statuses):
+        return False
+    if kind == "overload":
+        return mean_utilization(statuses) <= settings.overload_threshold
+    return True
+
+
+
+
+def verify_timeout_s(settings: Settings, spec: dict, awaiting_release: bool) -> float:
+    """How long an attempt may take to become stable before it counts as failed."""
+    timeout = settings.verify_timeout_s
+    if awaiting_release:
+        timeout += spec["health_deadline_s"] + DEPLOY_ALLOWANCE_S
+    return timeout
+
+
+def polled_verdict_s(settings: Settings, stable: bool, timeout_s: float) -> float:
+    """How long the verifier, looking every verify_interval_s, takes to reach its verdict on a
+    fleet that does not change meanwhile: the stable_checks-th stable look, or the first look
+    past the timeout."""
+    interval = settings.verify_interval_s
+    if stable:
+        return (settings.stable_checks - 1) * interval
+    return (math.floor(timeout_s / interval + 1e-9) + 1) * interval
+
+
+def release_result(status: str | None) -> str | None:
+    """For an attempt that waits on a release: "wait" while it is under way (or not made yet),
+    "failed" if it failed, None once it is live (then the replicas decide)."""
+    if status is None or status in RELEASE_UNDER_WAY:
+        return "wait"
+    return Outcome.FAILED if status == ReleaseStatus.FAILED else None
+
+
+def attempt_outcome(settings: Settings, result: str, attempt: int, gate: str = "") -> str:
+    """How an attempt whose result is stable, failed or refused ends the incident (or does not)."""
+    if result == Outcome.STABLE:
+        return AttemptEnd.STABLE
+    if result == Outcome.REFUSED:
+        # Past a budget the design says escalate; any other refusal closes the incident as refused.
+        return AttemptEnd.ESCALATE if gate == "budget" else AttemptEnd.REFUSE
+    return AttemptEnd.NEXT_ATTEMPT if attempt < settings.max_attempts else AttemptEnd.ESCALATE

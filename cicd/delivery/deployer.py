@@ -172,7 +172,7 @@ def _claim(settings: Settings, app_name: str, number: int, giving_up: str = "") 
             return None
         release.status = transition(release.status, ReleaseStatus.SWITCHING)
         release.detail = giving_up
-        _take_lock(session, settings.env, app_name, release.request_id)
+        _take_lock(session, settings.env, app_name, release.request_id, settings.clock.now())
         return release
 
 
@@ -319,7 +319,7 @@ def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> 
             return None  # its deploy came back to it meanwhile
         if release.status != ReleaseStatus.SWITCHING:
             release.status = transition(release.status, ReleaseStatus.SWITCHING)
-        _take_lock(session, env, app_name, release.request_id)  # the switch is ours now, under its key
+        _take_lock(session, env, app_name, release.request_id, settings.clock.now())  # the switch is ours now, under its key
         proof.append(session, env, "RELEASE_RESUMED", app=app_name,
                      payload={"release": number, "found": found,
                               "becomes": ReleaseStatus.LIVE if ok else ReleaseStatus.FAILED,

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from cicd.config import ENVIRONMENTS
+from cicd.core.names import NAME_MAX, NAME_MIN, NAME_PATTERN
 from cicd.errors import CicdError
 
-NAME_PATTERN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-NAME_MIN, NAME_MAX = 2, 40
 REPO_MAX = 500
 # Characters a shell would interpret, plus quotes and escapes: none has a place in a repo URL.
 SHELL_METACHARACTERS = set(";|&$`<>()\\'\"{}*?!~^[]")

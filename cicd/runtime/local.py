@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cicd.config import Settings
-from cicd.delivery.onboarding import check_name
+from cicd.core.names import is_app_name
 from cicd.runtime import process
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
@@ -47,7 +47,7 @@ class LocalRuntime(Runtime):
     def app_dir(self, app: str) -> Path:
         # The registry validated the name already; checking again here means no caller can make
         # the runtime touch a path outside var/ENV/apps.
-        if check_name(app):
+        if not is_app_name(app):
             raise RuntimeFailure(f"app name {app!r}: not a valid app name")
         return self.root / app
 

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 
 from cicd.core.lifecycle import ReleaseStatus
-from cicd.delivery.onboarding import NAME_PATTERN
+from cicd.core.names import is_app_name
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
 
@@ -186,7 +186,7 @@ class SimRuntime(Runtime):
     # -- apps ----------------------------------------------------------------------------
     def add_app(self, spec: dict) -> SimApp:
         """An app already live at release 1 (the simulation needs no build)."""
-        if not NAME_PATTERN.fullmatch(spec["name"]):
+        if not is_app_name(spec["name"]):
             raise RuntimeFailure(f"app name {spec['name']!r}: not a valid app name")
         sim = SimApp(spec=spec, replicas=spec["replicas"],
                      releases={1: {"status": ReleaseStatus.LIVE, "ref": "main", "sha": "1" * 40}})

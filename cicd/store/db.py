@@ -144,6 +144,20 @@ def _one_writer(settings: Settings):
 _readonly: dict[Engine, Engine] = {}
 # Where proof.append leaves the records of a transaction for the mirror (session or connection info).
 PROOF_PENDING = "proof_appended"
+# What runs after a commit that appended proof records (the proof module's mirror writer, which
+# registers itself: this module must not import the proof chain, which is built on it).
+_after_proof_commit: list = []
+
+
+def after_proof_commit(hook):
+    """Register hook(settings, committed_records), run after every commit that appended some."""
+    _after_proof_commit.append(hook)
+    return hook
+
+
+def _committed(settings: Settings, records: list) -> None:
+    for hook in _after_proof_commit:
+        hook(settings, records)
 # The settings' clock, for the proof records' timestamps: the steps judge progress (a stall, a
 # time to recover) by them, so they must come from the clock the steps run on.
 PROOF_CLOCK = "proof_clock"
@@ -182,8 +196,7 @@ def transaction(settings: Settings, readonly: bool = False) -> Iterator[Connecti
                 conn.info.pop(PROOF_PENDING, None)
                 conn.info.pop(PROOF_CLOCK, None)
     if pending:
-        from cicd.store.proof import sync_mirror
-        sync_mirror(settings, pending)
+        _committed(settings, pending)
 
 
 @event.listens_for(Session, "after_rollback")
@@ -211,8 +224,7 @@ def session_scope(settings: Settings, readonly: bool = False) -> Iterator[Sessio
         session.close()
     appended = session.info.get(PROOF_PENDING)
     if appended:
-        from cicd.store.proof import sync_mirror
-        sync_mirror(settings, appended)
+        _committed(settings, appended)
 
 
 def get_app(session: Session, env: str, name: str) -> App | None:

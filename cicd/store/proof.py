@@ -23,6 +23,7 @@ from cicd.config import Settings
 from cicd.core.clock import SYSTEM_CLOCK
 from cicd.core.events import PROOF_EVENTS, canonical, iso
 from cicd.store import PROOF_CLOCK, PROOF_PENDING, ProofHead, ProofRecord, connection_of, session_scope
+from cicd.store.db import after_proof_commit
 
 GENESIS = "0" * 64
 EXPORT_COLUMNS = ("seq", "ts", "env", "event_name", "incident_id", "app", "payload", "prev_hash", "hash")
@@ -235,6 +236,7 @@ def _mirror_tail(fh) -> int:
     return 0
 
 
+@after_proof_commit
 def sync_mirror(settings: Settings, committed: list[dict] | None = None) -> None:
     """Bring logs/ENV/proof.jsonl up to the database, in order, whichever process appended.
 

@@ -64,9 +64,8 @@ def embedded_worker(embedded_home):
     agent_app.process_settings.cache_clear()
     agent_app.runtime.cache_clear()
     settings = agent_app.process_settings()
-    conf = agent_app.celery_app.conf
-    saved_url = conf.broker_url
-    conf.broker_url = settings.broker_url
+    saved_url = agent_app.celery_app.conf.broker_url
+    point_at(agent_app.celery_app, settings.broker_url)
     queues = [f"{ENV}.{agent}" for agent in ("onboard", "deploy", "detect", "decide", "orchestrate", "monitor")]
     try:
         # perform_ping_check off: it needs celery.ping on a queue we do not consume.
@@ -74,9 +73,17 @@ def embedded_worker(embedded_home):
                           perform_ping_check=False, shutdown_timeout=30):
             yield settings
     finally:
-        conf.broker_url = saved_url
+        point_at(agent_app.celery_app, saved_url)
         agent_app.process_settings.cache_clear()
         agent_app.runtime.cache_clear()
+
+
+def point_at(app, url: str) -> None:
+    """The app's broker, with the connection and producer pools made for the last one dropped:
+    an earlier test in this process may have sent through them (they keep their own URL)."""
+    app.conf.broker_url = url
+    app._pool = None
+    app.amqp._producer_pool = None
 
 
 @pytest.fixture(scope="module")

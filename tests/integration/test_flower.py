@@ -108,13 +108,18 @@ def heal_a_crash(stack) -> tuple[str, str, dict]:
 
 
 def test_every_agent_queue_has_a_live_worker_in_flower(fstack):
-    workers = api(fstack, "/api/workers?refresh=1")  # asks every worker (inspect), not Flower's memory
-    consuming = {}
-    for agent in AGENTS:
-        queue = f"stage.{agent}"
-        consuming[queue] = [node for node, info in workers.items()
-                            if queue in [q["name"] for q in info.get("active_queues") or []]]
-        assert consuming[queue], f"no worker consumes {queue}: {sorted(workers)}"
+    asked = {}
+
+    def consumers_of_every_queue():
+        # Asks every worker (inspect), not Flower's memory; a busy worker may answer after Flower's
+        # inspect timeout, so ask again until each queue has a consumer (or the wait runs out).
+        asked["workers"] = api(fstack, "/api/workers?refresh=1")
+        found = {f"stage.{agent}": [node for node, info in asked["workers"].items()
+                                    if f"stage.{agent}" in [q["name"] for q in info.get("active_queues") or []]]
+                 for agent in AGENTS}
+        return found if all(found.values()) else None
+    consuming = wait_for(consumers_of_every_queue, 30, "a worker consuming each agent queue",
+                         lambda: sorted(asked.get("workers") or ()))
 
     def live_on_every_queue():
         # Alive as Flower judges it: the worker's heartbeat events keep coming (every 2 s).

@@ -73,6 +73,15 @@ def proof_of(stack, app: str, number: int, seq: int) -> list[dict]:
             or r["payload"].get("failed_release") == number]
 
 
+def resumed_once(stack, app: str, number: int, seq: int, found: str) -> None:
+    """The release's proof after seq: one RELEASE_RESUMED (found -> live), then one DEPLOY_SUCCEEDED."""
+    records = proof_of(stack, app, number, seq)
+    names = [r["event_name"] for r in records]
+    resumed = [r["payload"] for r in records if r["event_name"] == "RELEASE_RESUMED"]
+    assert [(p["found"], p["becomes"]) for p in resumed] == [(found, "live")], names
+    assert names.index("RELEASE_RESUMED") < names.index("DEPLOY_SUCCEEDED") and names.count("DEPLOY_SUCCEEDED") == 1
+
+
 def back_and_serving(stack, app: str) -> None:
     wait_for(lambda: deploy_workers(stack), 30, "the supervisor to restart the deploy worker")
     stack.wait_steady(app)
@@ -94,11 +103,7 @@ def test_a_deploy_worker_killed_while_its_release_starts_leaves_it_finished_not_
     assert final["status"] == "live" and final["detail"].startswith("reconciled: "), final
     assert watch.dark == 0 and watch.probes > 0  # the live release served throughout
     assert stack.runtime.live_release(APP) == number
-    records = proof_of(stack, APP, number, seq)
-    names = [r["event_name"] for r in records]
-    resumed = [r["payload"] for r in records if r["event_name"] == "RELEASE_RESUMED"]
-    assert [(p["found"], p["becomes"]) for p in resumed] == [("starting", "live")], names
-    assert names.index("RELEASE_RESUMED") < names.index("DEPLOY_SUCCEEDED") and names.count("DEPLOY_SUCCEEDED") == 1
+    resumed_once(stack, APP, number, seq, "starting")
     assert release_row(stack, before)["status"] == "superseded"
     back_and_serving(stack, APP)
 
@@ -119,11 +124,7 @@ def test_a_deploy_worker_killed_in_the_middle_of_the_switch_leaves_the_release_l
         final = concluded(stack, app, number)
     assert final["status"] == "live" and final["detail"].startswith("reconciled: "), final
     assert watch.dark == 0 and watch.probes > 0
-    records = proof_of(stack, app, number, seq)
-    names = [r["event_name"] for r in records]
-    resumed = [r["payload"] for r in records if r["event_name"] == "RELEASE_RESUMED"]
-    assert [(p["found"], p["becomes"]) for p in resumed] == [("switching", "live")], names
-    assert names.index("RELEASE_RESUMED") < names.index("DEPLOY_SUCCEEDED") and names.count("DEPLOY_SUCCEEDED") == 1
+    resumed_once(stack, app, number, seq, "switching")
     assert release_row(stack, before, app)["status"] == "superseded"
     # The replicas the killed switch was stopping are not left running, unowned.
     wait_for(lambda: not any(process.is_alive(pid, ticks) for pid, ticks in old), 15, "the old replicas to stop")

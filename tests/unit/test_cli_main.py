@@ -16,19 +16,12 @@ from cicd.cli.context import Invocation, env_option, pass_invocation
 from cicd.cli.main import CicdGroup
 from cicd.config import ENVIRONMENTS
 from cicd.errors import CicdError
+from tests.unit.test_cli import commands
 
 
 def invoke(command, home, *args, **variables):
     env = {"CICD_HOME": str(home), "CICD_ENV": "stage", "CICD_BROKER_URL": None, **variables}
     return CliRunner().invoke(command, list(args), env=env, prog_name="cicd")
-
-
-def commands(group: click.Group, prefix: tuple[str, ...] = ()):
-    for name, command in group.commands.items():
-        if isinstance(command, click.Group):
-            yield from commands(command, prefix + (name,))
-        else:
-            yield prefix + (name,), command
 
 
 # -- domain errors: one message, status 1, in one place ------------------------------------------

@@ -146,7 +146,7 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot):
         click.echo(f"  +{reports.seconds_between(start, record['ts']):7.3f} s  {record['event_name']:<24} "
                    f"{reports.payload_text(record, 70)}")
 
-    incident = reports.follow(settings, app, injected["seq"], timeout, on_record=show)
+    incident = reports.follow(settings, app, injected["watch_after_seq"], timeout, on_record=show)
     if incident is None:
         click.echo(f"no incident for {app} ended within {timeout:.0f} s", err=True)
         sys.exit(1)

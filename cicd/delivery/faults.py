@@ -20,7 +20,8 @@ FAULT_KINDS = REPLICA_FAULTS + tuple(INJECT_REFS)
 
 def inject(settings: Settings, runtime: Runtime, app: str, kind: str,
            request_deploy: Callable[..., None] | None = None, **options) -> dict:
-    """Returns what was done, with `injected_at` and the proof record's seq.
+    """Returns what was done, with `injected_at`, the proof record's seq, and `watch_after_seq`:
+    the head of the proof log just before the fault, after which its incident's records land.
 
     request_deploy(app, ref, reason) hands a deploy to the deploy agent (deploy faults only).
     """
@@ -33,6 +34,9 @@ def inject(settings: Settings, runtime: Runtime, app: str, kind: str,
         if record is None:
             raise RuntimeFailure(f"app {app!r} is not onboarded in {settings.env}")
         repo = record.repo
+    # Where to follow the healing from: the exit watcher may open the incident before the record
+    # below is written (it sees the SIGKILL at once; this write waits its turn for the lock).
+    watch_after_seq = proof.head_seq(settings)
     injected_at = settings.clock.now()
     if kind in REPLICA_FAULTS:
         detail = runtime.inject(app, kind, **options)
@@ -51,4 +55,4 @@ def inject(settings: Settings, runtime: Runtime, app: str, kind: str,
         logged = proof.append(session, settings.env, "FAILURE_INJECTED", app=app,
                               payload={**detail, "kind": kind, "at": iso(injected_at)})
         seq = logged["seq"]
-    return {**detail, "injected_at": iso(injected_at), "seq": seq}
+    return {**detail, "injected_at": iso(injected_at), "seq": seq, "watch_after_seq": watch_after_seq}

@@ -161,7 +161,7 @@ class Demo:
 
     def follow(self, injected: dict, result: StepResult) -> StepResult:
         step = result.step
-        result.incident = reports.follow(self.settings, step.app, injected["seq"], self.timeout_s,
+        result.incident = reports.follow(self.settings, step.app, injected["watch_after_seq"], self.timeout_s,
                                          on_record=result.timeline.append)
         if result.incident is None:
             result.error = f"no incident ended within {self.timeout_s:.0f} s"

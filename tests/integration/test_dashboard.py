@@ -19,6 +19,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
+from tests.ctrl_c import as_in_a_terminal
 from cicd.web import api, metrics
 from cicd.stack import cluster
 from cicd.config import AGENTS
@@ -49,7 +50,7 @@ def served(stack, tmp_path_factory):
     stack.onboard(APP)
     errors = (tmp_path_factory.mktemp("dashboard") / "stderr").open("w+")
     process = subprocess.Popen([str(CICD), "dashboard", "--port", "0"], stdout=subprocess.PIPE, stderr=errors,
-                               text=True, env=os.environ.copy())
+                               text=True, env=os.environ.copy(), preexec_fn=as_in_a_terminal)
     try:
         line = process.stdout.readline()
         if not line.startswith("dashboard of stage: http://127.0.0.1:"):

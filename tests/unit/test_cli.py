@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 import cli
+from tests.ctrl_c import as_in_a_terminal
 from cicd.healing import approvals
 from cicd.store import deadletters, proof
 from cicd.runtime import process
@@ -202,7 +203,7 @@ class Follower:
         env.pop("CICD_BROKER_URL", None)
         self.proc = subprocess.Popen([str(CICD), "incidents", "--follow", "--interval", "0.1", *args],
                                      stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+                                     stderr=subprocess.PIPE, text=True, env=env, preexec_fn=as_in_a_terminal)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ctrl_c import as_in_a_terminal
 from cicd.web import dashboard
 from cicd.store import proof
 from cicd.config import Settings
@@ -214,7 +215,7 @@ def test_cli_refuses_bad_options_and_a_missing_environment(tmp_path):
 def test_cli_serves_until_interrupted(settings, sigint):
     env = {**os.environ, "CICD_HOME": str(settings.home), "CICD_ENV": "stage", "CICD_BROKER_URL": "redis://127.0.0.1:1/0"}
     process = subprocess.Popen([str(CICD), "dashboard", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env)
+                               text=True, env=env, preexec_fn=as_in_a_terminal)
     try:
         line = process.stdout.readline()
         assert line.startswith("dashboard of stage: http://127.0.0.1:"), line

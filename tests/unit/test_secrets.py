@@ -79,13 +79,15 @@ def test_the_environment_of_a_spawned_process_is_on_no_command_line(tmp_path):
     try:
         for i in range(5):
             out = tmp_path / f"out-{i}"
-            process.spawn_detached([sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write(os.environ['S'])"],
-                                   str(tmp_path), {"S": secret.decode(), "PATH": os.environ["PATH"]},
-                                   str(tmp_path / "log"))
+            # It stays until stopped: one that is gone before the launcher looks is "exited at once".
+            pid, ticks = process.spawn_detached(
+                [sys.executable, "-c", f"import os, time; open({str(out)!r}, 'w').write(os.environ['S']); time.sleep(60)"],
+                str(tmp_path), {"S": secret.decode(), "PATH": os.environ["PATH"]}, str(tmp_path / "log"))
             deadline = time.monotonic() + 10
             while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert out.read_text() == secret.decode()  # the process did get its environment
+            process.stop(pid, ticks, grace_s=1)
     finally:
         done.set()
         scanner.join()

@@ -73,6 +73,18 @@ def proof_of(stack, app: str, number: int, seq: int) -> list[dict]:
             or r["payload"].get("failed_release") == number]
 
 
+def deploy_killed_at(stack, app: str, ref: str, number: int, status: str) -> dict:
+    """Deploy ref, SIGKILL the deploy workers once the release row says `status`, and return the
+    release once it is concluded: by the reconciler, with the live release serving throughout."""
+    with ServingWatch(stack.runtime, app, interval_s=0.1) as watch:
+        stack.cicd("deploy", app, "--ref", ref, "--no-wait")
+        kill_deploy_workers_once(stack, app, number, status)
+        final = concluded(stack, app, number)
+    assert final["status"] == "live" and final["detail"].startswith("reconciled: "), final
+    assert watch.dark == 0 and watch.probes > 0  # the live release served throughout
+    return final
+
+
 def resumed_once(stack, app: str, number: int, seq: int, found: str) -> None:
     """The release's proof after seq: one RELEASE_RESUMED (found -> live), then one DEPLOY_SUCCEEDED."""
     records = proof_of(stack, app, number, seq)
@@ -95,13 +107,8 @@ def test_a_deploy_worker_killed_while_its_release_starts_leaves_it_finished_not_
     before = reports.latest_release(stack.settings, APP, status="live")["release"]
     number = before + 1
     seq = stack.events()[-1]["seq"]
-    with ServingWatch(stack.runtime, APP, interval_s=0.1) as watch:
-        stack.cicd("deploy", APP, "--ref", "cicd-inject/slow", "--no-wait")
-        kill_deploy_workers_once(stack, APP, number, "starting")
-        final = concluded(stack, APP, number)
     # Its replicas come up healthy in the end, so the reconciler finishes it as the gate would have.
-    assert final["status"] == "live" and final["detail"].startswith("reconciled: "), final
-    assert watch.dark == 0 and watch.probes > 0  # the live release served throughout
+    deploy_killed_at(stack, APP, "cicd-inject/slow", number, "starting")
     assert stack.runtime.live_release(APP) == number
     resumed_once(stack, APP, number, seq, "starting")
     assert release_row(stack, before)["status"] == "superseded"
@@ -118,12 +125,7 @@ def test_a_deploy_worker_killed_in_the_middle_of_the_switch_leaves_the_release_l
     number = before + 1
     old = [(r["pid"], r["ticks"]) for r in stack.runtime.replicas(app)]
     seq = stack.events()[-1]["seq"]
-    with ServingWatch(stack.runtime, app, interval_s=0.1) as watch:
-        stack.cicd("deploy", app, "--ref", "main", "--no-wait")
-        kill_deploy_workers_once(stack, app, number, "switching")
-        final = concluded(stack, app, number)
-    assert final["status"] == "live" and final["detail"].startswith("reconciled: "), final
-    assert watch.dark == 0 and watch.probes > 0
+    deploy_killed_at(stack, app, "main", number, "switching")
     resumed_once(stack, app, number, seq, "switching")
     assert release_row(stack, before, app)["status"] == "superseded"
     # The replicas the killed switch was stopping are not left running, unowned.

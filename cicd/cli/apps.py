@@ -136,7 +136,7 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot):
                    f"until `cicd up --env {settings.env}`", err=True)
     injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot,
                              request_deploy=lambda name, ref, reason: plane.deploy(name, ref, reason))
-    details = ", ".join(f"{k}={v}" for k, v in injected.items() if k not in ("injected_at", "seq"))
+    details = ", ".join(f"{k}={v}" for k, v in injected.items() if k not in ("injected_at", "seq", "watch_after_seq"))
     click.echo(f"FAILURE_INJECTED {kind} on {app} in {settings.env}: {details}")
     if not wait:
         return

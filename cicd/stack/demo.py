@@ -156,7 +156,7 @@ class Demo:
                                  request_deploy=lambda app, ref, reason: self.agents.deploy(app, ref, reason),
                                  duration=60.0)
         self.say(f"[{step.label}] injected {step.fault} into {step.app}: " +
-                 ", ".join(f"{k}={v}" for k, v in injected.items() if k not in ("injected_at", "seq", "kind")))
+                 ", ".join(f"{k}={v}" for k, v in injected.items() if k not in ("injected_at", "seq", "watch_after_seq", "kind")))
         return injected, StepResult(step)
 
     def follow(self, injected: dict, result: StepResult) -> StepResult:
@@ -232,7 +232,7 @@ class Demo:
             self.runtime.stop_load(name)
         for i, (name, _) in enumerate(OVERLOAD_APPS):
             result = StepResult(Step(f"U{i + 1}", name, "load stops", ("scale_workers",), "underload"))
-            results.append(self.follow({"seq": seqs[name], "injected_at": stopped_at}, result))
+            results.append(self.follow({"watch_after_seq": seqs[name], "injected_at": stopped_at}, result))
         self.notes.append("replicas: " + ", ".join(f"{name} {peak[name]} -> {self.runtime.replica_count(name)}"
                                                    for name, _ in OVERLOAD_APPS))
         return results

@@ -15,7 +15,7 @@ from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import MalformedEvent, Signal, Unprocessable, as_utc, parse_iso
 from cicd.core.lifecycle import IncidentStatus, transition
-from cicd.healing.loop import KIND_OF_SIGNAL, classify, release_context  # noqa: F401 (the detector's names)
+from cicd.healing.loop import classify, release_context
 from cicd.store import Incident, Release, app_row, transaction
 
 SIGNAL_MAX_AGE_S = 30.0

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -318,7 +317,7 @@ class LocalRuntime(Runtime):
             raise RuntimeFailure(f"{app} is not deployed in {self.settings.env}")
         if kind == "crash":
             replica = self._pick(state, options.get("slot"))
-            if not process.signal_process(replica["pid"], replica.get("ticks"), signal.SIGKILL):
+            if not process.kill(replica["pid"], replica.get("ticks")):
                 raise RuntimeFailure(f"replica {replica['slot']} of {app} is not running")
             return {"kind": kind, "slot": int(replica["slot"]), "pid": replica["pid"], "signal": "SIGKILL"}
         if kind == "false-alarm":

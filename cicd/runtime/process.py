@@ -103,6 +103,20 @@ def stop_all(targets: list[tuple[int | None, int | None]], grace_s: float = 3.0)
     return len(running)
 
 
+def kill(pid: int, ticks: int | None, gone_within_s: float = 5.0) -> bool:
+    """SIGKILL the process and return once it is gone (False if it was not running).
+
+    A SIGKILLed process dies asynchronously: until its exit is done it still looks alive and may
+    still hold its socket. Waiting makes "crashed" true when this returns, so what looks next
+    (a probe, a test) sees the crash and not a process on its way out."""
+    if not signal_process(pid, ticks, signal.SIGKILL):
+        return False
+    deadline = time.monotonic() + gone_within_s
+    while is_alive(pid, ticks) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return True
+
+
 def stop(pid: int | None, ticks: int | None, grace_s: float = 3.0) -> bool:
     """SIGTERM, then SIGKILL after the grace period; True if the process was running."""
     return stop_all([(pid, ticks)], grace_s) == 1

@@ -47,9 +47,11 @@ def _sqlite_engine(url: str) -> Engine:
         # implicit BEGIN is deferred and would let two writers deadlock on upgrade).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
+        # The wait first: switching a new database to WAL takes its lock, and without a busy
+        # timeout a process that finds it taken fails at once with "database is locked".
+        cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -97,14 +99,24 @@ def engine_for(settings: Settings) -> Engine:
         engine = _engines.get(key)
         if engine is None:
             if url.startswith("sqlite:///"):
-                os.makedirs(os.path.dirname(url[len("sqlite:///"):]) or ".", exist_ok=True)
+                path = url[len("sqlite:///"):]
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 engine = _sqlite_engine(url)
+                # Processes that start together (a worker's forked pool) all create the schema:
+                # one at a time, on the writers' lock file (a lock of its own here, as this
+                # process's writer lock is not made yet).
+                fd = os.open(path + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    _create_schema(engine, url)
+                finally:
+                    os.close(fd)  # and with it the lock
             elif url.startswith("postgresql"):
                 engine = _postgresql_engine(url)
+                _create_schema(engine, url)
             else:
                 raise ConfigError(f"CICD_DATABASE_URL: {make_url(url).drivername!r} is not supported: "
                                   "use sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB")
-            _create_schema(engine, url)
             _engines[key] = engine
         return engine
 

@@ -116,10 +116,19 @@ class Chaos:
         return json.loads((self.home / "var" / "stack.json").read_text())
 
     # -- faults and kills --------------------------------------------------------------------------
-    def burst(self, count: int) -> None:
+    def burst(self, count: int, wait_s: float = 180.0) -> None:
+        """Fault `count` quiet apps at once, waiting for enough of them to be quiet: on a busy
+        machine the incidents of the last burst may not all have ended yet."""
         from cicd.runtime.sim import Fault
-        quiet = [a for a in self.apps if self.sim.fault(a) is None and not self.open_incident(a)]
-        for app in self.rng.sample(quiet, min(count, len(quiet))):
+        if count > len(self.apps):
+            raise ValueError(f"a burst of {count} needs at least {count} apps (there are {len(self.apps)})")
+        deadline = time.monotonic() + wait_s
+        while len(quiet := [a for a in self.apps if self.sim.fault(a) is None and not self.open_incident(a)]) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(quiet)} of {len(self.apps)} apps were quiet after {wait_s:.0f} s; "
+                                   f"a burst of {count} needs that many")
+            time.sleep(0.5)
+        for app in self.rng.sample(quiet, count):
             kind = self.rng.choice(["crash", "crash", "overload"])
             cause = self.rng.choice(["process", "process", "leak"]) if kind == "crash" else "traffic"
             self.sim.set_fault(app, Fault(kind, False, "high", cause))

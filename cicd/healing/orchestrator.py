@@ -7,33 +7,20 @@ the environment gate holds back waits, claimed, for a human (`cicd approve`), th
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
-from sqlalchemy import bindparam, insert, select, update
+from datetime import timedelta
 
 from cicd.core import actions, gates
 from cicd.healing import approvals, loop
 from cicd.delivery import deployer
-from cicd.store import proof
+from cicd.store import approvals as approval_rows
+from cicd.store import executions, proof
 from cicd.config import Settings, signing_key
-from cicd.core.events import Decision, as_utc, iso, parse_iso
+from cicd.core.events import Decision, iso, parse_iso
 from cicd.core.lifecycle import EXECUTION_RESUMABLE, ApprovalStatus, ExecutionStatus, IncidentStatus, transition
 from cicd.runtime.base import Runtime, RuntimeFailure
-from cicd.store import Approval, Execution, Incident, app_row, connection_of, incident_row, session_scope, transaction
+from cicd.store import app_row, connection_of, incident_row, session_scope, transaction
 
 GATE_NAMES = ("intake", "blocklist", "allowlist", "environment", "budget")
-
-
-_EXECUTIONS = Execution.__table__
-_E = _EXECUTIONS.c
-# What the budget and backoff gates count: this app's restarts and scalings that ran.
-_ACTED = select(_E.action, _E.started_at, _E.params).where(
-    _E.env == bindparam("env"), _E.app == bindparam("app"), _E.status == ExecutionStatus.DONE,
-    _E.action.in_(("restart_service", "scale_workers")))
-_CLAIM = select(_EXECUTIONS).where(_E.incident_id == bindparam("incident_id"), _E.attempt == bindparam("attempt"))
-_CLAIM_BY_ID = select(_EXECUTIONS).where(_E.id == bindparam("id"))
-_NEW_EXECUTION = insert(_EXECUTIONS)
-_SET_EXECUTION = update(_EXECUTIONS).where(_E.id == bindparam("k_id"))
 
 
 def summary(ex, **extra) -> dict:
@@ -47,10 +34,6 @@ def summary(ex, **extra) -> dict:
 def _field(raw, name: str, kind: type):
     value = raw.get(name) if isinstance(raw, dict) else None
     return value if isinstance(value, kind) and not isinstance(value, bool) else None
-
-
-def _acted(conn, env: str, app: str) -> list[tuple[str, datetime, dict]]:
-    return [(action, as_utc(at), params) for action, at, params in conn.execute(_ACTED, {"env": env, "app": app})]
 
 
 def _gate_context(settings: Settings, conn, runtime: Runtime, app_name: str | None, acted: list,
@@ -80,29 +63,19 @@ def _refuse(conn, settings: Settings, verdict: gates.Verdict, raw, decision: Dec
     # Only an authentic decision for a real incident may take the execution key: a forged one must
     # not be able to block the real decision for the same attempt.
     if verdict.gate != "intake" and decision is not None and incident is not None:
-        conn.execute(_NEW_EXECUTION, _execution_row(settings, decision, ExecutionStatus.REFUSED, gate=verdict.gate,
-                                                    reason=verdict.reason))
+        executions.add_claim(conn, settings, decision, ExecutionStatus.REFUSED, gate=verdict.gate,
+                             reason=verdict.reason)
     proof.append(conn, env, "REFUSAL_EMIT_SUCCESS", incident_id=owner, app=app, payload={"gate": verdict.gate})
     return {"env": env, "incident_id": owner, "attempt": refusal["attempt"], "app": app,
             "action": refusal["action"], "params": {}, "status": ExecutionStatus.REFUSED, "gate": verdict.gate,
             "reason": verdict.reason, "result": {}}
 
 
-def _execution_row(settings: Settings, decision: Decision, status: ExecutionStatus, **fields) -> dict:
-    """A new execution claim (with the status it is created in)."""
-    return {"env": settings.env, "app": decision.app, "incident_id": decision.incident_id, "attempt": decision.attempt,
-            "action": decision.action, "params": decision.params, "status": transition(None, status), "gate": "",
-            "reason": "", "nonce": decision.nonce, "result": {}, "started_at": settings.clock.now(),
-            "finished_at": None, **fields}
-
-
 def _hold_for_approval(conn, settings: Settings, verdict: gates.Verdict, raw: dict, decision: Decision) -> dict:
     """Claim the key and wait for a human; the incident stays open, and visible, meanwhile."""
     approval = approvals.request_action(conn, settings, raw, verdict.reason)
-    claim = _execution_row(settings, decision, ExecutionStatus.AWAITING_APPROVAL, gate=verdict.gate,
-                           reason=verdict.reason,
-                           result={"approval": approval["id"]})
-    conn.execute(_NEW_EXECUTION, claim)
+    claim = executions.add_claim(conn, settings, decision, ExecutionStatus.AWAITING_APPROVAL, gate=verdict.gate,
+                                 reason=verdict.reason, result={"approval": approval["id"]})
     return summary(claim, approval=approval["id"])
 
 
@@ -116,7 +89,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
         incident = incident_row(conn, incident_id) if incident_id else None
         if incident is not None and incident.env != env:
             incident = None
-        acted = _acted(conn, env, app_name) if app_name else []
+        acted = executions.recent_actions(conn, env, app_name) if app_name else []
         verdict, decision = gates.evaluate(raw, _gate_context(settings, conn, runtime, app_name, acted))
     names_open_incident = (incident is not None and decision is not None and incident.app == decision.app
                            and incident.status == IncidentStatus.OPEN)
@@ -129,7 +102,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
     with transaction(settings) as conn:
         claim = None
         if incident is not None and attempt is not None:
-            claim = conn.execute(_CLAIM, {"incident_id": incident_id, "attempt": attempt}).first()
+            claim = executions.claim_row(conn, incident_id, attempt)
         if claim is not None and claim.status not in EXECUTION_RESUMABLE:
             proof.append(conn, env, "EXECUTION_DEDUPLICATED", incident_id=incident_id, app=claim.app,
                          payload={"attempt": attempt, "status": claim.status})
@@ -146,12 +119,10 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
                      payload={"attempt": attempt, "action": decision.action, "params": decision.params,
                               "gates": list(GATE_NAMES)})
         if claim is None:
-            claim_id = conn.execute(_NEW_EXECUTION, _execution_row(settings, decision, ExecutionStatus.STARTED)
-                                    ).inserted_primary_key[0]
+            claim_id = executions.add_claim(conn, settings, decision, ExecutionStatus.STARTED)["id"]
         else:
             claim_id = claim.id
-            conn.execute(_SET_EXECUTION, {"k_id": claim_id,
-                                          "status": transition(claim.status, ExecutionStatus.STARTED)})
+            executions.set_status(conn, claim_id, transition(claim.status, ExecutionStatus.STARTED))
     return _act(settings, runtime, request_deploy, claim_id, decision)
 
 
@@ -161,10 +132,9 @@ def _defer(conn, settings: Settings, decision: Decision, claim, wait: float) -> 
     due = settings.clock.now() + timedelta(seconds=wait)
     result = {"due_at": iso(due)}
     if claim is None:
-        row = _execution_row(settings, decision, ExecutionStatus.DEFERRED, result=result)
-        conn.execute(_NEW_EXECUTION, row)
+        row = executions.add_claim(conn, settings, decision, ExecutionStatus.DEFERRED, result=result)
     else:
-        conn.execute(_SET_EXECUTION, {"k_id": claim.id, "result": result})
+        executions.set_result(conn, claim.id, result)
         row = {**claim._mapping, "result": result}
     proof.append(conn, settings.env, "RESTART_BACKOFF", incident_id=decision.incident_id, app=decision.app,
                  payload={"attempt": decision.attempt, "wait_s": round(wait, 3), "due_at": iso(due)})
@@ -176,13 +146,12 @@ def due_deferred(settings: Settings, resend_after_s: float = 60.0) -> list[dict]
     minute: a resend lost with a killed worker is made again)."""
     now, out = settings.clock.now(), []
     with session_scope(settings) as session:
-        for claim in session.scalars(select(Execution).where(Execution.env == settings.env,
-                                                             Execution.status == ExecutionStatus.DEFERRED)):
+        for claim in executions.deferred_claims(session, settings.env):
             result = dict(claim.result or {})
             resent = result.get("resent_at")
             if parse_iso(result["due_at"]) > now or (resent and (now - parse_iso(resent)).total_seconds() < resend_after_s):
                 continue
-            incident = session.get(Incident, claim.incident_id)
+            incident = executions.incident_of(session, claim)
             if incident is None or incident.status != IncidentStatus.OPEN \
                     or (incident.decision or {}).get("attempt") != claim.attempt:
                 continue
@@ -195,19 +164,18 @@ def execute_approved(settings: Settings, runtime: Runtime, approval_id: str, req
     """Run a decision a human approved: signature, blocklist and catalogue are checked again."""
     env = settings.env
     with session_scope(settings) as session:
-        approval = session.get(Approval, approval_id)
+        approval = approval_rows.get(session, approval_id)
         if approval is None or approval.env != env or approval.kind != "action" \
                 or approval.status != ApprovalStatus.GRANTED:
             return None
         raw = approval.payload["decision"]
-        claim = session.scalar(select(Execution).where(Execution.incident_id == approval.incident_id,
-                                                       Execution.attempt == approval.attempt))
-        incident = session.get(Incident, approval.incident_id)
+        claim = executions.get_claim(session, approval.incident_id, approval.attempt)
+        incident = executions.incident_of(session, approval)
         if claim is None or claim.status not in (ExecutionStatus.AWAITING_APPROVAL, ExecutionStatus.STARTED) \
                 or incident is None or incident.status != IncidentStatus.OPEN:
             return summary(claim, deduplicated=True) if claim else None
         conn, app_name = connection_of(session), _field(raw, "app", str)
-        acted = _acted(conn, env, app_name) if app_name else []
+        acted = executions.recent_actions(conn, env, app_name) if app_name else []
         verdict, decision = gates.evaluate(raw, _gate_context(settings, conn, runtime, app_name, acted,
                                                               approved=True))
         if not verdict.allowed:
@@ -234,9 +202,8 @@ def _act(settings: Settings, runtime: Runtime, request_deploy, claim_id: int, de
         result, status = {"error": str(exc)}, ExecutionStatus.FAILED
     transition(ExecutionStatus.STARTED, status)  # _act runs only on a claim its caller set to started
     with transaction(settings) as conn:
-        conn.execute(_SET_EXECUTION, {"k_id": claim_id, "status": status, "result": result,
-                                      "finished_at": settings.clock.now()})
+        executions.record_outcome(conn, claim_id, status, result, settings.clock.now())
         proof.append(conn, settings.env, "ORCH_EXEC", incident_id=decision.incident_id, app=decision.app,
                      payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
                               "status": status, "result": result, **extra})
-        return summary(conn.execute(_CLAIM_BY_ID, {"id": claim_id}).one())
+        return summary(executions.claim_row_by_id(conn, claim_id))

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import select
-
-from cicd.store import proof
+from cicd.store import executions, proof
 from cicd.config import Settings
 from cicd.core.events import parse_iso
-from cicd.core.lifecycle import IncidentStatus, Step, next_step
+from cicd.core.lifecycle import Step, next_step
 from cicd.delivery import deployer
 from cicd.healing.orchestrator import summary
 from cicd.runtime.base import Runtime
-from cicd.store import Execution, Incident, ProofRecord, session_scope
+from cicd.store import session_scope
 
 
 def stalled(settings: Settings) -> list[dict]:
@@ -29,16 +27,12 @@ def stalled(settings: Settings) -> list[dict]:
     cutoff = settings.clock.now() - timedelta(seconds=settings.stall_after_s)
     out = []
     with session_scope(settings) as session:
-        for incident in session.scalars(select(Incident).where(Incident.env == settings.env,
-                                                               Incident.status == IncidentStatus.OPEN)):
-            last = session.scalar(select(ProofRecord.ts).where(ProofRecord.env == settings.env,
-                                                               ProofRecord.incident_id == incident.id)
-                                  .order_by(ProofRecord.seq.desc()).limit(1))
+        for incident in executions.open_incidents(session, settings.env):
+            last = executions.last_proof_ts(session, settings.env, incident.id)
             if last is not None and parse_iso(last) > cutoff:
                 continue
             attempt = incident.attempt
-            execution = session.scalar(select(Execution).where(Execution.incident_id == incident.id,
-                                                               Execution.attempt == attempt))
+            execution = executions.get_claim(session, incident.id, attempt)
             due = next_step(incident.status, attempt, incident.decision, execution.status if execution else None)
             if due == Step.DECIDE:
                 step = {"step": due, "incident": {"env": settings.env, "incident_id": incident.id,

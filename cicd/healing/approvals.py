@@ -8,19 +8,16 @@ through the control plane the caller hands to `approve`, so this module needs no
 """
 from __future__ import annotations
 
-import secrets
-from datetime import timedelta
 from types import SimpleNamespace
 from typing import Callable, Protocol
 
-from sqlalchemy import insert, select
-
 from cicd.delivery import onboarding
-from cicd.store import proof
+from cicd.store import approvals as approval_rows
+from cicd.store import executions, proof
 from cicd.config import ENVIRONMENTS, Settings, check_env_name
 from cicd.core.events import as_utc, iso, utcnow
-from cicd.core.lifecycle import ApprovalStatus, ExecutionStatus, IncidentStatus, ReleaseStatus, transition
-from cicd.store import Approval, Execution, Incident, Release, connection_of, get_app, session_scope
+from cicd.core.lifecycle import ApprovalStatus, ExecutionStatus, IncidentStatus, transition
+from cicd.store import Approval, get_app, session_scope
 from cicd.errors import CicdError
 
 
@@ -50,17 +47,11 @@ def as_dict(a, now=None) -> dict:
 def _new(tx, settings: Settings, kind: str, app: str, payload: dict, summary: str, requested_by: str,
          incident_id: str | None = None, attempt: int | None = None) -> dict:
     """Inside the caller's transaction (an ORM session or a Core connection): the request, as_dict."""
-    now = settings.clock.now()
-    row = {"id": f"apr-{settings.env}-{secrets.token_hex(4)}", "env": settings.env, "kind": kind, "app": app,
-           "incident_id": incident_id, "attempt": attempt, "payload": payload, "summary": summary,
-           "status": transition(None, ApprovalStatus.PENDING), "requested_by": requested_by, "requested_at": now,
-           "expires_at": now + timedelta(seconds=settings.approval_ttl_s), "decided_by": None, "decided_at": None,
-           "reason": ""}
-    connection_of(tx).execute(insert(Approval.__table__), row)
+    row = approval_rows.add(tx, settings, kind, app, payload, summary, requested_by, incident_id, attempt)
     proof.append(tx, settings.env, "APPROVAL_REQUESTED", incident_id=incident_id, app=app,
                  payload={"approval": row["id"], "kind": kind, "summary": summary, "requested_by": requested_by,
                           "expires_at": iso(row["expires_at"])})
-    return as_dict(SimpleNamespace(**row), now)
+    return as_dict(SimpleNamespace(**row), row["requested_at"])
 
 
 def request_action(tx, settings: Settings, decision: dict, why: str) -> dict:
@@ -79,8 +70,7 @@ def request_promotion(target: Settings, source: Settings, app: str, requested_by
         record = get_app(session, source.env, app)
         if record is None:
             raise ApprovalError(f"{app} is not onboarded in {source.env}")
-        live = session.scalar(select(Release).where(Release.env == source.env, Release.app == app,
-                                                     Release.status == ReleaseStatus.LIVE))
+        live = approval_rows.live_release(session, source.env, app)
         if live is None or not live.sha:
             raise ApprovalError(f"{app} has no live release in {source.env} to promote")
         spec = {**record.spec, "env": target.env}
@@ -92,17 +82,14 @@ def request_promotion(target: Settings, source: Settings, app: str, requested_by
 
 def pending(settings: Settings, include_decided: bool = False) -> list[dict]:
     with session_scope(settings) as session:
-        query = select(Approval).where(Approval.env == settings.env)
-        if not include_decided:
-            query = query.where(Approval.status == ApprovalStatus.PENDING)
         now = settings.clock.now()
-        return [as_dict(a, now) for a in session.scalars(query.order_by(Approval.requested_at))]
+        return [as_dict(a, now) for a in approval_rows.listing(session, settings.env, include_decided)]
 
 
 def _answer(session, settings: Settings, approval_id: str, status: ApprovalStatus, who: str,
             reason: str) -> Approval:
     """Record the answer to a pending, unexpired request, with who answered and why."""
-    approval = session.get(Approval, approval_id, with_for_update=True)
+    approval = approval_rows.get(session, approval_id, lock=True)
     if approval is None or approval.env != settings.env:
         raise ApprovalError(f"no approval {approval_id} in {settings.env}")
     if approval.status != ApprovalStatus.PENDING:
@@ -174,10 +161,7 @@ def expire_due(settings: Settings) -> list[str]:
     """Housekeeping: pending requests past their time become expired; held actions escalate."""
     expired = []
     with session_scope(settings) as session:
-        due = session.scalars(select(Approval).where(Approval.env == settings.env,
-                                                     Approval.status == ApprovalStatus.PENDING,
-                                                     Approval.expires_at <= settings.clock.now())).all()
-        for approval in due:
+        for approval in approval_rows.expired(session, settings.env, settings.clock.now()):
             approval.status = transition(approval.status, ApprovalStatus.EXPIRED)
             proof.append(session, settings.env, "APPROVAL_EXPIRED", incident_id=approval.incident_id, app=approval.app,
                          payload={"approval": approval.id, "kind": approval.kind, "summary": approval.summary})
@@ -190,11 +174,10 @@ def expire_due(settings: Settings) -> list[str]:
 
 def _close_held_incident(session, settings: Settings, approval: Approval, status: IncidentStatus, event: str,
                          why: str) -> None:
-    incident = session.get(Incident, approval.incident_id)
+    incident = executions.incident_of(session, approval)
     if incident is None or incident.status != IncidentStatus.OPEN:
         return
-    execution = session.scalar(select(Execution).where(Execution.incident_id == incident.id,
-                                                       Execution.attempt == approval.attempt))
+    execution = executions.get_claim(session, incident.id, approval.attempt)
     if execution is not None:
         execution.status, execution.reason = transition(execution.status, ExecutionStatus.REFUSED), why
     now = settings.clock.now()

@@ -8,31 +8,18 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import bindparam, func, insert, select
-from sqlalchemy.exc import IntegrityError
-
-from cicd.store import proof
+from cicd.store import incidents, proof
 from cicd.config import Settings
 from cicd.core.events import MalformedEvent, Signal, Unprocessable, as_utc, parse_iso
-from cicd.core.lifecycle import IncidentStatus, transition
 from cicd.healing.loop import classify, release_context
-from cicd.store import Incident, Release, app_row, transaction
+from cicd.store import app_row, transaction
 
 SIGNAL_MAX_AGE_S = 30.0
 
 
-_RELEASES = (select(Release.__table__).where(Release.env == bindparam("env"), Release.app == bindparam("app"))
-             .order_by(Release.number.desc()))
-_LAST_CLOSED = select(func.max(Incident.closed_at)).where(Incident.env == bindparam("env"),
-                                                          Incident.app == bindparam("app"),
-                                                          Incident.status != IncidentStatus.OPEN)
-_OPEN_INCIDENT = select(Incident.id).where(Incident.open_key == bindparam("open_key"))
-_NEW_INCIDENT = insert(Incident.__table__)
-
-
 def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) -> dict:
     """What the policy needs to know beyond the signal, read from the releases."""
-    releases = conn.execute(_RELEASES, {"env": settings.env, "app": signal.app}).all()
+    releases = incidents.releases_newest_first(conn, settings.env, signal.app)
     return release_context(settings, kind, signal, spec, releases)
 
 
@@ -47,7 +34,6 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
         raise Unprocessable(f"malformed signal: {exc}") from None
     if signal.env != env:
         raise Unprocessable(f"malformed signal: env: signal is for {signal.env!r}, this detector serves {env!r}")
-    open_key = f"{env}/{signal.app}"
     # Judge the signal without the write lock; only opening the incident needs it.
     with transaction(settings, readonly=True) as conn:
         app = app_row(conn, env, signal.app)
@@ -56,26 +42,21 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
         observed = parse_iso(signal.observed_at)
         if settings.clock.now() - observed > timedelta(seconds=SIGNAL_MAX_AGE_S):
             return None  # stale: the next probe reports what is true now
-        last_closed = conn.execute(_LAST_CLOSED, {"env": env, "app": signal.app}).scalar()
+        last_closed = incidents.last_closed_at(conn, env, signal.app)
         if last_closed is not None and as_utc(last_closed) >= observed:
             return None  # seen before the last incident of this app was resolved: it is about the past
         if app.attention:
             return None  # a human was called for this app; do not loop on it until it is healthy
-        if conn.execute(_OPEN_INCIDENT, {"open_key": open_key}).first():
+        if incidents.has_open(conn, env, signal.app):
             return None  # already being healed
         kind, severity = classify(signal)
         context = context_of(conn, settings, kind, signal, app.spec)
     incident_id = f"inc-{secrets.token_hex(6)}"
     try:
         with transaction(settings) as conn:
-            conn.execute(_NEW_INCIDENT, {
-                "id": incident_id, "env": env, "app": signal.app, "kind": kind, "severity": severity,
-                "status": transition(None, IncidentStatus.OPEN), "attempt": 1,
-                "slot": signal.slots[0] if signal.slots else 0,
-                "signal": signal.to_dict(), "context": context, "resolution": "", "decision": None,
-                "open_key": open_key, "opened_at": settings.clock.now()})
+            incidents.insert_open(conn, incident_id, env, signal, kind, severity, context, settings.clock.now())
             proof.append(conn, env, "INCIDENT_DETECTED", incident_id=incident_id, app=signal.app,
                          payload={"kind": kind, "severity": severity, "signal": signal.to_dict(), "context": context})
-    except IntegrityError:
+    except incidents.AlreadyOpen:
         return None  # an incident is already open for this app (the open key is unique)
     return {"env": env, "incident_id": incident_id, "attempt": 1}

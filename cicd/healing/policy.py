@@ -17,16 +17,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from sqlalchemy import bindparam, delete, func, insert, select, update
-from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session
 
 from cicd.core import actions, signing
-from cicd.store import proof
+from cicd.store import policy_values, proof
 from cicd.config import Settings, signing_key
 from cicd.core.events import INCIDENT_KINDS, SEVERITIES, Decision, iso, utcnow
 from cicd.core.lifecycle import IncidentStatus, Outcome
-from cicd.store import Incident, PolicyValue, app_row, connection_of, incident_row, transaction, update_incident
+from cicd.store import Incident, app_row, incident_row, transaction, update_incident
 
 MAX_ATTEMPT = 3            # attempts 3, 4, ... share one state: "still failing after two tries"
 ALPHA, GAMMA = 0.2, 0.9
@@ -105,35 +102,24 @@ def prior_table() -> np.ndarray:
 
 
 _tables: dict = {}
-_POLICY = PolicyValue.__table__
-_FINGERPRINT = (select(func.count(), func.max(_POLICY.c.updated_at), func.sum(_POLICY.c.updates))
-                .where(_POLICY.c.env == bindparam("env")))
-_VALUE = (select(_POLICY.c.q, _POLICY.c.updates)
-          .where(_POLICY.c.env == bindparam("env"), _POLICY.c.state == bindparam("state"),
-                 _POLICY.c.action == bindparam("action")).with_for_update())
-_SET_VALUE = (update(_POLICY).where(_POLICY.c.env == bindparam("k_env"), _POLICY.c.state == bindparam("k_state"),
-                                    _POLICY.c.action == bindparam("k_action"))
-              .values(q=bindparam("q"), updates=bindparam("updates"), updated_at=bindparam("updated_at")))
 
 
-def load_table(tx: Session | Connection, env: str) -> np.ndarray:
+def load_table(tx: policy_values.Transaction, env: str) -> np.ndarray:
     """Priors overlaid with what this environment has learned (a read-only copy, cached while
     nothing has been learned since: one small query instead of every row, on every decision)."""
-    conn = connection_of(tx)
-    fingerprint = conn.execute(_FINGERPRINT, {"env": env}).one()
-    key = (env, conn.engine.url.render_as_string(hide_password=True), tuple(fingerprint))
+    key = (env, *policy_values.version(tx, env))
     cached = _tables.get(key)
     if cached is None:
-        cached = _build_table(conn, env)
+        cached = _build_table(tx, env)
         cached.setflags(write=False)
         _tables.clear()  # one table per environment and process is enough
         _tables[key] = cached
     return cached
 
 
-def _build_table(conn: Connection, env: str) -> np.ndarray:
+def _build_table(tx: policy_values.Transaction, env: str) -> np.ndarray:
     table = prior_table()
-    for row in conn.execute(select(_POLICY.c.state, _POLICY.c.action, _POLICY.c.q).where(_POLICY.c.env == env)):
+    for row in policy_values.learned(tx, env):
         try:
             state = State.from_key(row.state)
             table[state.index + (actions.ACTIONS.index(row.action),)] = row.q
@@ -285,41 +271,32 @@ def q_update(old: float, r: float, future: float, alpha: float = ALPHA) -> float
     return old + alpha * (r + GAMMA * future - old)
 
 
-def store_table(session: Session, env: str, table: np.ndarray, visits: np.ndarray, replace: bool = False) -> int:
+def store_table(session, env: str, table: np.ndarray, visits: np.ndarray, replace: bool = False) -> int:
     """Write every state-action a training run visited (after forgetting everything learned, if
-    replace); returns how many rows were written."""
+    replace) in the session; returns how many rows were written."""
     if replace:
-        session.execute(delete(PolicyValue).where(PolicyValue.env == env))
+        policy_values.forget(session, env)
     written = 0
     for index in zip(*np.nonzero(visits)):
         k, sev, attempt, fresh, a = (int(i) for i in index)
         state = State.of(INCIDENT_KINDS[k], SEVERITIES[sev], attempt + 1, bool(fresh))
-        action = actions.ACTIONS[a]
-        row = session.get(PolicyValue, (env, state.key, action), with_for_update=True)
-        if row is None:
-            row = PolicyValue(env=env, state=state.key, action=action, q=0.0, updates=0)
-            session.add(row)
-        row.q, row.updates, row.updated_at = float(table[index]), row.updates + int(visits[index]), utcnow()
+        policy_values.save_trained(session, env, state.key, actions.ACTIONS[a], float(table[index]),
+                                   int(visits[index]), utcnow())
         written += 1
     return written
 
 
-def learn(settings: Settings, tx: Session | Connection, state: State, action: str, r: float,
+def learn(settings: Settings, tx: policy_values.Transaction, state: State, action: str, r: float,
           next_state: State | None) -> dict:
     """One Q update, read-modify-write under the row lock, so concurrent learners lose nothing."""
     if settings.policy_mode == "greedy":
         return {"applied": False, "why": "stage policy is frozen (deterministic)"}
-    env, conn = settings.env, connection_of(tx)
-    row = conn.execute(_VALUE, {"env": env, "state": state.key, "action": action}).first()
+    env = settings.env
+    row = policy_values.locked_value(tx, env, state.key, action)
     old = row.q if row else float(prior_table()[state.index + (actions.ACTIONS.index(action),)])
-    future = float(np.max(load_table(conn, env)[next_state.index])) if next_state is not None else 0.0
+    future = float(np.max(load_table(tx, env)[next_state.index])) if next_state is not None else 0.0
     new = q_update(old, r, future)
-    if row is None:
-        conn.execute(insert(_POLICY), {"env": env, "state": state.key, "action": action, "q": new, "updates": 1,
-                                       "updated_at": settings.clock.now()})
-    else:
-        conn.execute(_SET_VALUE, {"k_env": env, "k_state": state.key, "k_action": action, "q": new,
-                                  "updates": row.updates + 1, "updated_at": settings.clock.now()})
+    policy_values.save_learned(tx, env, state.key, action, new, settings.clock.now(), previous=row)
     return {"applied": True, "old_q": round(old, 6), "new_q": round(new, 6), "target": round(r + GAMMA * future, 6)}
 
 

@@ -7,34 +7,23 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import bindparam, select, update
-
-from cicd.store import proof
+from cicd.store import incidents, proof
 from cicd.config import Settings
 from cicd.core.events import as_utc, parse_iso
-from cicd.core.lifecycle import EXECUTION_WAITING, AttemptEnd, ExecutionStatus, IncidentStatus, Outcome, transition
+from cicd.core.lifecycle import EXECUTION_WAITING, AttemptEnd, ExecutionStatus, IncidentStatus, Outcome
 from cicd.healing.loop import attempt_outcome, is_stable, release_result, verify_timeout_s
 from cicd.runtime.base import Runtime
-from cicd.store import App, Execution, Release, app_row, incident_row, transaction, update_incident
-
-
-_RELEASES = Release.__table__
-_RELEASE_OF_REQUEST = select(_RELEASES).where(_RELEASES.c.request_id == bindparam("request_id"))
-_RELEASE_NUMBER = select(_RELEASES).where(_RELEASES.c.env == bindparam("env"), _RELEASES.c.app == bindparam("app"),
-                                          _RELEASES.c.number == bindparam("number"))
-_CALL_A_HUMAN = (update(App.__table__).where(App.__table__.c.env == bindparam("k_env"),
-                                             App.__table__.c.name == bindparam("k_name"))
-                 .values(attention=bindparam("attention")))
+from cicd.store import app_row, incident_row, transaction, update_incident
 
 
 def _awaited_release(conn, execution: dict, incident):
     """The release this attempt's outcome depends on: (True, release row or None) or (False, None)."""
     result = execution.get("result") or {}
     if result.get("effect") == "deploy_requested":
-        return True, conn.execute(_RELEASE_OF_REQUEST, {"request_id": result["request_id"]}).first()
+        return True, incidents.release_of_request(conn, result["request_id"])
     if incident.kind == "slow_deploy" and execution.get("action") == "noop":
         number = (incident.context or {}).get("release")
-        return True, conn.execute(_RELEASE_NUMBER, {"env": incident.env, "app": incident.app, "number": number}).first()
+        return True, incidents.release_numbered(conn, incident.env, incident.app, number)
     return False, None
 
 
@@ -97,14 +86,16 @@ def conclude(settings: Settings, execution: dict, result: Outcome, detail: str =
         ending = attempt_outcome(settings, result, attempt, execution.get("gate") or "")
         if ending == AttemptEnd.STABLE:
             outcome["time_to_recover_s"] = ttr
-            _close(conn, incident, IncidentStatus.STABLE, f"recovered by {outcome['action']} on attempt {attempt}", now)
+            incidents.close(conn, incident, IncidentStatus.STABLE,
+                            f"recovered by {outcome['action']} on attempt {attempt}", now)
             proof.append(conn, env, "SYSTEM_STABLE", incident_id=incident.id, app=incident.app,
                          payload={**base, "time_to_recover_s": ttr})
         elif result == Outcome.REFUSED:
             over_budget = ending == AttemptEnd.ESCALATE
             why = f"{outcome['action'] or 'decision'} refused by the {execution.get('gate')} gate: {execution.get('reason')}"
-            _close(conn, incident, IncidentStatus.ESCALATED if over_budget else IncidentStatus.REFUSED, why, now)
-            _call_a_human(conn, env, incident.app, why)
+            incidents.close(conn, incident, IncidentStatus.ESCALATED if over_budget else IncidentStatus.REFUSED,
+                            why, now)
+            incidents.set_attention(conn, env, incident.app, why)
             proof.append(conn, env, "ESCALATED" if over_budget else "INCIDENT_REFUSED",
                          incident_id=incident.id, app=incident.app, payload={**base, "reason": why})
         elif ending == AttemptEnd.NEXT_ATTEMPT:
@@ -114,24 +105,8 @@ def conclude(settings: Settings, execution: dict, result: Outcome, detail: str =
                          payload={**base, "detail": detail, "next_attempt": attempt + 1})
         else:
             why = f"not recovered after {attempt} attempts; last: {outcome['action']} ({detail})"
-            _close(conn, incident, IncidentStatus.ESCALATED, why, now)
-            _call_a_human(conn, env, incident.app, why)
+            incidents.close(conn, incident, IncidentStatus.ESCALATED, why, now)
+            incidents.set_attention(conn, env, incident.app, why)
             proof.append(conn, env, "ESCALATED", incident_id=incident.id, app=incident.app,
-                         payload={**base, "reason": why, "history": _history(conn, incident)})
+                         payload={**base, "reason": why, "history": incidents.attempt_history(conn, incident.id)})
         return outcome
-
-
-def _close(conn, incident, status: IncidentStatus, resolution: str, now) -> None:
-    update_incident(conn, incident.id, status=transition(incident.status, status), resolution=resolution,
-                    closed_at=now, open_key=None)
-
-
-def _call_a_human(conn, env: str, app_name: str, why: str) -> None:
-    conn.execute(_CALL_A_HUMAN, {"k_env": env, "k_name": app_name, "attention": why[:200]})
-
-
-def _history(conn, incident) -> list[dict]:
-    e = Execution.__table__.c
-    rows = conn.execute(select(e.attempt, e.action, e.status, e.reason).where(e.incident_id == incident.id)
-                        .order_by(e.attempt))
-    return [{"attempt": r.attempt, "action": r.action, "status": r.status, "reason": r.reason} for r in rows]

@@ -11,15 +11,13 @@ from __future__ import annotations
 import shutil
 from datetime import timedelta
 
-from sqlalchemy import func, select
-
 from cicd.delivery import gitsource
-from cicd.store import proof
+from cicd.store import proof, releases
 from cicd.config import Settings
 from cicd.core.events import as_utc, iso, parse_iso
 from cicd.core.lifecycle import DEPLOY_ALLOWANCE_S, RELEASE_CLAIMABLE, RELEASE_UNDER_WAY, ReleaseStatus, transition
 from cicd.runtime.base import Runtime, RuntimeFailure
-from cicd.store import DeployLock, Release, get_app, session_scope
+from cicd.store import Release, get_app, session_scope
 
 LOCK_TTL_S = 60.0
 # A release under way that nobody moves is given up (by the reconciler) once it is this much past
@@ -41,23 +39,6 @@ def _state(release: Release, **extra) -> dict:
             "ref": release.ref, "sha": release.sha, "started_at": iso(release.started_at), **extra}
 
 
-def _take_lock(session, env: str, app: str, holder: str, now) -> bool:
-    lock = session.get(DeployLock, (env, app), with_for_update=True)
-    if lock is not None and lock.holder != holder and as_utc(lock.expires_at) > now:
-        return False
-    if lock is None:
-        lock = DeployLock(env=env, app=app, holder=holder, expires_at=now)
-        session.add(lock)
-    lock.holder, lock.expires_at = holder, now + timedelta(seconds=LOCK_TTL_S)
-    return True
-
-
-def _drop_lock(session, env: str, app: str, holder: str) -> None:
-    lock = session.get(DeployLock, (env, app), with_for_update=True)
-    if lock is not None and lock.holder == holder:
-        session.delete(lock)
-
-
 def mirror_path(settings: Settings, app: str):
     return settings.env_dir / "repos" / f"{app}.git"
 
@@ -71,20 +52,19 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
         raise DeployError(f"kind {kind!r}: must be one of {', '.join(KINDS)}")
     gitsource.check_ref(ref)
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.request_id == request_id))
+        release = releases.by_request(session, request_id)
         if release is not None and release.status != ReleaseStatus.FETCHING:
             return _state(release)
         app = get_app(session, env, app_name)
         if app is None:
             raise DeployError(f"app {app_name!r} is not onboarded in {env}")
-        if not _take_lock(session, env, app_name, request_id, settings.clock.now()):
+        if not releases.take_lock(session, env, app_name, request_id, settings.clock.now(), LOCK_TTL_S):
             return {"app": app_name, "status": "busy"}
         if release is None:
-            number = (session.scalar(select(func.max(Release.number)).where(
-                Release.env == env, Release.app == app_name)) or 0) + 1
-            release = Release(env=env, app=app_name, number=number, status=transition(None, ReleaseStatus.FETCHING),
-                              kind=kind, ref=ref, sha=sha, replicas=app.spec["replicas"], request_id=request_id)
-            session.add(release)
+            number = (releases.newest_number(session, env, app_name) or 0) + 1
+            release = releases.add(session, env=env, app=app_name, number=number,
+                                   status=transition(None, ReleaseStatus.FETCHING), kind=kind, ref=ref, sha=sha,
+                                   replicas=app.spec["replicas"], request_id=request_id)
             proof.append(session, env, "DEPLOY_STARTED", app=app_name,
                          payload={"release": number, "ref": ref, "kind": kind, "reason": reason,
                                   "replicas": app.spec["replicas"]})
@@ -104,13 +84,13 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
     except gitsource.SourceError as exc:
         return finish(settings, runtime, app_name, number, ok=False, detail=f"fetch: {exc}", stage="fetch")
     with session_scope(settings) as session:
-        session.scalar(select(Release).where(Release.request_id == request_id)).sha = sha
+        releases.by_request(session, request_id).sha = sha
     try:
         staged = runtime.stage_release(spec, number, incoming)
     except RuntimeFailure as exc:
         return finish(settings, runtime, app_name, number, ok=False, detail=str(exc), stage="build")
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.request_id == request_id).with_for_update())
+        release = releases.by_request(session, request_id, for_update=True)
         concluded = release.status != ReleaseStatus.FETCHING
         if not concluded:
             release.status = transition(release.status, ReleaseStatus.STARTING)
@@ -129,11 +109,11 @@ def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, start
     env = settings.env
     now = settings.clock.now()
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
-                                                        Release.number == number))
+        release = releases.get(session, env, app_name, number)
         if release is None or release.status != ReleaseStatus.STARTING:
             return (_state(release) if release else {"app": app_name, "release": number, "status": "unknown"}), None
-        _take_lock(session, env, app_name, release.request_id, settings.clock.now())  # renew the lease while we work
+        # Renew the lease while we work.
+        releases.take_lock(session, env, app_name, release.request_id, settings.clock.now(), LOCK_TTL_S)
         wanted, kind = release.replicas, release.kind
         deadline = get_app(session, env, app_name).spec["health_deadline_s"]
         slow_due = (kind in SIGNALLING_KINDS and not release.slow_signalled
@@ -166,20 +146,18 @@ def _claim(settings: Settings, app_name: str, number: int, giving_up: str = "") 
     The switch renews the lease, so a reconciler leaves it alone while it runs; and it records
     why a release is being given up, so one that finds it stuck there finishes it the same way."""
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.env == settings.env, Release.app == app_name,
-                                                        Release.number == number).with_for_update())
+        release = releases.get(session, settings.env, app_name, number, for_update=True)
         if release is None or release.status not in RELEASE_CLAIMABLE:
             return None
         release.status = transition(release.status, ReleaseStatus.SWITCHING)
         release.detail = giving_up
-        _take_lock(session, settings.env, app_name, release.request_id, settings.clock.now())
+        releases.take_lock(session, settings.env, app_name, release.request_id, settings.clock.now(), LOCK_TTL_S)
         return release
 
 
 def release_info(settings: Settings, app_name: str, number: int) -> dict | None:
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.env == settings.env, Release.app == app_name,
-                                                        Release.number == number))
+        release = releases.get(session, settings.env, app_name, number)
         return _state(release) if release else None
 
 
@@ -203,8 +181,7 @@ def _conclude(settings: Settings, runtime: Runtime, app_name: str, number: int, 
     env = settings.env
     switched = runtime.activate_release(app_name, number) if ok else runtime.discard_release(app_name, number)
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
-                                                        Release.number == number).with_for_update())
+        release = releases.get(session, env, app_name, number, for_update=True)
         if release.status != ReleaseStatus.SWITCHING:
             # Concluded meanwhile by whoever else held the switch (a worker thought dead came
             # back): its record stands, and the runtime calls above were the same, idempotent ones.
@@ -212,9 +189,7 @@ def _conclude(settings: Settings, runtime: Runtime, app_name: str, number: int, 
         release.status = transition(release.status, ReleaseStatus.LIVE if ok else ReleaseStatus.FAILED)
         release.detail, release.finished_at = detail, settings.clock.now()
         seconds = round((release.finished_at - as_utc(release.started_at)).total_seconds(), 3)
-        live = session.scalars(select(Release).where(Release.env == env, Release.app == app_name,
-                                                     Release.status == ReleaseStatus.LIVE,
-                                                     Release.number != number)).all()
+        live = releases.live_besides(session, env, app_name, number)
         if ok:
             for older in live:
                 # A rollback replaces a release that went bad; any other deploy just supersedes it.
@@ -234,7 +209,7 @@ def _conclude(settings: Settings, runtime: Runtime, app_name: str, number: int, 
                 proof.append(session, env, "ROLLBACK", app=app_name,
                              payload={"failed_release": number, "serving_release": live[0].number,
                                       "detail": "the failed release never took traffic; the live release keeps serving"})
-        _drop_lock(session, env, app_name, release.request_id)
+        releases.drop_lock(session, env, app_name, release.request_id)
         state = _state(release, detail=detail, seconds=seconds)
     if not ok and release.kind in SIGNALLING_KINDS:
         state["signal"] = deploy_signal(settings, app_name, "deploy_failed", number, f"{stage}: {detail}")
@@ -260,19 +235,12 @@ def scale(settings: Settings, runtime: Runtime, app_name: str, replicas: int, re
 
 
 # -- releases nobody moves (the reconciler's part) -------------------------------------------------
-def _lease_lapsed(session, release: Release, now) -> bool:
-    """Nobody works on this release: its deploy's lease is gone, taken by another deploy, or run out."""
-    lock = session.get(DeployLock, (release.env, release.app))
-    return lock is None or lock.holder != release.request_id or as_utc(lock.expires_at) <= now
-
-
 def unattended(settings: Settings) -> list[tuple[str, int]]:
     """(app, number) of every release under way whose deploy's lease has lapsed."""
     now = settings.clock.now()
     with session_scope(settings, readonly=True) as session:
-        under_way = session.scalars(select(Release).where(Release.env == settings.env,
-                                                          Release.status.in_(RELEASE_UNDER_WAY))).all()
-        return [(r.app, r.number) for r in under_way if _lease_lapsed(session, r, now)]
+        return [(r.app, r.number) for r in releases.under_way(session, settings.env)
+                if releases.lease_lapsed(session, r, now)]
 
 
 def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> dict | None:
@@ -288,14 +256,13 @@ def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> 
     env = settings.env
     now = settings.clock.now()
     with session_scope(settings, readonly=True) as session:
-        release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
-                                                        Release.number == number))
-        if release is None or release.status not in RELEASE_UNDER_WAY or not _lease_lapsed(session, release, now):
+        release = releases.get(session, env, app_name, number)
+        if release is None or release.status not in RELEASE_UNDER_WAY or not releases.lease_lapsed(session, release, now):
             return None
         found, giving_up, wanted = release.status, release.detail, release.replicas
         deadline = get_app(session, env, app_name).spec["health_deadline_s"]
         overdue = now - as_utc(release.started_at) > timedelta(seconds=deadline + DEPLOY_ALLOWANCE_S)
-        newer = session.scalar(select(func.max(Release.number)).where(Release.env == env, Release.app == app_name))
+        newer = releases.newest_number(session, env, app_name)
     served = runtime.live_release(app_name) == number
     statuses = [] if served else runtime.probe_release(app_name, number)
     healthy = bool(statuses) and len(statuses) >= wanted and all(s.healthy for s in statuses)
@@ -313,13 +280,13 @@ def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> 
     else:
         return None  # not healthy yet, but still within its deadline: its gate may yet come back
     with session_scope(settings) as session:
-        release = session.scalar(select(Release).where(Release.env == env, Release.app == app_name,
-                                                        Release.number == number).with_for_update())
-        if release.status != found or not _lease_lapsed(session, release, settings.clock.now()):
+        release = releases.get(session, env, app_name, number, for_update=True)
+        if release.status != found or not releases.lease_lapsed(session, release, settings.clock.now()):
             return None  # its deploy came back to it meanwhile
         if release.status != ReleaseStatus.SWITCHING:
             release.status = transition(release.status, ReleaseStatus.SWITCHING)
-        _take_lock(session, env, app_name, release.request_id, settings.clock.now())  # the switch is ours now, under its key
+        # The switch is ours now, under its key.
+        releases.take_lock(session, env, app_name, release.request_id, settings.clock.now(), LOCK_TTL_S)
         proof.append(session, env, "RELEASE_RESUMED", app=app_name,
                      payload={"release": number, "found": found,
                               "becomes": ReleaseStatus.LIVE if ok else ReleaseStatus.FAILED,

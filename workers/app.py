@@ -10,11 +10,11 @@ from celery import Celery, Task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy.exc import OperationalError as DatabaseError
 
 import celeryconfig
 from cicd import store
 from cicd.store import deadletters
+from cicd.store.errors import DatabaseError
 from cicd.config import Settings
 from cicd.core.events import Unprocessable
 from cicd.runtime import Runtime, make_runtime

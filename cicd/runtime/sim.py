@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from cicd.core.lifecycle import ReleaseStatus
 from cicd.core.names import is_app_name
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
+from cicd.store import sim_states, transaction
 
 
 @dataclass(frozen=True)
@@ -380,67 +381,39 @@ class SharedSimRuntime(SimRuntime):
         self.fleet_settings = replace(settings, database_url_override=f"sqlite:///{settings.env_dir / 'sim-fleet.db'}")
 
     def _load(self, app: str) -> SimApp | None:
-        from cicd.store import transaction
         with transaction(self.fleet_settings, readonly=True) as conn:
-            state = conn.execute(_SIM_STATE, {"env": self.settings.env, "app": app}).scalar()
+            state = sim_states.state_of(conn, self.settings.env, app)
         return SimApp.from_dict(state) if state is not None else None
 
     def _load_all(self, apps: list[str]) -> dict[str, SimApp]:
-        from cicd.store import transaction
         with transaction(self.fleet_settings, readonly=True) as conn:
-            if len(apps) <= 500:  # a few apps (verification): only their rows; a probe cycle: all of them
-                rows = conn.execute(_SIM_STATES_OF, {"env": self.settings.env, "apps": list(apps)}).all()
-            else:
-                rows = conn.execute(_SIM_STATES, {"env": self.settings.env}).all()
-        wanted = set(apps)
-        return {app: SimApp.from_dict(state) for app, state in rows if app in wanted}
+            states = sim_states.states_of(conn, self.settings.env, apps)
+        return {app: SimApp.from_dict(state) for app, state in states.items()}
 
     @contextlib.contextmanager
     def _edit(self, app: str):
         # One transaction (on SQLite: the write lock) around read, change and write back.
-        from cicd.store import transaction
-        key = {"env": self.settings.env, "app": app}
+        env = self.settings.env
         with transaction(self.fleet_settings) as conn:
-            state = conn.execute(_SIM_STATE_FOR_UPDATE, key).scalar()
+            state = sim_states.state_for_update(conn, env, app)
             if state is None:
                 raise RuntimeFailure(f"{app} is not deployed in the simulated fleet")
             sim = SimApp.from_dict(state)
             yield sim
-            conn.execute(_SIM_SAVE, {"k_env": key["env"], "k_app": app, "state": sim.to_dict()})
+            sim_states.save(conn, env, app, sim.to_dict())
 
     def _store(self, app: str, sim: SimApp | None) -> None:
-        from cicd.store import SimAppState, transaction
-        table, key = SimAppState.__table__, {"env": self.settings.env, "app": app}
+        env = self.settings.env
         with transaction(self.fleet_settings) as conn:
-            exists = conn.execute(_SIM_STATE_FOR_UPDATE, key).scalar() is not None
+            exists = sim_states.state_for_update(conn, env, app) is not None
             if sim is None:
                 if exists:
-                    conn.execute(table.delete().where(table.c.env == key["env"], table.c.app == app))
+                    sim_states.remove(conn, env, app)
             elif exists:
-                conn.execute(_SIM_SAVE, {"k_env": key["env"], "k_app": app, "state": sim.to_dict()})
+                sim_states.save(conn, env, app, sim.to_dict())
             else:
-                conn.execute(table.insert(), {**key, "state": sim.to_dict()})
+                sim_states.add(conn, env, app, sim.to_dict())
 
     def apps(self) -> list[str]:
-        from cicd.store import transaction
         with transaction(self.fleet_settings, readonly=True) as conn:
-            return sorted(conn.execute(_SIM_APPS, {"env": self.settings.env}).scalars())
-
-
-def _statements():
-    """The shared fleet's statements, built once (the store imports this module's users)."""
-    from sqlalchemy import bindparam, select, update
-
-    from cicd.store import SimAppState
-    t = SimAppState.__table__
-    mine = t.c.env == bindparam("env")
-    return (select(t.c.state).where(mine, t.c.app == bindparam("app")),
-            select(t.c.state).where(mine, t.c.app == bindparam("app")).with_for_update(),
-            select(t.c.app, t.c.state).where(mine, t.c.app.in_(bindparam("apps", expanding=True))),
-            select(t.c.app, t.c.state).where(mine),
-            select(t.c.app).where(mine),
-            # (an UPDATE's own columns may not name a WHERE parameter: hence k_env, k_app)
-            update(t).where(t.c.env == bindparam("k_env"), t.c.app == bindparam("k_app")).values(state=bindparam("state")))
-
-
-_SIM_STATE, _SIM_STATE_FOR_UPDATE, _SIM_STATES_OF, _SIM_STATES, _SIM_APPS, _SIM_SAVE = _statements()
+            return sorted(sim_states.app_names(conn, self.settings.env))

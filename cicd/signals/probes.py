@@ -13,22 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, delete, insert, select, update
-
 from cicd.config import Settings
-from cicd.core.lifecycle import IncidentStatus
 from cicd.healing.loop import FAILING, GONE, mean_utilization, replica_signal
 from cicd.runtime.base import ReplicaStatus, Runtime
-from cicd.store import App, AppHealth, Incident, ReplicaHealth, session_scope
-
-_HEALTH = AppHealth.__table__
-# One prebuilt UPDATE run as executemany: the ORM's bulk update spent more time collecting
-# per-row commands than SQLite spent on the rows (0.37 of 1.1 s per cycle at 10,000 apps).
-_UPDATE_HEALTH = (update(_HEALTH)
-                  .where(_HEALTH.c.env == bindparam("k_env"), _HEALTH.c.app == bindparam("k_app"))
-                  .values({column: bindparam(column) for column in
-                           ("probes", "up_probes", "healthy_replicas", "replicas", "utilization",
-                            "consecutive_hot", "consecutive_cold", "last_probe_at")}))
+from cicd.store import health, session_scope
 
 
 @dataclass(frozen=True)
@@ -42,52 +30,38 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
     """Probe, record, and return the signals to send to the detector (at most one per app)."""
     env, now = settings.env, settings.clock.now()
     with session_scope(settings, readonly=True) as session:
-        # Only the wanted replica count, taken out of the spec by the database: decoding 10,000
-        # whole specs in Python cost a fifth of a cycle.
-        apps = {name: (wanted, attention) for name, wanted, attention in
-                session.execute(select(App.name, App.spec["replicas"].as_integer(), App.attention)
-                                .where(App.env == env))}
+        apps = health.wanted_replicas(session, env)
     # Probing happens outside any transaction: HTTP waits must not hold the database lock.
     results = runtime.probe(sorted(apps))
     signals = []
     with session_scope(settings) as session:
-        busy = set(session.scalars(select(Incident.app).where(Incident.env == env,
-                                                              Incident.status == IncidentStatus.OPEN)))
-        failing = {}
-        for app, slot, count in session.execute(select(ReplicaHealth.app, ReplicaHealth.slot,
-                                                       ReplicaHealth.consecutive_failures)
-                                                .where(ReplicaHealth.env == env)):
-            failing.setdefault(app, {})[slot] = count
-        before = {row.app: row for row in session.execute(
-            select(AppHealth.app, AppHealth.probes, AppHealth.up_probes, AppHealth.consecutive_hot,
-                   AppHealth.consecutive_cold).where(AppHealth.env == env))}
-        updates, inserts, healed, replica_rows = [], [], [], []
+        busy = health.apps_with_open_incident(session, env)
+        failing = health.failing_replicas(session, env)
+        before = health.counters(session, env)
+        updates, inserts, failures, healed = {}, {}, {}, []
         for name, statuses in results.items():
             if not statuses or name not in apps:
                 continue  # nothing deployed yet, or removed while we were probing
             wanted, attention = apps[name]
             seen = observe(settings, name, wanted or 1, statuses, failing.get(name, {}), before.get(name), now)
             if name in before:
-                updates.append({"k_env": env, "k_app": name, **seen.health})
+                updates[name] = seen.health
             else:
-                inserts.append({"env": env, "app": name, **seen.health})
-            replica_rows += [{"env": env, "app": name, "slot": slot, "consecutive_failures": count,
-                              "last_status": "failing", "last_utilization": 0.0, "updated_at": now}
-                             for slot, count in seen.failures.items()]
+                inserts[name] = seen.health
+            if seen.failures:
+                failures[name] = seen.failures
             if attention and all(s.healthy for s in statuses):
                 healed.append(name)  # healthy again: the detector may act on it from now on
             elif seen.signal and name not in busy and not attention:
                 signals.append(seen.signal)
         if updates:
-            session.connection().execute(_UPDATE_HEALTH, updates)
+            health.update_app_health(session, env, updates)
         if inserts:
-            session.execute(insert(AppHealth), inserts)
-        if failing or replica_rows:
-            session.execute(delete(ReplicaHealth).where(ReplicaHealth.env == env))
-            if replica_rows:
-                session.execute(insert(ReplicaHealth), replica_rows)
+            health.insert_app_health(session, env, inserts)
+        if failing or failures:
+            health.replace_failing_replicas(session, env, failures, now)
         if healed:
-            session.execute(update(App).where(App.env == env, App.name.in_(healed)).values(attention=None))
+            health.clear_attention(session, env, healed)
     return signals
 
 

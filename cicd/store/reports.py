@@ -1,18 +1,23 @@
-"""Read-side views for the CLI (and scripts): apps, incidents, and following one incident."""
+"""Read-side views for the CLI, the web API and the metrics (and scripts): apps, incidents,
+following one incident, the counts a metrics scrape reads, and the policy's learning counts.
+
+Functions that take `settings` open their own read-only session; those that take a `session`
+read inside the caller's, for callers whose reads must see one snapshot (a metrics scrape)."""
 from __future__ import annotations
 
 import json
 import time
 from typing import Callable, Iterator
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from cicd.store import proof
 from cicd.config import Settings
 from cicd.core.events import iso, parse_iso, utcnow
 from cicd.core.lifecycle import OUTCOME_OF_EVENT, STEP_OF_EVENT, IncidentStatus, ReleaseStatus, Step
 from cicd.runtime.base import Runtime
-from cicd.store import App, AppHealth, Incident, ProofRecord, Release, session_scope
+from cicd.store import App, AppHealth, Incident, PolicyValue, ProofHead, ProofRecord, Release, session_scope
 
 
 LEARN_GRACE_S = 5.0
@@ -190,3 +195,46 @@ def steady(settings: Settings, runtime: Runtime, app: str) -> bool:
                         and row["healthy"] == row["replicas"] and row["open_incident"] is None
                         and row["attention"] is None)
     return False
+
+
+# -- what a metrics scrape reads (cicd.web.metrics), in the scrape's one session --------------
+def incident_counts(session: Session, env: str) -> list[tuple[str, str, int]]:
+    """(kind, status, how many incidents) for every kind and status the environment has."""
+    return session.execute(select(Incident.kind, Incident.status, func.count())
+                           .where(Incident.env == env).group_by(Incident.kind, Incident.status)).all()
+
+
+def probe_counts(session: Session, env: str) -> list[tuple[str, int, int, int, int]]:
+    """(app, probes, up_probes, replicas, healthy_replicas) for every probed app, by app name."""
+    return session.execute(select(AppHealth.app, AppHealth.probes, AppHealth.up_probes,
+                                  AppHealth.replicas, AppHealth.healthy_replicas)
+                           .where(AppHealth.env == env).order_by(AppHealth.app)).all()
+
+
+def proof_head(session: Session, env: str) -> tuple[int, str]:
+    """(seq, hash) of the chain's last record; (0, "") before the first."""
+    head = session.get(ProofHead, env)
+    return (head.seq, head.hash) if head else (0, "")
+
+
+def proof_hash_at(session: Session, env: str, seq: int) -> str | None:
+    """The hash of record `seq`, or None if there is no such record."""
+    return session.scalar(select(ProofRecord.hash).where(ProofRecord.env == env, ProofRecord.seq == seq))
+
+
+def proof_rows_between(session: Session, env: str, after_seq: int, up_to_seq: int, event_names: tuple[str, ...],
+                   limit: int) -> list:
+    """Records after `after_seq` up to `up_to_seq` with one of these event names, in seq order, at
+    most `limit`: rows of seq, hash, event_name and payload (the JSON text, not parsed)."""
+    return session.execute(
+        select(ProofRecord.seq, ProofRecord.hash, ProofRecord.event_name, ProofRecord.payload)
+        .where(ProofRecord.env == env, ProofRecord.seq > after_seq, ProofRecord.seq <= up_to_seq,
+               ProofRecord.event_name.in_(event_names))
+        .order_by(ProofRecord.seq).limit(limit)).all()
+
+
+# -- the policy (cicd.web.api) ---------------------------------------------------------------
+def policy_updates(session: Session, env: str) -> dict[tuple[str, str], int]:
+    """(state, action) -> how many times learning updated its Q-value, for the learned pairs."""
+    return {(r.state, r.action): r.updates for r in
+            session.scalars(select(PolicyValue).where(PolicyValue.env == env))}

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sqlalchemy import select
-
 from cicd.core import actions
 from cicd.healing import policy
 from cicd.store import proof, reports
@@ -24,7 +22,7 @@ from cicd.core.events import REFUSAL_EVENTS, SEVERITIES, parse_iso, utcnow
 from cicd.core.lifecycle import OUTCOME_OF_EVENT, STEPS, ExecutionStatus, Outcome, Step
 from cicd.healing.orchestrator import GATE_NAMES
 from cicd.runtime import make_runtime
-from cicd.store import PolicyValue, session_scope
+from cicd.store import session_scope
 
 MAX_EVENTS = 1000
 MAX_INCIDENTS = 500
@@ -208,8 +206,7 @@ def policy_table(env: str | Settings | None = None) -> dict:
     which were learned (the rest are priors), and the greedy action."""
     settings = settings_for(env)
     with session_scope(settings, readonly=True) as session:
-        learned = Counter({(r.state, r.action): r.updates for r in
-                           session.scalars(select(PolicyValue).where(PolicyValue.env == settings.env))})
+        learned = Counter(reports.policy_updates(session, settings.env))
         table = policy.load_table(session, settings.env)
     states = []
     for state in policy.detected_states():

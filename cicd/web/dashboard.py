@@ -27,12 +27,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from cicd.web import api, metrics
 from cicd.config import Settings
 from cicd.core.events import iso, utcnow
 from cicd.errors import CicdError
+from cicd.store.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ class Handler(BaseHTTPRequestHandler):
             handler(self, query)
         except api.ApiError as exc:
             self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc), "field": exc.field, "rule": exc.rule})
-        except SQLAlchemyError as exc:
+        except StoreError as exc:
             log.warning("dashboard: the store could not be read: %s", exc)
             self._json(HTTPStatus.SERVICE_UNAVAILABLE,
                        {"error": f"the {self.server.settings.env} store could not be read: {type(exc).__name__}"})

@@ -31,15 +31,14 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
 
 from cicd.core import actions
 from cicd.stack import cluster
 from cicd.config import AGENTS, ConfigError, Settings
 from cicd.core.events import INCIDENT_KINDS, REFUSAL_EVENTS
 from cicd.core.lifecycle import INCIDENT_END_STATES, IncidentStatus
-from cicd.store import AppHealth, Incident, ProofHead, ProofRecord, session_scope
+from cicd.store import reports, session_scope
+from cicd.store.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ class StoreCollector:
             try:
                 self._collect_store(settings, f)
                 f["store_up"].add_metric([env], 1)
-            except SQLAlchemyError as exc:
+            except StoreError as exc:
                 log.warning("metrics: the %s store could not be read: %s", env, exc)
                 f["store_up"].add_metric([env], 0)
             self._collect_queues(settings, f)
@@ -116,11 +115,8 @@ class StoreCollector:
         env = settings.env
         with session_scope(settings, readonly=True) as session:
             tally = self._tally(session, settings)
-            by_outcome = session.execute(select(Incident.kind, Incident.status, func.count())
-                                         .where(Incident.env == env).group_by(Incident.kind, Incident.status)).all()
-            health = session.execute(select(AppHealth.app, AppHealth.probes, AppHealth.up_probes,
-                                            AppHealth.replicas, AppHealth.healthy_replicas)
-                                     .where(AppHealth.env == env).order_by(AppHealth.app)).all()
+            by_outcome = reports.incident_counts(session, env)
+            health = reports.probe_counts(session, env)
         open_now = Counter({kind: 0 for kind in INCIDENT_KINDS})
         for kind, status, count in by_outcome:
             if status == IncidentStatus.OPEN:
@@ -160,21 +156,15 @@ class StoreCollector:
         key = (settings.database_url, env)
         with self._lock:
             tally = self._tallies.get(key)
-            head = session.get(ProofHead, env)
-            head_seq, head_hash = (head.seq, head.hash) if head else (0, "")
+            head_seq, head_hash = reports.proof_head(session, env)
             if tally is not None and tally.seq:
-                kept = session.scalar(select(ProofRecord.hash).where(ProofRecord.env == env,
-                                                                     ProofRecord.seq == tally.seq))
+                kept = reports.proof_hash_at(session, env, tally.seq)
                 if kept != tally.hash or head_seq < tally.seq:
                     tally = None
             if tally is None:
                 tally = self._tallies[key] = ProofTally()
             while tally.seq < head_seq:
-                rows = session.execute(
-                    select(ProofRecord.seq, ProofRecord.hash, ProofRecord.event_name, ProofRecord.payload)
-                    .where(ProofRecord.env == env, ProofRecord.seq > tally.seq, ProofRecord.seq <= head_seq,
-                           ProofRecord.event_name.in_(TALLIED_EVENTS))
-                    .order_by(ProofRecord.seq).limit(SCAN_BATCH)).all()
+                rows = reports.proof_rows_between(session, env, tally.seq, head_seq, TALLIED_EVENTS, SCAN_BATCH)
                 for row in rows:
                     try:
                         tally.add(row.event_name, json.loads(row.payload))

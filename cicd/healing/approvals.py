@@ -13,7 +13,8 @@ from typing import Callable, Protocol
 
 from cicd.delivery import onboarding
 from cicd.store import approvals as approval_rows
-from cicd.store import executions, proof
+from cicd.store import releases as release_rows
+from cicd.store import executions, incidents, proof
 from cicd.config import ENVIRONMENTS, Settings, check_env_name
 from cicd.core.events import as_utc, iso, utcnow
 from cicd.core.lifecycle import ApprovalStatus, ExecutionStatus, IncidentStatus, transition
@@ -70,7 +71,7 @@ def request_promotion(target: Settings, source: Settings, app: str, requested_by
         record = get_app(session, source.env, app)
         if record is None:
             raise ApprovalError(f"{app} is not onboarded in {source.env}")
-        live = approval_rows.live_release(session, source.env, app)
+        live = release_rows.live(session, source.env, app)
         if live is None or not live.sha:
             raise ApprovalError(f"{app} has no live release in {source.env} to promote")
         spec = {**record.spec, "env": target.env}
@@ -174,7 +175,7 @@ def expire_due(settings: Settings) -> list[str]:
 
 def _close_held_incident(session, settings: Settings, approval: Approval, status: IncidentStatus, event: str,
                          why: str) -> None:
-    incident = executions.incident_of(session, approval)
+    incident = incidents.incident_of(session, approval)
     if incident is None or incident.status != IncidentStatus.OPEN:
         return
     execution = executions.get_claim(session, incident.id, approval.attempt)

@@ -9,6 +9,7 @@ import secrets
 from datetime import timedelta
 
 from cicd.store import incidents, proof
+from cicd.store import releases as release_rows
 from cicd.config import Settings
 from cicd.core.events import MalformedEvent, Signal, Unprocessable, as_utc, parse_iso
 from cicd.healing.loop import classify, release_context
@@ -19,7 +20,7 @@ SIGNAL_MAX_AGE_S = 30.0
 
 def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) -> dict:
     """What the policy needs to know beyond the signal, read from the releases."""
-    releases = incidents.releases_newest_first(conn, settings.env, signal.app)
+    releases = release_rows.newest_first(conn, settings.env, signal.app)
     return release_context(settings, kind, signal, spec, releases)
 
 

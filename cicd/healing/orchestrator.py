@@ -13,7 +13,7 @@ from cicd.core import actions, gates
 from cicd.healing import approvals, loop
 from cicd.delivery import deployer
 from cicd.store import approvals as approval_rows
-from cicd.store import executions, proof
+from cicd.store import executions, incidents, proof
 from cicd.config import Settings, signing_key
 from cicd.core.events import Decision, iso, parse_iso
 from cicd.core.lifecycle import EXECUTION_RESUMABLE, ApprovalStatus, ExecutionStatus, IncidentStatus, transition
@@ -151,7 +151,7 @@ def due_deferred(settings: Settings, resend_after_s: float = 60.0) -> list[dict]
             resent = result.get("resent_at")
             if parse_iso(result["due_at"]) > now or (resent and (now - parse_iso(resent)).total_seconds() < resend_after_s):
                 continue
-            incident = executions.incident_of(session, claim)
+            incident = incidents.incident_of(session, claim)
             if incident is None or incident.status != IncidentStatus.OPEN \
                     or (incident.decision or {}).get("attempt") != claim.attempt:
                 continue
@@ -170,7 +170,7 @@ def execute_approved(settings: Settings, runtime: Runtime, approval_id: str, req
             return None
         raw = approval.payload["decision"]
         claim = executions.get_claim(session, approval.incident_id, approval.attempt)
-        incident = executions.incident_of(session, approval)
+        incident = incidents.incident_of(session, approval)
         if claim is None or claim.status not in (ExecutionStatus.AWAITING_APPROVAL, ExecutionStatus.STARTED) \
                 or incident is None or incident.status != IncidentStatus.OPEN:
             return summary(claim, deduplicated=True) if claim else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from cicd.store import executions, proof
+from cicd.store import executions, incidents, proof
 from cicd.config import Settings
 from cicd.core.events import parse_iso
 from cicd.core.lifecycle import Step, next_step
@@ -27,8 +27,8 @@ def stalled(settings: Settings) -> list[dict]:
     cutoff = settings.clock.now() - timedelta(seconds=settings.stall_after_s)
     out = []
     with session_scope(settings) as session:
-        for incident in executions.open_incidents(session, settings.env):
-            last = executions.last_proof_ts(session, settings.env, incident.id)
+        for incident in incidents.open_incidents(session, settings.env):
+            last = proof.last_ts(session, settings.env, incident.id)
             if last is not None and parse_iso(last) > cutoff:
                 continue
             attempt = incident.attempt

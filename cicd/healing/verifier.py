@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from cicd.store import incidents, proof
+from cicd.store import releases as release_rows
 from cicd.config import Settings
 from cicd.core.events import as_utc, parse_iso
 from cicd.core.lifecycle import EXECUTION_WAITING, AttemptEnd, ExecutionStatus, IncidentStatus, Outcome
@@ -20,10 +21,10 @@ def _awaited_release(conn, execution: dict, incident):
     """The release this attempt's outcome depends on: (True, release row or None) or (False, None)."""
     result = execution.get("result") or {}
     if result.get("effect") == "deploy_requested":
-        return True, incidents.release_of_request(conn, result["request_id"])
+        return True, release_rows.row_of_request(conn, result["request_id"])
     if incident.kind == "slow_deploy" and execution.get("action") == "noop":
         number = (incident.context or {}).get("release")
-        return True, incidents.release_numbered(conn, incident.env, incident.app, number)
+        return True, release_rows.row_numbered(conn, incident.env, incident.app, number)
     return False, None
 
 

@@ -16,8 +16,8 @@ from sqlalchemy.engine import Connection, ScalarResult
 from sqlalchemy.orm import Session
 
 from cicd.config import Settings
-from cicd.core.lifecycle import ApprovalStatus, ReleaseStatus, transition
-from cicd.store import Approval, Release, connection_of
+from cicd.core.lifecycle import ApprovalStatus, transition
+from cicd.store import Approval, connection_of
 
 _NEW_APPROVAL = insert(Approval.__table__)
 
@@ -52,9 +52,3 @@ def expired(session: Session, env: str, now: datetime) -> list[Approval]:
     """Pending requests whose time is up at `now`, still to be marked expired."""
     return session.scalars(select(Approval).where(Approval.env == env, Approval.status == ApprovalStatus.PENDING,
                                                   Approval.expires_at <= now)).all()
-
-
-def live_release(session: Session, env: str, app: str) -> Release | None:
-    """The app's live release in `env`: what a promotion out of it deploys."""
-    return session.scalar(select(Release).where(Release.env == env, Release.app == app,
-                                                Release.status == ReleaseStatus.LIVE))

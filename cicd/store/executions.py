@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from cicd.config import Settings
 from cicd.core.events import Decision, as_utc
-from cicd.core.lifecycle import ExecutionStatus, IncidentStatus, transition
-from cicd.store import Execution, Incident, ProofRecord
+from cicd.core.lifecycle import ExecutionStatus, transition
+from cicd.store import Execution
 
 _EXECUTIONS = Execution.__table__
 _E = _EXECUTIONS.c
@@ -90,19 +90,3 @@ def deferred_claims(session: Session, env: str) -> ScalarResult[Execution]:
     """The environment's claims held back until their backoff's due time."""
     return session.scalars(select(Execution).where(Execution.env == env,
                                                    Execution.status == ExecutionStatus.DEFERRED))
-
-
-def incident_of(session: Session, row) -> Incident | None:
-    """The incident a claim (or an approval request: anything with an incident_id) is for."""
-    return session.get(Incident, row.incident_id)
-
-
-def open_incidents(session: Session, env: str) -> ScalarResult[Incident]:
-    """The environment's open incidents, each one a chain that should be moving."""
-    return session.scalars(select(Incident).where(Incident.env == env, Incident.status == IncidentStatus.OPEN))
-
-
-def last_proof_ts(session: Session, env: str, incident_id: str) -> str | None:
-    """When the incident's chain last wrote a proof record (its last sign of progress)."""
-    return session.scalar(select(ProofRecord.ts).where(ProofRecord.env == env, ProofRecord.incident_id == incident_id)
-                          .order_by(ProofRecord.seq.desc()).limit(1))

@@ -1,6 +1,5 @@
-"""Incidents: opening one, finding the open one, closing it, and what the detector and the
-verifier read and write around an incident (the app's releases, its call for a human, the
-history of its attempts).
+"""Incidents: opening one, finding the open ones, closing it, and what the detector and the
+verifier read and write around an incident (its call for a human, the history of its attempts).
 
 Core statements, built once: they run for every signal and every verified attempt (`make
 bench`). Each function works inside the caller's transaction (a connection from
@@ -9,26 +8,20 @@ store.transaction), so a step's read-check-write stays one transaction.
 from __future__ import annotations
 
 from sqlalchemy import bindparam, func, insert, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, ScalarResult
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from cicd.core.events import Signal
 from cicd.core.lifecycle import IncidentStatus, transition
 from cicd.store.db import update_incident
-from cicd.store.models import App, Execution, Incident, Release
+from cicd.store.models import App, Execution, Incident
 
 
 class AlreadyOpen(Exception):
     """The app has an open incident already (its open key is taken): another detector won."""
 
 
-_RELEASES = Release.__table__
-_RELEASES_NEWEST_FIRST = (select(_RELEASES).where(_RELEASES.c.env == bindparam("env"),
-                                                  _RELEASES.c.app == bindparam("app"))
-                          .order_by(_RELEASES.c.number.desc()))
-_RELEASE_OF_REQUEST = select(_RELEASES).where(_RELEASES.c.request_id == bindparam("request_id"))
-_RELEASE_NUMBERED = select(_RELEASES).where(_RELEASES.c.env == bindparam("env"), _RELEASES.c.app == bindparam("app"),
-                                            _RELEASES.c.number == bindparam("number"))
 _LAST_CLOSED = select(func.max(Incident.closed_at)).where(Incident.env == bindparam("env"),
                                                           Incident.app == bindparam("app"),
                                                           Incident.status != IncidentStatus.OPEN)
@@ -43,19 +36,6 @@ ATTENTION_CHARS = 200  # what the apps table keeps of why a human was called
 def open_key(env: str, app: str) -> str:
     """The key an open incident holds; unique, so an app has at most one open incident."""
     return f"{env}/{app}"
-
-
-def releases_newest_first(conn: Connection, env: str, app: str) -> list:
-    return conn.execute(_RELEASES_NEWEST_FIRST, {"env": env, "app": app}).all()
-
-
-def release_of_request(conn: Connection, request_id: str):
-    """The release a deploy request made, or None if it has not made one (yet)."""
-    return conn.execute(_RELEASE_OF_REQUEST, {"request_id": request_id}).first()
-
-
-def release_numbered(conn: Connection, env: str, app: str, number):
-    return conn.execute(_RELEASE_NUMBERED, {"env": env, "app": app, "number": number}).first()
 
 
 def last_closed_at(conn: Connection, env: str, app: str):
@@ -101,3 +81,13 @@ def attempt_history(conn: Connection, incident_id: str) -> list[dict]:
     rows = conn.execute(select(e.attempt, e.action, e.status, e.reason).where(e.incident_id == incident_id)
                         .order_by(e.attempt))
     return [{"attempt": r.attempt, "action": r.action, "status": r.status, "reason": r.reason} for r in rows]
+
+
+def incident_of(session: Session, row) -> Incident | None:
+    """The incident a claim (or an approval request: anything with an incident_id) is for."""
+    return session.get(Incident, row.incident_id)
+
+
+def open_incidents(session: Session, env: str) -> ScalarResult[Incident]:
+    """The environment's open incidents, each one a chain that should be moving."""
+    return session.scalars(select(Incident).where(Incident.env == env, Incident.status == IncidentStatus.OPEN))

@@ -268,3 +268,9 @@ def sync_mirror(settings: Settings, committed: list[dict] | None = None) -> None
                 fh.flush()
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def last_ts(session: Session, env: str, incident_id: str) -> str | None:
+    """When the incident's chain last wrote a proof record (its last sign of progress)."""
+    return session.scalar(select(ProofRecord.ts).where(ProofRecord.env == env, ProofRecord.incident_id == incident_id)
+                          .order_by(ProofRecord.seq.desc()).limit(1))

@@ -2,15 +2,18 @@
 lock that is each app's lease on deploying, and the queries the deployer makes over them (the
 newest number, the live releases, the releases under way).
 
-ORM, like the deployer that calls it: every function takes the caller's open session first, so
-a deploy step's read-check-write stays one transaction of its own making. Rows come back as the
-session's objects; changes made to them are written when the caller's transaction commits.
+The deployer's functions are ORM, like the deployer: each takes the caller's open session first,
+so a deploy step's read-check-write stays one transaction of its own making; rows come back as
+the session's objects, and changes made to them are written when the caller commits. The
+detector's and verifier's reads (at the end) are Core statements built once, on the caller's
+connection: they run for every signal and every verified attempt.
 """
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from cicd.core.events import as_utc
@@ -83,3 +86,32 @@ def lease_lapsed(session: Session, release: Release, now: datetime) -> bool:
     """Nobody works on this release: its deploy's lease is gone, taken by another deploy, or run out."""
     lock = session.get(DeployLock, (release.env, release.app))
     return lock is None or lock.holder != release.request_id or as_utc(lock.expires_at) <= now
+
+
+def live(session: Session, env: str, app: str) -> Release | None:
+    """The app's live release in `env`: what a promotion out of it deploys."""
+    return session.scalar(select(Release).where(Release.env == env, Release.app == app,
+                                                Release.status == ReleaseStatus.LIVE))
+
+
+# -- the detector's and verifier's reads (Core, prebuilt: they run for every signal and attempt) ---
+_RELEASES = Release.__table__
+_RELEASES_NEWEST_FIRST = (select(_RELEASES).where(_RELEASES.c.env == bindparam("env"),
+                                                  _RELEASES.c.app == bindparam("app"))
+                          .order_by(_RELEASES.c.number.desc()))
+_RELEASE_OF_REQUEST = select(_RELEASES).where(_RELEASES.c.request_id == bindparam("request_id"))
+_RELEASE_NUMBERED = select(_RELEASES).where(_RELEASES.c.env == bindparam("env"), _RELEASES.c.app == bindparam("app"),
+                                            _RELEASES.c.number == bindparam("number"))
+
+
+def newest_first(conn: Connection, env: str, app: str) -> list:
+    return conn.execute(_RELEASES_NEWEST_FIRST, {"env": env, "app": app}).all()
+
+
+def row_of_request(conn: Connection, request_id: str):
+    """The release a deploy request made, or None if it has not made one (yet)."""
+    return conn.execute(_RELEASE_OF_REQUEST, {"request_id": request_id}).first()
+
+
+def row_numbered(conn: Connection, env: str, app: str, number):
+    return conn.execute(_RELEASE_NUMBERED, {"env": env, "app": app, "number": number}).first()

@@ -3,7 +3,7 @@ chain of decisions and gates, and the policy table. Plain dicts, ready for JSON.
 
 Every function takes `env`: an environment name (settings from the environment variables, as
 the `cicd` command reads them), a Settings, or None for $CICD_ENV. The queries live in
-cicd.reports and cicd.proof; this module shapes what they return for a reader.
+cicd.store.reports and cicd.store.proof; this module shapes what they return for a reader.
 
     >>> from cicd import api
     >>> api.events(5)                      # the last 5 proof records of $CICD_ENV, newest last

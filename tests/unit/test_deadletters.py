@@ -3,7 +3,6 @@ the database cannot take a letter, a file does."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 

@@ -1,0 +1,140 @@
+"""Build plans from the buildpack conventions: Procfile, cicd.toml, requirements/pyproject,
+.python-version/runtime.txt, manage.py. Repos are written in tmp_path; nothing runs."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from cicd.delivery import buildpack
+from cicd.delivery.buildpack import BuildpackError, expand_port, parse_command, plan
+from cicd.delivery.examples import SAMPLE_SERVICE
+
+HERE = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def repo(tmp_path, **files):
+    for name, text in files.items():
+        (tmp_path / name.replace("__", ".")).write_text(text)
+    return tmp_path
+
+
+def test_a_bare_directory_keeps_the_template_defaults(tmp_path):
+    p = plan(tmp_path)
+    assert p.web is None and p.release is None and p.install is None and not p.collectstatic
+    assert p.python == sys.executable and p.python_from is None
+    assert buildpack.health_path(p.to_dict(), {"health_path": "/health"}) == "/health"
+    assert buildpack.health_path(p.to_dict(), {}) == "/"
+
+
+def test_the_sample_service_keeps_its_template_start_and_health():
+    p = plan(SAMPLE_SERVICE)
+    assert p.web is None and p.install is None
+    assert buildpack.health_path(p.to_dict(), {"health_path": "/health"}) == "/health"
+
+
+def test_procfile_web_and_release_are_argument_lists(tmp_path):
+    p = plan(repo(tmp_path, Procfile="# comment\n\nweb: gunicorn --bind 127.0.0.1:$PORT 'app:make_app()'\n"
+                                     "release: python manage.py migrate --noinput\nworker: celery -A x worker\n"))
+    assert p.web == ["gunicorn", "--bind", "127.0.0.1:$PORT", "app:make_app()"]
+    assert p.release == ["python", "manage.py", "migrate", "--noinput"]
+    assert any("worker" in note for note in p.notes)
+    # An app that brings its own start command is probed at "/" unless its manifest says otherwise.
+    assert buildpack.health_path(p.to_dict(), {"health_path": "/health"}) == "/"
+
+
+def test_port_is_expanded_inside_arguments_in_both_spellings():
+    argv = parse_command("server --port=$PORT --bind 0.0.0.0:${PORT}", "x")
+    assert expand_port(argv, 8123) == ["server", "--port=8123", "--bind", "0.0.0.0:8123"]
+
+
+@pytest.mark.parametrize("command, culprit", [
+    ("gunicorn app:app | tee log", "'|'"),
+    ("python migrate.py && gunicorn app:app", "'&&'"),
+    ("python a.py; python b.py", "';'"),
+    ("gunicorn app:app > out.log", "'>'"),
+    ("gunicorn app:app 2>&1", ">&"),
+    ("gunicorn `cat cmd`", "backticks"),
+    ("gunicorn --workers $WEB_CONCURRENCY app:app", "$WEB_CONCURRENCY"),
+    ("gunicorn --bind :$PORTX app:app", "$PORTX"),
+    ("gunicorn $(echo app:app)", "$(echo"),
+    ("DEBUG=1 gunicorn app:app", "VAR=value"),
+    ("gunicorn 'app:app", "cannot be split"),
+])
+def test_anything_needing_a_shell_is_refused_naming_the_line(tmp_path, command, culprit):
+    repo(tmp_path, Procfile=f"release: python manage.py migrate\nweb: {command}\n")
+    with pytest.raises(BuildpackError) as err:
+        plan(tmp_path)
+    message = str(err.value)
+    assert message.startswith("Procfile line 2 (web: ") and culprit in message, message
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("web gunicorn app:app\n", "TYPE: COMMAND"),
+    ("web:\n", "empty"),
+    ("web: a\nweb: b\n", "defined twice"),
+    ("we b: a\n", "TYPE: COMMAND"),
+])
+def test_malformed_procfile_lines_are_refused(tmp_path, text, rule):
+    with pytest.raises(BuildpackError, match=rf"^Procfile line \d.*{rule}"):
+        plan(repo(tmp_path, Procfile=text))
+
+
+def test_manifest_gives_the_health_path_over_everything(tmp_path):
+    repo(tmp_path, Procfile="web: gunicorn app:app\n", cicd__toml='[health]\npath = "/healthz"\n')
+    assert buildpack.health_path(plan(tmp_path).to_dict(), {"health_path": "/health"}) == "/healthz"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[health]\npath = "/x"\ntimeout = 3\n', "unknown key 'health.timeout'"),
+    ('[healthcheck]\npath = "/x"\n', "unknown key 'healthcheck'"),
+    ('health = 3\n', "'health' must be a table"),
+    ('[health]\npath = "healthz"\n', "health.path must be a string starting with '/'"),
+    ('[health]\npath = "/a b"\n', "health.path"),
+    ('[health\n', "not valid TOML"),
+])
+def test_a_bad_manifest_is_refused_naming_the_key(tmp_path, text, message):
+    with pytest.raises(BuildpackError) as err:
+        plan(repo(tmp_path, cicd__toml=text))
+    assert str(err.value).startswith("cicd.toml: ") and message in str(err.value)
+
+
+def test_requirements_then_pyproject(tmp_path):
+    assert plan(repo(tmp_path, pyproject__toml="[project]\nname='x'\n")).install == ["."]
+    p = plan(repo(tmp_path, requirements__txt="flask\n"))
+    assert p.install == ["-r", "requirements.txt"] and any("requirements.txt" in n for n in p.notes)
+
+
+def test_manage_py_means_collectstatic(tmp_path):
+    assert plan(repo(tmp_path, manage__py="")).collectstatic
+
+
+@pytest.mark.parametrize("name, text", [(".python-version", f"{HERE}\n"), (".python-version", f"{HERE}.1\n"),
+                                        ("runtime.txt", f"python-{HERE}.4\n")])
+def test_a_requested_interpreter_that_exists_is_used(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    p = plan(tmp_path, which=lambda _: None)  # only the running interpreter is "installed"
+    assert p.python == sys.executable and p.python_from == name
+
+
+def test_the_interpreter_is_looked_up_by_its_versioned_name(tmp_path):
+    (tmp_path / ".python-version").write_text("3.99\n")
+    found = {"python3.99": "/opt/py/bin/python3.99"}
+    assert plan(tmp_path, which=found.get).python == "/opt/py/bin/python3.99"
+    (tmp_path / ".python-version").write_text("3.98\n")
+    with pytest.raises(BuildpackError, match=r"^\.python-version: asks for Python 3\.98, which is not installed "
+                                             rf"here \(installed: .*{HERE}.*\)"):
+        plan(tmp_path, which=found.get)
+
+
+@pytest.mark.parametrize("name, text", [("runtime.txt", f"{HERE}\n"), ("runtime.txt", "pypy-7.3\n"),
+                                        (".python-version", "latest\n"), (".python-version", "")])
+def test_an_unreadable_version_is_refused_naming_the_file(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(BuildpackError, match=rf"^{name}: .* is not a CPython version"):
+        plan(tmp_path)
+
+
+def test_python_version_wins_over_runtime_txt(tmp_path):
+    repo(tmp_path, **{".python-version": f"{HERE}\n", "runtime.txt": "python-2.7.18\n"})
+    assert plan(tmp_path).python_from == ".python-version"

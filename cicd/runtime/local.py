@@ -1,17 +1,25 @@
 """The local runtime: every replica is a real process on a free loopback port.
 
-Layout under var/ENV/apps/APP/: state.json (the replicas and the op journal, replaced whole on
-every change), releases/N/ (the code of each release), logs/, and .lock (an flock that
-serialises changes to one app across all worker processes).
+Layout under var/ENV/apps/APP/: state.json (the replicas, the build plan of each release and the
+op journal, replaced whole on every change), releases/N/ (the code of each release, with its own
+virtualenv in releases/N/.cicd/venv), logs/ (build-N.log, release-N.log, replica-S.log), and
+.lock (an flock that serialises changes to one app across all worker processes).
+
+Builds follow the buildpack conventions (cicd.delivery.buildpack): the template's build step,
+then a virtualenv per release made from the interpreter the release asks for, its dependencies
+installed by pip through one download/wheel cache under var/cache/pip (so a redeploy of unchanged
+dependencies takes seconds), Django's collectstatic, and the Procfile's release command.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import http.client
+import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +29,7 @@ from pathlib import Path
 
 from cicd.config import Settings
 from cicd.core.names import is_app_name
+from cicd.delivery import buildpack
 from cicd.runtime import process
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
@@ -28,11 +37,35 @@ OPS_KEPT = 500
 RELEASES_KEPT = 3
 # Overload = demand beyond capacity: a quarter more clients than the replicas have work slots.
 LOAD_DEMAND_FACTOR = 1.25
+VENV_DIR = Path(".cicd") / "venv"   # inside the release: removed with it, never the control plane's
+STEP_TIMEOUT_S = 900                # one build step: a cold pip install of a large app takes minutes
+
+
+def shlex_join(argv: list[str]) -> str:
+    return shlex.join(str(a) for a in argv)
 
 
 def _substitute(argv: list[str], values: dict) -> list[str]:
     # Whole-argument substitution only: a value can never become more than one argument.
     return [values.get(arg[1:-1], arg) if arg.startswith("{") and arg.endswith("}") else arg for arg in argv]
+
+
+def _judge(status: int, body: bytes) -> tuple[bool, float, int]:
+    """(healthy, utilization, capacity) of one probe's answer. Any status below 400 is healthy,
+    for any app; a JSON body like the sample service's adds what it reports of its load and may
+    say it is degraded."""
+    ok = status < 400
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ok, 0.0, 0
+    if not isinstance(data, dict):
+        return ok, 0.0, 0
+    try:
+        utilization, capacity = float(data.get("utilization", 0.0)), int(data.get("capacity", 0))
+    except (ValueError, TypeError):
+        utilization, capacity = 0.0, 0
+    return ok and data.get("status") != "degraded", utilization, capacity
 
 
 class LocalRuntime(Runtime):
@@ -96,16 +129,119 @@ class LocalRuntime(Runtime):
         app, spec = state["app"], state["spec"]
         port = process.free_port()
         release_dir = self.app_dir(app) / "releases" / str(release)
-        argv = _substitute(spec["start"], {"python": sys.executable, "port": str(port)})
-        env = process.clean_env({"PORT": port, "CICD_APP": app, "CICD_REPLICA": slot,
-                                 "CICD_RELEASE": release, "CICD_ENV": self.settings.env})
+        plan = state.get("plans", {}).get(str(release))
+        env = self._app_env(release_dir, plan, {"PORT": port, "CICD_APP": app, "CICD_REPLICA": slot,
+                                                "CICD_RELEASE": release, "CICD_ENV": self.settings.env})
+        if plan and plan.get("web"):
+            argv = buildpack.expand_port(plan["web"], port)
+        else:
+            # No Procfile: the template's documented start, run by the release's own interpreter.
+            argv = _substitute(spec["start"], {"python": self._python_of(release_dir, plan), "port": str(port)})
+        argv = self._resolve(argv, env, f"replica {slot} of {app} did not start")
         log = str(self.app_dir(app) / "logs" / f"replica-{slot}.log")
         try:
             pid, ticks = process.spawn_detached(argv, str(release_dir), env, log)
         except (OSError, subprocess.SubprocessError) as exc:
             raise RuntimeFailure(f"replica {slot} of {app} did not start: {exc}") from None
         return {"slot": slot, "pid": pid, "ticks": ticks, "port": port, "release": release,
-                "started_at": time.time()}
+                "started_at": time.time(), "health_path": buildpack.health_path(plan, spec)}
+
+    @staticmethod
+    def _python_of(release_dir: Path, plan: dict | None) -> str:
+        venv_python = release_dir / VENV_DIR / "bin" / "python"
+        # A release staged before builds made virtualenvs has no plan: it keeps our interpreter.
+        return str(venv_python) if plan and venv_python.exists() else sys.executable
+
+    def _app_env(self, release_dir: Path, plan: dict | None, extra: dict) -> dict:
+        """What the app's processes get: the release's virtualenv first on PATH, loopback as HOST
+        (the probes and the proxy reach it there), and no shell."""
+        env = process.clean_env(extra)
+        venv = release_dir / VENV_DIR
+        if plan and venv.exists():
+            env["VIRTUAL_ENV"] = str(venv)
+            env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", os.defpath)])
+        env.setdefault("HOST", "127.0.0.1")
+        return env
+
+    @staticmethod
+    def _resolve(argv: list[str], env: dict, what: str) -> list[str]:
+        # Looked up on the app's PATH (its virtualenv first), so `gunicorn` is the release's own;
+        # a missing program is named now rather than surfacing as a replica that never listens.
+        if os.sep in argv[0]:
+            return argv
+        found = shutil.which(argv[0], path=env.get("PATH"))
+        if found is None:
+            raise RuntimeFailure(f"{what}: {argv[0]!r} is not installed in the release or on PATH "
+                                 f"(a Python tool belongs in requirements.txt)")
+        return [found, *argv[1:]]
+
+    def _build(self, spec: dict, number: int, release_dir: Path) -> dict:
+        """Build release `number` in place by its buildpack plan; returns the plan (as a dict).
+
+        Every step's output goes to logs/build-N.log (the release command's to release-N.log);
+        a failing step fails the release with its exit status and the end of its output."""
+        app = spec["name"]
+        try:
+            plan = buildpack.plan(release_dir)
+        except buildpack.BuildpackError as exc:
+            raise RuntimeFailure(f"build of release {number}: {exc}") from None
+        logs = self.app_dir(app) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        build_log = logs / f"build-{number}.log"
+        build_log.write_text("".join(f"note: {n}\n" for n in plan.notes))
+        venv = release_dir / VENV_DIR
+        python = str(venv / "bin" / "python")
+        # The template's step first (compileall), so it compiles the app and not the virtualenv.
+        self._step(f"build of release {number}", _substitute(spec["build"], {"python": plan.python}),
+                   release_dir, process.clean_env({}), build_log)
+        # pip runs from the control plane into the release's virtualenv (pip --python), which
+        # then needs no pip of its own: making it takes a tenth of a second, not several.
+        own_pip = importlib.util.find_spec("pip") is not None
+        self._step(f"virtualenv of release {number}",
+                   [plan.python, "-m", "venv", *(["--without-pip"] if own_pip else []), str(venv)],
+                   release_dir, process.clean_env({}), build_log)
+        build_plan = plan.to_dict()
+        env = self._app_env(release_dir, build_plan, {"PIP_CACHE_DIR": self.settings.var_dir / "cache" / "pip",
+                                                      "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                                                      "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off"})
+        if plan.install:
+            pip = [sys.executable, "-m", "pip", "--python", python] if own_pip else [python, "-m", "pip"]
+            self._step(f"dependencies of release {number}", [*pip, "install", *plan.install],
+                       release_dir, env, build_log)
+        if plan.collectstatic and self._has_django(python, release_dir, env):
+            # What the Heroku Python buildpack does for a Django app; a failure fails the build there too.
+            self._step(f"collectstatic of release {number}", [python, "manage.py", "collectstatic", "--noinput"],
+                       release_dir, env, build_log)
+        if plan.release:
+            argv = self._resolve(plan.release, env, f"release command of release {number}")
+            self._step(f"release command of release {number} ({shlex_join(plan.release)})", argv,
+                       release_dir, env, logs / f"release-{number}.log")
+        return build_plan
+
+    @staticmethod
+    def _has_django(python: str, release_dir: Path, env: dict) -> bool:
+        found = subprocess.run([python, "-c", "import django"], cwd=release_dir, env=env,
+                               capture_output=True, timeout=60)
+        return found.returncode == 0
+
+    @staticmethod
+    def _step(what: str, argv: list[str], cwd: Path, env: dict, log: Path) -> None:
+        with open(log, "a") as out:
+            out.write(f"$ {shlex_join(argv)}\n")
+            out.flush()
+            begin = out.tell()
+            started = time.monotonic()
+            try:
+                done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT, timeout=STEP_TIMEOUT_S)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise RuntimeFailure(f"{what} could not run: {exc}") from None
+            out.write(f"# exit {done.returncode} after {time.monotonic() - started:.1f} s\n")
+        if done.returncode != 0:
+            with open(log, "rb") as fh:
+                fh.seek(begin)
+                output = fh.read().decode(errors="replace").rsplit("# exit", 1)[0].strip()
+            raise RuntimeFailure(f"{what} failed (exit {done.returncode}): {output[-800:]}")
 
     @staticmethod
     def _stop_replica(replica: dict) -> bool:
@@ -127,15 +263,10 @@ class LocalRuntime(Runtime):
                 shutil.rmtree(release_dir)
             release_dir.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(source_dir), str(release_dir))
-            build = _substitute(spec["build"], {"python": sys.executable})
-            try:
-                out = subprocess.run(build, cwd=release_dir, env=process.clean_env({}), capture_output=True,
-                                     text=True, timeout=300)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise RuntimeFailure(f"build of release {number} could not run: {exc}") from None
-            if out.returncode != 0:
-                raise RuntimeFailure(f"build of release {number} failed (exit {out.returncode}): "
-                                     f"{(out.stdout + out.stderr).strip()[-500:]}")
+            plans = state.setdefault("plans", {})
+            for kept in [n for n in plans if not (release_dir.parent / n).exists()]:
+                del plans[kept]  # its release was pruned
+            plans[str(number)] = self._build(spec, number, release_dir)
             used = {int(s) for s in state["replicas"]}
             slots = [s for s in range(64) if s not in used][:spec["replicas"]]
             staged = state["staged"][str(number)] = {}
@@ -195,7 +326,8 @@ class LocalRuntime(Runtime):
         started = time.monotonic()
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.settings.probe_timeout_s)
-            conn.request("GET", spec.get("health_path", "/health"), headers={"Connection": "close"})
+            conn.request("GET", replica.get("health_path") or spec.get("health_path", "/health"),
+                         headers={"Connection": "close"})
             response = conn.getresponse()
             body = response.read(4096)
             conn.close()
@@ -205,13 +337,7 @@ class LocalRuntime(Runtime):
         except (OSError, http.client.HTTPException):
             return ReplicaStatus(slot, pid, port, alive=True, status="timeout")
         latency = (time.monotonic() - started) * 1000
-        try:
-            data = json.loads(body)
-            utilization = float(data.get("utilization", 0.0))
-            capacity = int(data.get("capacity", 0))
-            ok = response.status == 200 and data.get("status") == "ok"
-        except (ValueError, TypeError, AttributeError):
-            utilization, capacity, ok = 0.0, 0, response.status == 200
+        ok, utilization, capacity = _judge(response.status, body)
         return ReplicaStatus(slot, pid, port, alive=True, status="ok" if ok else "degraded",
                              utilization=utilization, capacity=capacity, latency_ms=round(latency, 2))
 

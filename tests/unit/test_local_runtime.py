@@ -197,3 +197,80 @@ def test_a_recycled_pid_is_never_taken_for_our_process():
     assert process.is_alive(os.getpid(), ticks)
     assert not process.is_alive(os.getpid(), ticks + 1)  # same pid, different start time
     assert not process.signal_process(os.getpid(), ticks + 1, 0)
+
+
+# -- buildpack conventions (no package index needed: the apps use the standard library) ------
+STATIC_APP = {"index.html": "hello from a static app\n",
+              "Procfile": "release: python -c \"open('released', 'w').write('yes')\"\n"
+                          "web: python -m http.server ${PORT} --bind 127.0.0.1\n"}
+
+
+def test_a_procfile_app_starts_in_its_own_virtualenv_and_is_probed_at_root(runtime, tmp_path):
+    import urllib.request
+    spec = onboarding.generate_spec("static-site", "https://git.example.com/static.git", "frontend", "stage")
+    source = tmp_path / "static"
+    source.mkdir()
+    for name, text in STATIC_APP.items():
+        (source / name).write_text(text)
+    runtime.stage_release(spec, 1, source)
+    release_dir = runtime.app_dir("static-site") / "releases" / "1"
+    # The release command ran once, in the release, before any replica was probed.
+    assert (release_dir / "released").read_text() == "yes"
+    seen = wait_for(lambda: (s := runtime.probe_release("static-site", 1)) and all(x.healthy for x in s) and s)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{seen[0].port}/index.html", timeout=5).read()
+    assert body == b"hello from a static app\n"
+    replica = runtime._read("static-site")["staged"]["1"]["0"]
+    assert replica["health_path"] == "/"  # a Procfile app: "/" unless its cicd.toml says otherwise
+    # `python` in the Procfile is the release's own virtualenv, not the control plane's.
+    with open(f"/proc/{replica['pid']}/environ", "rb") as fh:
+        environ = dict(v.split(b"=", 1) for v in fh.read().split(b"\0") if b"=" in v)
+    venv = str(release_dir / ".cicd" / "venv").encode()
+    assert environ[b"VIRTUAL_ENV"] == venv and environ[b"PATH"].startswith(venv + b"/bin")
+    assert environ[b"PORT"] == str(replica["port"]).encode() and environ[b"HOST"] == b"127.0.0.1"
+    with open(f"/proc/{replica['pid']}/cmdline", "rb") as fh:
+        assert fh.read().split(b"\0")[0].startswith(venv + b"/bin/python")
+    # A restart starts the same command from the recorded plan.
+    runtime.activate_release("static-site", 1)
+    runtime.restart("static-site", [0], op_key="r1")
+    wait_for(lambda: all(s.healthy for s in statuses(runtime, "static-site")))
+
+
+def test_a_failing_release_command_fails_the_release_and_starts_nothing(runtime, tmp_path):
+    spec = onboarding.generate_spec("bad-release", "https://git.example.com/bad.git", "backend", "stage")
+    source = sample_source(tmp_path, {"Procfile": "release: python -c \"import sys; print('migration failed'); "
+                                                  "sys.exit(4)\"\nweb: python server.py --port $PORT\n"})
+    with pytest.raises(RuntimeFailure, match=r"release command of release 1 .* failed \(exit 4\): migration failed"):
+        runtime.stage_release(spec, 1, source)
+    assert runtime.probe_release("bad-release", 1) == []
+    assert "migration failed" in (runtime.app_dir("bad-release") / "logs" / "release-1.log").read_text()
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"Procfile": "web: python server.py --port $PORT | tee out\n"}, r"Procfile line 1 .*'\|' needs a shell"),
+    ({".python-version": "3.2\n"}, r"\.python-version: asks for Python 3\.2, which is not installed here"),
+    ({"cicd.toml": "[deploy]\n"}, r"cicd\.toml: unknown key 'deploy'"),
+])
+def test_convention_files_that_cannot_be_followed_fail_the_build(runtime, tmp_path, files, message):
+    spec = onboarding.generate_spec("odd-app", "https://git.example.com/odd.git", "backend", "stage")
+    with pytest.raises(RuntimeFailure, match=rf"^build of release 1: {message}"):
+        runtime.stage_release(spec, 1, sample_source(tmp_path, files))
+    assert runtime.probe_release("odd-app", 1) == []
+
+
+def test_a_web_program_that_is_not_installed_is_named(runtime, tmp_path):
+    spec = onboarding.generate_spec("no-gunicorn", "https://git.example.com/x.git", "backend", "stage")
+    source = sample_source(tmp_path, {"Procfile": "web: gunicorn-not-here --bind 127.0.0.1:$PORT app:app\n"})
+    with pytest.raises(RuntimeFailure, match="'gunicorn-not-here' is not installed in the release"):
+        runtime.stage_release(spec, 1, source)
+
+
+def test_any_status_below_400_is_healthy_and_a_json_body_is_an_extra():
+    from cicd.runtime.local import _judge
+    assert _judge(200, b"<html>") == (True, 0.0, 0)
+    assert _judge(302, b"") == (True, 0.0, 0)
+    assert _judge(404, b"not found") == (False, 0.0, 0)
+    assert _judge(500, b'{"status": "ok"}')[0] is False
+    assert _judge(200, b'{"status": "ok", "utilization": 0.5, "capacity": 4}') == (True, 0.5, 4)
+    assert _judge(200, b'{"status": "degraded"}')[0] is False
+    assert _judge(200, b'[1, 2]') == (True, 0.0, 0)
+    assert _judge(200, b'{"utilization": "lots"}') == (True, 0.0, 0)

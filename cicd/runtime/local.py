@@ -7,8 +7,8 @@ virtualenv in releases/N/.cicd/venv), logs/ (build-N.log, release-N.log, replica
 
 Builds follow the buildpack conventions (cicd.delivery.buildpack): the template's build step,
 then a virtualenv per release made from the interpreter the release asks for, its dependencies
-installed by pip through one download/wheel cache under var/cache/pip (so a redeploy of unchanged
-dependencies takes seconds), Django's collectstatic, and the Procfile's release command.
+installed by pip through one wheelhouse under var/cache/wheels (so a redeploy of unchanged
+dependencies takes seconds, offline), Django's collectstatic, and the Procfile's release command.
 """
 from __future__ import annotations
 
@@ -206,8 +206,7 @@ class LocalRuntime(Runtime):
                                                       "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off"})
         if plan.install:
             pip = [sys.executable, "-m", "pip", "--python", python] if own_pip else [python, "-m", "pip"]
-            self._step(f"dependencies of release {number}", [*pip, "install", *plan.install],
-                       release_dir, env, build_log)
+            self._install(number, pip, plan.install, release_dir, env, build_log)
         if plan.collectstatic and self._has_django(python, release_dir, env):
             # What the Heroku Python buildpack does for a Django app; a failure fails the build there too.
             self._step(f"collectstatic of release {number}", [python, "manage.py", "collectstatic", "--noinput"],
@@ -218,6 +217,25 @@ class LocalRuntime(Runtime):
                        release_dir, env, logs / f"release-{number}.log")
         return build_plan
 
+    def _install(self, number: int, pip: list[str], what: list[str], release_dir: Path, env: dict,
+                 log: Path) -> None:
+        """pip install through a wheelhouse shared by every app (var/cache/wheels).
+
+        Offline first: dependencies that were installed before are all there, so an unchanged
+        redeploy needs no network and takes seconds (pip's own HTTP cache is kept too, but it
+        cannot be relied on: it stores nothing when a proxy marks responses uncacheable). When
+        something is missing, `pip wheel` fetches it into the wheelhouse and the install runs
+        again. Like Heroku's cache, unpinned requirements keep the versions first resolved."""
+        wheels = self.settings.var_dir / "cache" / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        local = ["--find-links", str(wheels)]
+        if self._step(f"dependencies of release {number} (from the wheelhouse)",
+                      [*pip, "install", "--no-index", *local, *what], release_dir, env, log, check=False) == 0:
+            return
+        self._step(f"dependencies of release {number} (download)", [*pip, "wheel", "--wheel-dir", str(wheels),
+                                                                    *local, *what], release_dir, env, log)
+        self._step(f"dependencies of release {number}", [*pip, "install", *local, *what], release_dir, env, log)
+
     @staticmethod
     def _has_django(python: str, release_dir: Path, env: dict) -> bool:
         found = subprocess.run([python, "-c", "import django"], cwd=release_dir, env=env,
@@ -225,7 +243,7 @@ class LocalRuntime(Runtime):
         return found.returncode == 0
 
     @staticmethod
-    def _step(what: str, argv: list[str], cwd: Path, env: dict, log: Path) -> None:
+    def _step(what: str, argv: list[str], cwd: Path, env: dict, log: Path, check: bool = True) -> int:
         with open(log, "a") as out:
             out.write(f"$ {shlex_join(argv)}\n")
             out.flush()
@@ -237,11 +255,12 @@ class LocalRuntime(Runtime):
             except (OSError, subprocess.TimeoutExpired) as exc:
                 raise RuntimeFailure(f"{what} could not run: {exc}") from None
             out.write(f"# exit {done.returncode} after {time.monotonic() - started:.1f} s\n")
-        if done.returncode != 0:
+        if done.returncode != 0 and check:
             with open(log, "rb") as fh:
                 fh.seek(begin)
                 output = fh.read().decode(errors="replace").rsplit("# exit", 1)[0].strip()
             raise RuntimeFailure(f"{what} failed (exit {done.returncode}): {output[-800:]}")
+        return done.returncode
 
     @staticmethod
     def _stop_replica(replica: dict) -> bool:

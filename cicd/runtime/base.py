@@ -84,6 +84,13 @@ class Runtime(ABC):
     def apps(self) -> list[str]:
         ...
 
+    def exits(self, app: str, number: int) -> list[dict]:
+        """How the replicas of release `number` that are no longer running ended, for a failure's
+        detail: [{"slot", "exit" ("exited with code 3", "was killed by SIGKILL", or "exited" when
+        that cannot be known), "code" (or None), "log_tail" (its last few log lines, bounded)}].
+        A runtime with nothing to tell returns []."""
+        return []
+
     def live_release(self, app: str) -> int | None:
         """The release whose replicas serve the app, as the runtime knows it; None if it does not
         say (the reconciler then judges a stuck release by probing its replicas)."""

@@ -59,3 +59,56 @@ def test_an_unknown_ref_fails_the_deploy_cleanly(setup):
     assert state["status"] == "failed" and "does not exist" in state["detail"]
     assert state["signal"]["kind"] == "deploy_failed"
     assert deployer.start(settings, runtime, "once-api", "deploy/y", ref="main")["status"] == "starting"  # lock freed
+
+
+def serve_revision(tmp_path, name: str, server_py: str) -> dict:
+    """A git repository of one app whose server.py is the given text, served over loopback HTTP."""
+    work, root = tmp_path / f"{name}-work", tmp_path / "git"
+    work.mkdir()
+    (work / "server.py").write_text(server_py)
+    examples._git(work, "init", "--quiet", "--initial-branch=main")
+    examples._git(work, "add", "-A")
+    examples._git(work, "commit", "--quiet", "-m", "an app that does not start")
+    root.mkdir(exist_ok=True)
+    examples._git(root, "clone", "--quiet", "--bare", str(work), str(root / f"{name}.git"))
+    examples._git(root / f"{name}.git", "update-server-info")
+    return examples.start_server(root, tmp_path / f"{name}-git.log")
+
+
+def deploy_until_done(settings, runtime, app, timeout=25.0):
+    first = deployer.start(settings, runtime, app, f"deploy/{app}", ref="main")
+    started, state = time.monotonic(), first
+    while state["status"] == "starting":
+        assert time.monotonic() - started < timeout, "the gate is still waiting"
+        time.sleep(0.1)
+        state = deployer.gate(settings, runtime, app, first["release"], first["started_at"])[0] or state
+    return state, time.monotonic() - started
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.8], ids=["at-once", "after-a-moment"])
+def test_a_release_whose_replicas_all_exit_fails_at_once_saying_why(tmp_path, delay):
+    """Its deploy does not wait out the 30 s health deadline, and its failure names each replica's
+    exit code and the last lines of its log, in the deploy's state and in the proof log."""
+    server = serve_revision(tmp_path, "dies-api", (
+        "import sys, time\n"
+        f"time.sleep({delay})\n"
+        "print('starting dies-api', flush=True)\n"
+        "print('config error: DATABASE_URL is not set', file=sys.stderr)\n"
+        "sys.exit(3)\n"))
+    settings = Settings(env="stage", home=tmp_path / "home")
+    runtime = LocalRuntime(settings)
+    try:
+        assert onboarding.register(settings, "dies-api", f"{server['url']}/dies-api.git", "backend")["ok"]
+        state, seconds = deploy_until_done(settings, runtime, "dies-api")
+        assert state["status"] == "failed" and seconds < 10
+        detail = state["detail"]
+        assert "exited with code 3" in detail and "DATABASE_URL is not set" in detail, detail
+        if "every replica exited" in detail:  # caught by the gate, not by the start itself
+            assert detail.count("exited with code 3") == 2 and "replica 0" in detail and "replica 1" in detail
+        failed = [r for r in proof.records_since(settings, 0) if r["event_name"] == "DEPLOY_FAILED"]
+        assert failed and "DATABASE_URL is not set" in failed[-1]["payload"]["detail"]
+        assert "CICD_ENV" not in detail and "PATH=" not in detail  # the app's environment is not shown
+    finally:
+        for app in runtime.apps():
+            runtime.stop_app(app)
+        process.stop(server["pid"], server["ticks"])

@@ -34,7 +34,7 @@ def logs(invocation: Invocation, app, replica, follow, lines):
     logs_dir = runtime.app_dir(app) / "logs"
     with session_scope(settings, readonly=True) as session:
         known = get_app(session, settings.env, app) is not None
-    # A removed app's logs may still be there to read.
+    # Logs without a registry row: an app whose removal stopped half-way (run `cicd remove` again).
     if not known and not logs_dir.is_dir():
         raise click.ClickException(f"app {app!r} is not onboarded in {settings.env} and has no logs there "
                                    f"(`cicd status --env {settings.env}` lists its apps)")

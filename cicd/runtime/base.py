@@ -81,6 +81,12 @@ class Runtime(ABC):
         ...
 
     @abstractmethod
+    def remove_app(self, app: str) -> int:
+        """Stop every process of the app (live, staged, retiring, load) and drop all the runtime
+        holds of it; returns how many replicas were running. Removing an app already gone is a
+        no-op (0), so a removal that stopped half-way can simply be run again."""
+
+    @abstractmethod
     def apps(self) -> list[str]:
         ...
 

@@ -387,3 +387,13 @@ class LocalRuntime(Runtime):
                 replicas.extend(staged.values())
             state["replicas"], state["staged"], state["live"], state["retiring"] = {}, {}, None, []
         return self._stop_replicas(replicas)
+
+    def remove_app(self, app: str) -> int:
+        directory = self.app_dir(app)
+        if not directory.exists():
+            return 0
+        stopped = self.stop_app(app)
+        # Its releases, state and logs go (the proof log is the record that stays). An action that
+        # was waiting on the app's lock meanwhile then fails loudly: there is no app to act on.
+        shutil.rmtree(directory, ignore_errors=True)
+        return stopped

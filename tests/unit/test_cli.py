@@ -432,3 +432,18 @@ def test_logs_follow_prints_what_a_new_replica_writes_until_ctrl_c(tmp_path):
             process.stop(*writer, grace_s=1)
     err = proc.stderr.read()
     assert code == 0 and "Traceback" not in err, err
+
+
+def test_remove_asks_for_yes_off_a_terminal_and_names_an_unknown_app(tmp_path):
+    logs = logged_app(tmp_path)
+    unconfirmed = run(tmp_path, "remove", "logs-api")
+    assert unconfirmed.returncode == 2 and "pass --yes" in unconfirmed.stderr and logs.exists()
+    unknown = run(tmp_path, "remove", "nope-api", "--yes")
+    assert unknown.returncode == 1 and "Error: nope-api is not onboarded in stage" in unknown.stderr
+    removed = run(tmp_path, "remove", "logs-api", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed logs-api from stage: 0 replicas stopped" in removed.stdout and not logs.exists()
+    gone = run(tmp_path, "logs", "logs-api")
+    assert gone.returncode == 1 and "not onboarded" in gone.stderr
+    for out in (unconfirmed, unknown, removed, gone):
+        assert "Traceback" not in out.stderr

@@ -37,7 +37,8 @@ def remove(settings: Settings, runtime: Runtime, app_name: str, who: str) -> dic
             refused = False
             under_way = [r for r in releases.under_way(session, env) if r.app == app_name]
             if under_way or not releases.take_lock(session, env, app_name, holder, settings.clock.now(), LEASE_S):
-                busy = f"release {under_way[0].number} is {under_way[0].status}" if under_way else "its deploy lease is held"
+                busy = (f"release {under_way[0].number} is {under_way[0].status}" if under_way
+                        else "its deploy lease is held")
                 raise RemoveRefused(f"a deploy of {app_name} is under way in {env} ({busy}); "
                                     f"wait for it to finish (`cicd status`), then remove it")
     if refused:

@@ -157,7 +157,7 @@ def test_remove_is_refused_while_a_deploy_is_under_way_and_in_prod(setup, tmp_pa
     settings, runtime = setup
     starting = deployer.start(settings, runtime, "once-api", "deploy/slow", ref="main")
     assert starting["status"] == "starting"
-    with pytest.raises(removal.RemoveRefused, match="a deploy of once-api is under way in stage .release 1 is starting"):
+    with pytest.raises(removal.RemoveRefused, match="deploy of once-api is under way in stage .release 1 is starting"):
         removal.remove(settings, runtime, "once-api", who="tester")
     assert runtime.exits("once-api", 1) == [] and len(runtime.probe_release("once-api", 1)) == 2  # untouched
 

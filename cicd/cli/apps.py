@@ -1,4 +1,4 @@
-"""Apps: `cicd onboard`, `deploy`, `scale`, and `inject` (break one on purpose)."""
+"""Apps: `cicd onboard`, `deploy`, `scale`, `inject` (break one on purpose) and `remove`."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ import sys
 import click
 
 from cicd.cli import terminal
-from cicd.cli.context import Invocation, control_plane, env_option, pass_invocation, require_stack
+from cicd.cli.context import Invocation, control_plane, env_option, pass_invocation, require_stack, whoami
 from cicd.config import Settings
 from cicd.core.lifecycle import IncidentStatus, ReleaseStatus
 from cicd.delivery import faults, gitsource, onboarding
@@ -157,3 +157,27 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot):
         return
     click.echo(f"{incident['id']} ended {incident['status']}: {incident['resolution']}", err=True)
     sys.exit(1)
+
+
+@click.command()
+@click.argument("app")
+@env_option()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed when stdin is not a terminal).")
+@pass_invocation
+def remove(invocation: Invocation, app, yes):
+    """Remove an app: stop its replicas, drop its runtime state, spec and registry entry.
+
+    Its history stays: releases, incidents and the proof log (which records APP_REMOVED).
+    Refused while a deploy of the app is under way, and in prod (prod changes need an approval,
+    and removals have no approval flow yet: remove it from stage or dev).
+    """
+    from cicd.delivery import removal
+    settings = invocation.settings
+    if not yes and settings.env != "prod":
+        if not sys.stdin.isatty():
+            raise click.UsageError(f"removing {app} stops it and forgets it in {settings.env}: "
+                                   f"pass --yes to confirm when not on a terminal")
+        click.confirm(f"Remove {app} from {settings.env}: stop its replicas and drop its spec?", abort=True)
+    result = removal.remove(settings, make_runtime(settings), app, who=whoami())
+    click.echo(f"removed {app} from {settings.env}: {result['stopped']} replicas stopped; "
+               f"its proof log and release history are kept")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from cicd.cli import apps, approvals, bench, dashboard, demo, dlq, incidents, proof, rl, stack
+from cicd.cli import apps, approvals, bench, dashboard, demo, dlq, incidents, logs, proof, rl, stack
 from cicd.cli.context import Invocation
 from cicd.errors import CicdError
 
@@ -52,7 +52,8 @@ def main(ctx):
 
 for command in (
     stack.up, stack.down, stack.watch, stack.status,
-    apps.onboard, apps.deploy, apps.scale, apps.inject,
+    apps.onboard, apps.deploy, apps.scale, apps.inject, apps.remove,
+    logs.logs,
     incidents.incidents,
     dashboard.dashboard,
     approvals.promote, approvals.approvals_list, approvals.approve, approvals.deny,

@@ -20,6 +20,7 @@ PROOF_EVENTS = frozenset({
     "DEPLOYMENT_TRIGGERED", "DEPLOY_STARTED", "BUILD_SUCCEEDED", "BUILD_FAILED", "REPLICAS_STARTED",
     "HEALTH_GATE_PASSED", "DEPLOY_SUCCEEDED", "DEPLOY_FAILED", "ROLLBACK", "SCALE_REQUESTED", "SCALED",
     "RELEASE_RESUMED",  # the reconciler took over a release its deploy stopped moving
+    "APP_REMOVED", "APP_REMOVE_REFUSED",  # `cicd remove`
     # faults on purpose
     "FAILURE_INJECTED",
     # promotion and human approval

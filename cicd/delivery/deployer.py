@@ -123,15 +123,32 @@ def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, start
     statuses = runtime.probe_release(app_name, number)
     if len(statuses) >= wanted and all(s.healthy for s in statuses):
         return finish(settings, runtime, app_name, number, ok=True, detail=f"{len(statuses)} replicas healthy"), None
+    if statuses and not any(s.alive for s in statuses):
+        # Nothing left that could become healthy: waiting out the deadline would only hide why.
+        exited = exit_detail(runtime, app_name, number, statuses)
+        return finish(settings, runtime, app_name, number, ok=False, stage="gate",
+                      detail=f"every replica exited before it was healthy: {exited}"), None
     if now - parse_iso(started_at) > timedelta(seconds=deadline):
         seen = ", ".join(f"{s.slot}:{s.status}" for s in statuses)
+        exited = exit_detail(runtime, app_name, number, statuses)
         return finish(settings, runtime, app_name, number, ok=False, stage="gate",
-                      detail=f"not healthy within {deadline} s ({seen})"), None
+                      detail=f"not healthy within {deadline} s ({seen})" + (f": {exited}" if exited else "")), None
     signal = None
     if slow_due:
         signal = deploy_signal(settings, app_name, "deploy_slow", number,
                                f"release {number} not healthy after {settings.slow_deploy_s:.0f} s")
     return None, signal
+
+
+def exit_detail(runtime: Runtime, app_name: str, number: int, statuses) -> str:
+    """Each exited replica of the release: how it ended and the last lines of its log (the app's
+    own output, bounded; the environment it was given is never shown). Asked of the runtime only
+    when the probe saw a replica gone."""
+    if all(s.alive for s in statuses):
+        return ""
+    return "; ".join(f"replica {e['slot']} {e['exit']}" + (f", its log ends: {e['log_tail']}" if e["log_tail"]
+                                                           else ", its log is empty")
+                     for e in runtime.exits(app_name, number))
 
 
 def deploy_signal(settings: Settings, app_name: str, kind: str, number: int, detail: str) -> dict:
@@ -276,7 +293,8 @@ def resume(settings: Settings, runtime: Runtime, app_name: str, number: int) -> 
         ok, detail = True, f"{len(statuses)} replicas healthy"
     elif overdue:
         seen = ", ".join(f"{s.slot}:{s.status}" for s in statuses) or "no replicas"
-        ok, detail = False, f"not healthy within {deadline} s ({seen})"
+        exited = exit_detail(runtime, app_name, number, statuses)
+        ok, detail = False, f"not healthy within {deadline} s ({seen})" + (f": {exited}" if exited else "")
     else:
         return None  # not healthy yet, but still within its deadline: its gate may yet come back
     with session_scope(settings) as session:

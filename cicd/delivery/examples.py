@@ -84,7 +84,8 @@ def start_server(root: Path, log: Path, port: int | None = None) -> dict:
     for candidate in ([port] if port else []) + [process.free_port()]:
         argv = [sys.executable, "-I", "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root),
                 str(candidate)]
-        pid, ticks = process.spawn_detached(argv, str(root), process.clean_env({}), str(log))
+        pid, ticks = process.spawn_detached(argv, str(root), process.clean_env({}), str(log),
+                                            record_exit=False)
         url = f"http://127.0.0.1:{candidate}"
         deadline = time.monotonic() + 10
         while process.is_alive(pid, ticks) and time.monotonic() < deadline:

@@ -81,8 +81,21 @@ class Runtime(ABC):
         ...
 
     @abstractmethod
+    def remove_app(self, app: str) -> int:
+        """Stop every process of the app (live, staged, retiring, load) and drop all the runtime
+        holds of it; returns how many replicas were running. Removing an app already gone is a
+        no-op (0), so a removal that stopped half-way can simply be run again."""
+
+    @abstractmethod
     def apps(self) -> list[str]:
         ...
+
+    def exits(self, app: str, number: int) -> list[dict]:
+        """How the replicas of release `number` that are no longer running ended, for a failure's
+        detail: [{"slot", "exit" ("exited with code 3", "was killed by SIGKILL", or "exited" when
+        that cannot be known), "code" (or None), "log_tail" (its last few log lines, bounded)}].
+        A runtime with nothing to tell returns []."""
+        return []
 
     def live_release(self, app: str) -> int | None:
         """The release whose replicas serve the app, as the runtime knows it; None if it does not

@@ -298,6 +298,27 @@ class LocalRuntime(Runtime):
         replicas = list(state.get("staged", {}).get(str(number), {}).values())
         return self._probe_replicas(state.get("spec", {}), replicas)
 
+    def replica_log(self, app: str, slot: int) -> Path:
+        return self.app_dir(app) / "logs" / f"replica-{slot}.log"
+
+    def exits(self, app: str, number: int) -> list[dict]:
+        state = self._read(app)
+        replicas = state.get("staged", {}).get(str(number))
+        if replicas is None and state.get("live") == number:
+            replicas = state.get("replicas", {})
+        out = []
+        for replica in sorted((replicas or {}).values(), key=lambda r: int(r["slot"])):
+            pid, ticks = replica.get("pid"), replica.get("ticks")
+            if process.is_alive(pid, ticks):
+                continue
+            log = self.replica_log(app, int(replica["slot"]))
+            ended = process.exit_of(log, pid, ticks)
+            # Without a known exit, the tail of the whole log is still the best clue there is.
+            out.append({"slot": int(replica["slot"]), "exit": process.describe_exit(ended),
+                        "code": (ended or {}).get("code"),
+                        "log_tail": process.log_tail(log, (ended or {}).get("log_offset", 0))})
+        return out
+
     def activate_release(self, app: str, number: int) -> dict:
         with self._locked(app) as state:
             staged = state["staged"].pop(str(number), None)
@@ -490,7 +511,7 @@ class LocalRuntime(Runtime):
                 "--state", str(self.app_dir(app) / "state.json"), "--clients", str(clients),
                 "--duration", str(duration)]
         pid, ticks = process.spawn_detached(argv, str(self.app_dir(app)), process.clean_env({}),
-                                            str(self.app_dir(app) / "logs" / "load.log"))
+                                            str(self.app_dir(app) / "logs" / "load.log"), record_exit=False)
         (self.app_dir(app) / "load.json").write_text(json.dumps({"pid": pid, "ticks": ticks}))
         return {"kind": "overload", "clients": clients, "capacity": capacity, "duration_s": duration, "pid": pid}
 
@@ -511,3 +532,13 @@ class LocalRuntime(Runtime):
                 replicas.extend(staged.values())
             state["replicas"], state["staged"], state["live"], state["retiring"] = {}, {}, None, []
         return self._stop_replicas(replicas)
+
+    def remove_app(self, app: str) -> int:
+        directory = self.app_dir(app)
+        if not directory.exists():
+            return 0
+        stopped = self.stop_app(app)
+        # Its releases, state and logs go (the proof log is the record that stays). An action that
+        # was waiting on the app's lock meanwhile then fails loudly: there is no app to act on.
+        shutil.rmtree(directory, ignore_errors=True)
+        return stopped

@@ -14,9 +14,10 @@ import sys
 import time
 
 # Run by a short-lived launcher process: the app is started in its own session and the launcher
-# exits at once, so the app is re-parented to init. It outlives the worker that started it,
-# and no worker ever holds it as a zombie child. The launcher reads what to start (environment
-# included, which may hold secrets) from its stdin: its command line is visible to every user.
+# exits at once, so the app is re-parented away from the worker that started it: it outlives
+# that worker, and no worker ever holds it as a zombie child. The launcher reads what to start
+# (environment included, which may hold secrets) from its stdin: its command line is visible to
+# every user.
 _LAUNCHER = r"""
 import json, subprocess, sys
 spec = json.loads(sys.stdin.read())
@@ -25,6 +26,58 @@ p = subprocess.Popen(spec["argv"], cwd=spec["cwd"], env=spec["env"], stdin=subpr
                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
 print(p.pid)
 """
+
+# The same, when the exit must be known: only a parent can learn an exit code (waitpid; a pidfd
+# or /proc of a non-child cannot tell it), so the launcher forks a keeper, a small parent in a
+# session of its own, which starts the app in the app's own session (its pid and process group
+# are what probes, restarts and kills act on, as above), waits for it, and writes how it ended
+# to the exit file, keyed by the app's pid and start ticks, with where the app's output begins in
+# the log. The keeper drops the spec (the environment with it) once the app runs. No shell.
+_KEEPER = r"""
+import json, os, subprocess, sys
+spec = json.loads(sys.stdin.read())
+ready_r, ready_w = os.pipe()
+if os.fork():
+    os.close(ready_w)
+    answer = os.read(ready_r, 4096).decode()
+    print(answer)
+    sys.exit(0 if answer.isdigit() else 1)
+os.close(ready_r)
+os.setsid()
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)  # let go of the launcher's pipes: whoever reads them sees their end
+log = open(spec["log"], "ab")
+offset = log.seek(0, os.SEEK_END)
+try:
+    p = subprocess.Popen(spec["argv"], cwd=spec["cwd"], env=spec["env"], stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+except OSError as exc:
+    os.write(ready_w, str(exc).encode())
+    os._exit(1)
+exit_path = spec["exit"]
+del spec
+log.close()
+try:
+    with open(f"/proc/{p.pid}/stat", "rb") as fh:
+        ticks = int(fh.read().rsplit(b")", 1)[1].split()[19])
+except (OSError, IndexError, ValueError):
+    ticks = None
+os.write(ready_w, str(p.pid).encode())
+os.close(ready_w)
+os.chdir("/")
+code = p.wait()
+tmp = f"{exit_path}.tmp{os.getpid()}"
+with open(tmp, "w") as fh:
+    json.dump({"pid": p.pid, "ticks": ticks, "code": code, "log_offset": offset}, fh)
+os.replace(tmp, exit_path)
+"""
+
+
+def exit_path_for(log_path) -> str:
+    """Where a kept process's exit is written: beside its log (replica-0.log -> replica-0.exit)."""
+    root, _ = os.path.splitext(str(log_path))
+    return root + ".exit"
 
 
 def start_ticks(pid: int) -> int | None:
@@ -54,19 +107,86 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn_detached(argv: list[str], cwd: str, env: dict, log_path: str) -> tuple[int, int]:
-    """Start argv in its own session, not as our child; returns (pid, start ticks)."""
+def spawn_detached(argv: list[str], cwd: str, env: dict, log_path: str,
+                   record_exit: bool = True) -> tuple[int, int]:
+    """Start argv in its own session, not as our child; returns (pid, start ticks).
+
+    With record_exit, a keeper writes how it ended to exit_path_for(log_path) (see exit_of)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    spec = json.dumps({"argv": argv, "cwd": cwd, "env": env, "log": log_path})
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER], input=spec, capture_output=True,
-                         text=True, timeout=30)
+    spec = {"argv": argv, "cwd": cwd, "env": env, "log": log_path}
+    if record_exit:
+        spec["exit"] = exit_path_for(log_path)
+    # The launcher (and so a keeper that lives as long as the app) gets no environment of ours:
+    # what it needs comes on stdin, and /proc/PID/environ of a long-lived keeper must hold nothing.
+    launcher_env = {k: os.environ[k] for k in ("PATH", "LANG") if k in os.environ}
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", _KEEPER if record_exit else _LAUNCHER],
+                         input=json.dumps(spec), capture_output=True, text=True, timeout=30, env=launcher_env)
     if out.returncode != 0:
-        raise OSError(f"could not start {argv[0]}: {out.stderr.strip()[-500:]}")
+        raise OSError(f"could not start {argv[0]}: {(out.stdout + out.stderr).strip()[-500:]}")
     pid = int(out.stdout.strip())
     ticks = start_ticks(pid)
     if ticks is None:
-        raise OSError(f"{argv[0]} exited at once; see {log_path}")
+        why = "exited at once"
+        if record_exit:
+            # The keeper writes the exit a moment after the app ends.
+            deadline = time.monotonic() + 2.0
+            while (ended := exit_of(log_path, pid, None)) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            why = describe_exit(ended)
+            tail = log_tail(log_path, (ended or {}).get("log_offset", 0))
+        else:
+            tail = ""
+        raise OSError(f"{argv[0]} {why} (log: {log_path})" + (f"; its log ends: {tail}" if tail else ""))
     return pid, ticks
+
+
+def exit_of(log_path, pid: int | None, ticks: int | None) -> dict | None:
+    """How the kept process (pid, ticks) ended: {"code": int (negative: killed by that signal),
+    "log_offset": where its output begins}; None while it runs, or if that is not known (no keeper,
+    or the exit file is of another process that used the same log)."""
+    try:
+        with open(exit_path_for(log_path)) as fh:
+            ended = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(ended, dict) or ended.get("pid") != pid:
+        return None
+    if ticks is not None and ended.get("ticks") not in (None, ticks):
+        return None
+    return ended
+
+
+def describe_exit(ended: dict | None) -> str:
+    """"exited with code 3", "was killed by SIGKILL", or "exited" when the exit is not known."""
+    code = (ended or {}).get("code")
+    if not isinstance(code, int):
+        return "exited"
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+TAIL_LINES = 5
+TAIL_LINE_CHARS = 160
+
+
+def log_tail(log_path, offset: int = 0, lines: int = TAIL_LINES, max_line: int = TAIL_LINE_CHARS) -> str:
+    """The last few lines a process wrote to its log since offset, each cut to max_line, joined
+    with " | ": bounded, so it fits an error message and a proof record."""
+    try:
+        with open(log_path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            start = max(offset if 0 <= offset <= size else 0, size - lines * (max_line + 1) * 4)
+            fh.seek(start)
+            raw = fh.read()
+    except OSError:
+        return ""
+    text = raw.decode("utf-8", "replace").replace("\r", "\n")
+    kept = [line.strip() for line in text.split("\n") if line.strip()][-lines:]
+    return " | ".join(line if len(line) <= max_line else line[:max_line - 3] + "..." for line in kept)
 
 
 def signal_process(pid: int, ticks: int | None, sig: int) -> bool:

@@ -370,6 +370,11 @@ class SimRuntime(Runtime):
         return sim.replicas if sim else 0
 
 
+    def remove_app(self, app: str) -> int:
+        # The simulated fleet holds nothing of a stopped app.
+        return self.stop_app(app)
+
+
 class SharedSimRuntime(SimRuntime):
     """The simulated fleet in a database of its own (var/ENV/sim-fleet.db), so every worker
     process sees one fleet (`CICD_RUNTIME=sim`): what the chaos tests and the benchmarks run the

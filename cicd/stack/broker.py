@@ -85,7 +85,7 @@ def start_redis(settings: Settings, say: Say, previous_port: int | None) -> dict
         f"port {port}", "bind 127.0.0.1", "protected-mode yes", f"dir {data_dir}", f"requirepass {password}",
         "appendonly yes", "appendfsync everysec", "maxmemory-policy noeviction", 'save ""', "daemonize no", ""]))
     pid, ticks = process.spawn_detached([binary, str(conf)], str(data_dir), dict(os.environ),
-                                        str(data_dir / "redis.log"))
+                                        str(data_dir / "redis.log"), record_exit=False)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, password=password, socket_timeout=1)
     deadline = time.monotonic() + 20

@@ -90,7 +90,7 @@ def start_flower(settings: Settings, say: Say, port: int, user: str | None = Non
     env.update(CICD_AGENT="", FLOWER_BASIC_AUTH=f"{user}:{password}")
     log = settings.home / "logs" / "flower.log"
     argv = [sys.executable, *flower_args("127.0.0.1", port, str(data_dir / "flower.db"))]
-    pid, ticks = process.spawn_detached(argv, str(settings.home), env, str(log))
+    pid, ticks = process.spawn_detached(argv, str(settings.home), env, str(log), record_exit=False)
     entry = {"pid": pid, "ticks": ticks, "port": port, "url": f"http://127.0.0.1:{port}/", "user": user,
              "password_file": str(path), "log": str(log)}
     _wait_flower(entry, password)

@@ -70,7 +70,7 @@ def spawn(settings: Settings, argv: list[str], log_name: str, agent: str = "") -
     """One detached process of the stack, logging to logs/<env>/<log_name>; its record entry."""
     log = settings.logs_dir / log_name
     env = {**child_env(settings), "CICD_AGENT": agent}
-    pid, ticks = process.spawn_detached(argv, str(settings.home), env, str(log))
+    pid, ticks = process.spawn_detached(argv, str(settings.home), env, str(log), record_exit=False)
     return {"pid": pid, "ticks": ticks, "log": str(log)}
 
 

@@ -364,3 +364,86 @@ def test_the_documented_completion_line_completes_in_bash(tmp_path):
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["complete -o nosort -F _cicd_completion cicd", "verify", "--follow"]
+
+
+def logged_app(home: Path) -> Path:
+    """An onboarded app with a build log and two replicas' logs; returns its logs directory."""
+    from cicd.delivery import onboarding
+    settings = Settings(env="stage", home=home)
+    assert onboarding.register(settings, "logs-api", "https://git.example.com/logs-api.git", "backend")["ok"]
+    logs = settings.apps_dir / "logs-api" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "build-1.log").write_text("compiling\nbuilt\n")
+    for slot in (0, 1):
+        (logs / f"replica-{slot}.log").write_text("".join(f"r{slot} line {i}\n" for i in range(80)))
+    return logs
+
+
+def test_logs_shows_the_build_then_each_replica_and_one_replica_alone(tmp_path):
+    logged_app(tmp_path)
+    out = run(tmp_path, "logs", "logs-api", "-n", "2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["build-1 | compiling", "build-1 | built",
+                                       "replica-0 | r0 line 78", "replica-0 | r0 line 79",
+                                       "replica-1 | r1 line 78", "replica-1 | r1 line 79"]
+    one = run(tmp_path, "logs", "logs-api", "--replica", "1")
+    assert one.returncode == 0 and one.stdout.splitlines() == [f"r1 line {i}" for i in range(30, 80)]
+    everything = run(tmp_path, "logs", "logs-api", "--replica", "0", "-n", "0")
+    assert len(everything.stdout.splitlines()) == 80
+
+
+def test_logs_of_an_unknown_app_or_replica_is_a_clear_error(tmp_path):
+    logged_app(tmp_path)
+    missing = run(tmp_path, "logs", "logs-api", "--replica", "5")
+    assert missing.returncode == 1 and "has no replica 5 (replicas: 0, 1)" in missing.stderr
+    unknown = run(tmp_path, "logs", "nope-api")
+    assert unknown.returncode == 1 and "'nope-api' is not onboarded in stage" in unknown.stderr
+    invalid = run(tmp_path, "logs", "../etc")
+    assert invalid.returncode == 2 and "not a valid app name" in invalid.stderr
+    for out in (missing, unknown, invalid):
+        assert "Traceback" not in out.stderr and not out.stdout
+
+
+def test_logs_follow_prints_what_a_new_replica_writes_until_ctrl_c(tmp_path):
+    logs = logged_app(tmp_path)
+    env = {**os.environ, "CICD_HOME": str(tmp_path), "CICD_ENV": "stage"}
+    env.pop("CICD_BROKER_URL", None)
+    proc = subprocess.Popen([str(CICD), "logs", "logs-api", "-f", "-n", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=as_in_a_terminal)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in proc.stdout], daemon=True).start()
+    writer = None
+    try:
+        first = [lines.get(timeout=30) for _ in range(3)]
+        assert first == ["build-1 | built", "replica-0 | r0 line 79", "replica-1 | r1 line 79"]
+        # A real process, as a replica started after the tail began: its log is new, and grows.
+        writer = process.spawn_detached(
+            [sys.executable, "-c", "import time\nfor i in range(3):\n    print('hello', i, flush=True)\n"
+                                   "    time.sleep(0.2)\ntime.sleep(60)"],
+            str(tmp_path), process.clean_env({}), str(logs / "replica-2.log"))
+        with open(logs / "replica-0.log", "a") as fh:
+            fh.write("r0 after\n")
+        got = sorted(lines.get(timeout=30) for _ in range(4))
+        assert got == ["replica-0 | r0 after", "replica-2 | hello 0", "replica-2 | hello 1", "replica-2 | hello 2"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=15)
+        if writer:
+            process.stop(*writer, grace_s=1)
+    err = proc.stderr.read()
+    assert code == 0 and "Traceback" not in err, err
+
+
+def test_remove_asks_for_yes_off_a_terminal_and_names_an_unknown_app(tmp_path):
+    logs = logged_app(tmp_path)
+    unconfirmed = run(tmp_path, "remove", "logs-api")
+    assert unconfirmed.returncode == 2 and "pass --yes" in unconfirmed.stderr and logs.exists()
+    unknown = run(tmp_path, "remove", "nope-api", "--yes")
+    assert unknown.returncode == 1 and "Error: nope-api is not onboarded in stage" in unknown.stderr
+    removed = run(tmp_path, "remove", "logs-api", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed logs-api from stage: 0 replicas stopped" in removed.stdout and not logs.exists()
+    gone = run(tmp_path, "logs", "logs-api")
+    assert gone.returncode == 1 and "not onboarded" in gone.stderr
+    for out in (unconfirmed, unknown, removed, gone):
+        assert "Traceback" not in out.stderr

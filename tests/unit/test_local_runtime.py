@@ -6,6 +6,7 @@ stops what it started.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import time
 
@@ -274,3 +275,34 @@ def test_any_status_below_400_is_healthy_and_a_json_body_is_an_extra():
     assert _judge(200, b'{"status": "degraded"}')[0] is False
     assert _judge(200, b'[1, 2]') == (True, 0.0, 0)
     assert _judge(200, b'{"utilization": "lots"}') == (True, 0.0, 0)
+
+
+def test_a_killed_replica_is_reported_with_its_signal_and_log(runtime, live_app):
+    """The keeper that waits for each replica records how it ended; kills act on the app's own
+    pid and process group, as before, and the keeper does not outlive it."""
+    replica = min(runtime.replicas(live_app), key=lambda r: r["slot"])
+    keeper = int(open(f"/proc/{replica['pid']}/stat").read().rsplit(")", 1)[1].split()[1])
+    assert os.getpgid(replica["pid"]) == replica["pid"] != os.getpgid(keeper)
+    runtime.inject(live_app, "crash", slot=replica["slot"])
+    exits = wait_for(lambda: runtime.exits(live_app, 1) and runtime.exits(live_app, 1)[0]["code"] is not None and
+                     runtime.exits(live_app, 1))
+    assert exits[0]["slot"] == replica["slot"] and exits[0]["exit"] == "was killed by SIGKILL"
+    assert exits[0]["code"] == -9 and exits[0]["log_tail"]  # the sample service logs its start
+    wait_for(lambda: process.start_ticks(keeper) is None)
+    # Without its exit record (a keeper killed too), it still says it exited, with its log.
+    os.unlink(process.exit_path_for(runtime.replica_log(live_app, replica["slot"])))
+    assert runtime.exits(live_app, 1)[0]["exit"] == "exited" and runtime.exits(live_app, 1)[0]["log_tail"]
+
+
+def test_a_log_tail_is_bounded_and_starts_with_its_process(tmp_path):
+    log = tmp_path / "replica-0.log"
+    log.write_text("from an earlier release\n")
+    offset = log.stat().st_size
+    with open(log, "a") as fh:
+        fh.write("".join(f"line {i} " + "x" * 300 + "\n" for i in range(50)))
+    tail = process.log_tail(log, offset)
+    lines = tail.split(" | ")
+    assert len(lines) == process.TAIL_LINES and lines[-1].startswith("line 49")
+    assert all(len(line) <= process.TAIL_LINE_CHARS for line in lines)
+    assert process.log_tail(log, log.stat().st_size) == "" and process.log_tail(tmp_path / "none") == ""
+    assert "earlier" not in process.log_tail(log, offset, lines=100)  # only this process's own output

@@ -133,3 +133,11 @@ def test_the_shared_fleet_is_one_fleet_for_every_instance_and_matches_the_in_mem
     assert reader.apps() == [] and reader.probe(["sim-api"]) == {"sim-api": []}
     with pytest.raises(RuntimeFailure, match="not deployed"):
         reader.note_action("sim-api", "noop", {}, "op-x")
+
+
+def test_removing_an_app_forgets_it():
+    sim = fleet()
+    replicas = sim.replica_count("sim-api")
+    assert replicas > 0 and sim.remove_app("sim-api") == replicas
+    assert "sim-api" not in sim.apps() and sim.replica_count("sim-api") == 0
+    assert sim.remove_app("sim-api") == 0  # again: nothing left, no error

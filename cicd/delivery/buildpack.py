@@ -19,16 +19,30 @@ code beyond those files:
                     build fails naming the file and the interpreters that are installed.
   cicd.toml         the optional manifest, below.
 
+The Node toolchain, for the frontend and fullstack templates (the backend template is Python
+only: a package.json there is noted and left alone):
+
+  package.json      a JSON object; its dependencies are installed into the release's
+                    node_modules with `npm ci` when package-lock.json (or npm-shrinkwrap.json)
+  package-lock.json is there, `npm install` otherwise; `npm run build` when its scripts define
+                    `build`. Without a Procfile web: line, replicas start with `npm start` (which
+                    runs scripts.start); the frontend template requires one of the two, naming
+                    package.json when neither is there, the fullstack template falls back to its
+                    documented Python start (Node then only builds, the Python app serves).
+  fullstack         both toolchains: the Node install and build first (so the Python app can
+                    serve or collect what it built), then the Python steps above.
+
 The manifest, cicd.toml (TOML; every key is optional, an unknown one is refused):
 
     [health]
     path = "/healthz"      # what the probes GET; any status below 400 is healthy
 
 The health path is the manifest's, else "/" for an app that brings its own start command (a
-Procfile), else the template's (`health_path` in the spec: "/health" for the sample service).
+Procfile, or package.json's start script), else the template's (`health_path` in the spec: "/health" for the sample service).
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -48,6 +62,12 @@ PORT_REFERENCE = re.compile(r"\$(?:PORT\b|\{PORT\})")
 VERSION_FILES = (".python-version", "runtime.txt")
 # What a shell would interpret: without one, these would reach the program as literal text.
 SHELL_OPERATORS = set("|&;<>()")
+PACKAGE_JSON = "package.json"
+NODE_LOCKFILES = ("npm-shrinkwrap.json", "package-lock.json")   # npm ci honours either; shrinkwrap wins
+# Which templates build with which toolchains; Python is always there (the sample service and any
+# Procfile command such as `python -m http.server` run from the release's virtualenv).
+NODE_TEMPLATES = {"frontend", "fullstack"}
+NPM_START = ["npm", "start"]
 
 
 class BuildpackError(CicdError, ValueError):
@@ -64,6 +84,8 @@ class BuildPlan:
     web: list[str] | None = None         # the Procfile's start command, or None: the template's
     release: list[str] | None = None     # the Procfile's release command
     health_path: str | None = None       # None: the template's (the spec's), else "/"
+    npm_install: list[str] | None = None # npm arguments: ["ci"] or ["install"]; None: no Node toolchain
+    npm_build: bool = False              # package.json's scripts define build: `npm run build`
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -187,8 +209,39 @@ def choose_python(directory: Path, which=shutil.which) -> tuple[str, str | None]
     return sys.executable, None
 
 
-def plan(directory: Path, which=shutil.which) -> BuildPlan:
-    """The build plan of the release in `directory`, or BuildpackError naming the file at fault."""
+def parse_package_json(text: str) -> dict:
+    """package.json's scripts ({name: command}), refusing what npm could not run."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise BuildpackError(f"{PACKAGE_JSON}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BuildpackError(f"{PACKAGE_JSON}: must be a JSON object, like {{\"name\": \"app\", \"scripts\": {{}}}}")
+    scripts = data.get("scripts", {})
+    if not isinstance(scripts, dict):
+        raise BuildpackError(f"{PACKAGE_JSON}: scripts must be an object of name: command strings")
+    for name in ("build", "start"):
+        if name in scripts and not (isinstance(scripts[name], str) and scripts[name].strip()):
+            raise BuildpackError(f"{PACKAGE_JSON}: scripts.{name} must be a non-empty command string")
+    return scripts
+
+
+def node_steps(directory: Path, which=shutil.which) -> tuple[list[str], bool, bool] | None:
+    """(npm install arguments, has a build script, has a start script), or None without package.json."""
+    text = _read(directory, PACKAGE_JSON)
+    if text is None:
+        return None
+    scripts = parse_package_json(text)
+    if which("npm") is None:
+        raise BuildpackError(f"{PACKAGE_JSON}: the Node toolchain is needed, and npm is not installed here")
+    lockfile = any((directory / name).is_file() for name in NODE_LOCKFILES)
+    # --no-audit/--no-fund: a build has no one to read those reports, and the audit is a network call.
+    return ["ci" if lockfile else "install", "--no-audit", "--no-fund"], "build" in scripts, "start" in scripts
+
+
+def plan(directory: Path, which=shutil.which, runtime: str | None = None) -> BuildPlan:
+    """The build plan of the release in `directory` for the template `runtime` (backend, frontend,
+    fullstack; None: Python only), or BuildpackError naming the file at fault."""
     directory = Path(directory)
     python, python_from = choose_python(directory, which)
     procfile = _read(directory, PROCFILE)
@@ -207,12 +260,27 @@ def plan(directory: Path, which=shutil.which) -> BuildPlan:
     ignored = sorted(set(processes) - {"web", "release"})
     if ignored:
         notes.append(f"{PROCFILE}: process types {', '.join(ignored)} are not run (only web and release)")
+    web = processes.get("web")
+    npm_install, npm_build = None, False
+    if runtime in NODE_TEMPLATES:
+        node = node_steps(directory, which)
+        if node is not None:
+            npm_install, npm_build, has_start = node
+            if web is None and has_start:
+                web = NPM_START
+            elif web is None and runtime == "frontend":
+                raise BuildpackError(f"{PACKAGE_JSON}: scripts has no start and there is no {PROCFILE} web: line; "
+                                     f"add one, like \"start\": \"node server.js\"")
+    elif (directory / PACKAGE_JSON).is_file():
+        notes.append(f"{PACKAGE_JSON}: not built, the {runtime or 'Python'} template has no Node toolchain "
+                     f"(onboard as frontend or fullstack for npm)")
     health = manifest.get("health", {}).get("path")
-    if health is None and "web" in processes:
+    if health is None and web is not None:
         health = DEFAULT_HEALTH_PATH
     return BuildPlan(python=python, python_from=python_from, install=install,
-                     collectstatic=(directory / "manage.py").is_file(), web=processes.get("web"),
-                     release=processes.get("release"), health_path=health, notes=notes)
+                     collectstatic=(directory / "manage.py").is_file(), web=web,
+                     release=processes.get("release"), health_path=health, notes=notes,
+                     npm_install=npm_install, npm_build=npm_build)
 
 
 def health_path(build_plan: dict | None, spec: dict) -> str:

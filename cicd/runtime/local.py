@@ -9,6 +9,8 @@ Builds follow the buildpack conventions (cicd.delivery.buildpack): the template'
 then a virtualenv per release made from the interpreter the release asks for, its dependencies
 installed by pip through one wheelhouse under var/cache/wheels (so a redeploy of unchanged
 dependencies takes seconds, offline), Django's collectstatic, and the Procfile's release command.
+The frontend and fullstack templates add the Node toolchain before the Python steps: `npm ci` (or
+`npm install`) and `npm run build`, through one npm cache under var/cache/npm.
 """
 from __future__ import annotations
 
@@ -160,8 +162,19 @@ class LocalRuntime(Runtime):
         if plan and venv.exists():
             env["VIRTUAL_ENV"] = str(venv)
             env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", os.defpath)])
+        if plan and plan.get("npm_install"):
+            env.update(self._npm_env())
+            env.setdefault("NODE_ENV", "production")  # what the Node buildpacks set for the app
         env.setdefault("HOST", "127.0.0.1")
         return env
+
+    def _npm_env(self) -> dict:
+        # One cache for every app (a redeploy of unchanged dependencies reads it, offline first),
+        # which also keeps npm's own logs there rather than in the operator's ~/.npm; no update
+        # check, which would be a registry call on every build and every `npm start`.
+        return {"npm_config_cache": str(self.settings.var_dir / "cache" / "npm"),
+                "npm_config_prefer_offline": "true", "npm_config_update_notifier": "false",
+                "npm_config_progress": "false"}
 
     @staticmethod
     def _resolve(argv: list[str], env: dict, what: str) -> list[str]:
@@ -182,7 +195,7 @@ class LocalRuntime(Runtime):
         a failing step fails the release with its exit status and the end of its output."""
         app = spec["name"]
         try:
-            plan = buildpack.plan(release_dir)
+            plan = buildpack.plan(release_dir, runtime=spec.get("runtime"))
         except buildpack.BuildpackError as exc:
             raise RuntimeFailure(f"build of release {number}: {exc}") from None
         logs = self.app_dir(app) / "logs"
@@ -194,6 +207,8 @@ class LocalRuntime(Runtime):
         # The template's step first (compileall), so it compiles the app and not the virtualenv.
         self._step(f"build of release {number}", _substitute(spec["build"], {"python": plan.python}),
                    release_dir, process.clean_env({}), build_log)
+        if plan.npm_install:
+            self._node(number, plan, release_dir, build_log)
         # pip runs from the control plane into the release's virtualenv (pip --python), which
         # then needs no pip of its own: making it takes a tenth of a second, not several.
         own_pip = importlib.util.find_spec("pip") is not None
@@ -216,6 +231,18 @@ class LocalRuntime(Runtime):
             self._step(f"release command of release {number} ({shlex_join(plan.release)})", argv,
                        release_dir, env, logs / f"release-{number}.log")
         return build_plan
+
+    def _node(self, number: int, plan: buildpack.BuildPlan, release_dir: Path, log: Path) -> None:
+        """The Node toolchain, before the Python steps (fullstack: the Python app may serve what
+        the Node build made). NODE_ENV stays unset here so that devDependencies, where build tools
+        live, are installed as `npm ci` does by default."""
+        env = process.clean_env(self._npm_env())
+        npm = self._resolve(["npm"], env, f"Node build of release {number}")
+        self._step(f"Node dependencies of release {number} (npm {plan.npm_install[0]})",
+                   [*npm, *plan.npm_install], release_dir, env, log)
+        if plan.npm_build:
+            self._step(f"Node build of release {number} (npm run build)", [*npm, "run", "build"],
+                       release_dir, env, log)
 
     def _install(self, number: int, pip: list[str], what: list[str], release_dir: Path, env: dict,
                  log: Path) -> None:

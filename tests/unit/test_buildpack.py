@@ -138,3 +138,74 @@ def test_an_unreadable_version_is_refused_naming_the_file(tmp_path, name, text):
 def test_python_version_wins_over_runtime_txt(tmp_path):
     repo(tmp_path, **{".python-version": f"{HERE}\n", "runtime.txt": "python-2.7.18\n"})
     assert plan(tmp_path).python_from == ".python-version"
+
+
+# -- the Node toolchain (frontend and fullstack templates) -----------------------------------
+NPM = {"npm": "/usr/bin/npm"}.get   # npm "installed", whatever this machine has
+EXPRESS = '{"name": "web", "dependencies": {"express": "^4"}, "scripts": {"start": "node server.js"}}'
+
+
+def test_package_json_without_a_lockfile_is_npm_install_and_starts_with_npm_start(tmp_path):
+    p = plan(repo(tmp_path, package__json=EXPRESS), which=NPM, runtime="frontend")
+    assert p.npm_install[0] == "install" and not p.npm_build
+    assert p.web == ["npm", "start"]
+    # An app that brings its own start is probed at "/", not at the template's /health.
+    assert buildpack.health_path(p.to_dict(), {"health_path": "/health"}) == "/"
+
+
+@pytest.mark.parametrize("lockfile", ["package-lock.json", "npm-shrinkwrap.json"])
+def test_a_lockfile_means_npm_ci(tmp_path, lockfile):
+    (tmp_path / lockfile).write_text("{}")
+    assert plan(repo(tmp_path, package__json=EXPRESS), which=NPM, runtime="frontend").npm_install[0] == "ci"
+
+
+def test_a_build_script_means_npm_run_build_and_the_procfile_still_starts(tmp_path):
+    repo(tmp_path, package__json='{"scripts": {"build": "vite build", "start": "vite preview"}}',
+         Procfile="web: node dist/server.js --port $PORT\n")
+    p = plan(tmp_path, which=NPM, runtime="frontend")
+    assert p.npm_build and p.npm_install[0] == "install"
+    assert p.web == ["node", "dist/server.js", "--port", "$PORT"]
+
+
+def test_fullstack_without_a_start_script_builds_with_node_and_starts_the_python_default(tmp_path):
+    p = plan(repo(tmp_path, package__json='{"scripts": {"build": "node build.js"}}'), which=NPM, runtime="fullstack")
+    assert p.npm_build and p.web is None  # the template's `python server.py ...`
+    assert buildpack.health_path(p.to_dict(), {"health_path": "/health"}) == "/health"
+
+
+def test_frontend_needs_a_start_script_or_a_procfile_naming_package_json(tmp_path):
+    repo(tmp_path, package__json='{"scripts": {"build": "tsc"}}')
+    with pytest.raises(BuildpackError, match=r"^package\.json: scripts has no start and there is no Procfile web:"):
+        plan(tmp_path, which=NPM, runtime="frontend")
+    (tmp_path / "Procfile").write_text("web: node server.js\n")
+    assert plan(tmp_path, which=NPM, runtime="frontend").web == ["node", "server.js"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"name": "web",}', "not valid JSON"),
+    ('["express"]', "must be a JSON object"),
+    ('{"scripts": ["start"]}', "scripts must be an object"),
+    ('{"scripts": {"start": ""}}', "scripts.start must be a non-empty command string"),
+    ('{"scripts": {"build": 3, "start": "node s.js"}}', "scripts.build must be"),
+])
+def test_a_malformed_package_json_is_refused_naming_it(tmp_path, text, message):
+    with pytest.raises(BuildpackError) as err:
+        plan(repo(tmp_path, package__json=text), which=NPM, runtime="fullstack")
+    assert str(err.value).startswith("package.json: ") and message in str(err.value)
+
+
+def test_without_npm_a_node_app_is_refused_naming_package_json(tmp_path):
+    with pytest.raises(BuildpackError, match=r"^package\.json: .*npm is not installed here"):
+        plan(repo(tmp_path, package__json=EXPRESS), which=lambda _: None, runtime="frontend")
+
+
+def test_the_backend_template_notes_a_package_json_and_leaves_it(tmp_path):
+    p = plan(repo(tmp_path, package__json="not even json"), which=NPM, runtime="backend")
+    assert p.npm_install is None and p.web is None
+    assert any(note.startswith("package.json: not built") for note in p.notes)
+
+
+@pytest.mark.parametrize("runtime", ["backend", "frontend", "fullstack"])
+def test_the_sample_service_keeps_its_template_start_in_every_template(runtime):
+    p = plan(SAMPLE_SERVICE, runtime=runtime)
+    assert p.web is None and p.npm_install is None

@@ -306,3 +306,110 @@ def test_a_log_tail_is_bounded_and_starts_with_its_process(tmp_path):
     assert all(len(line) <= process.TAIL_LINE_CHARS for line in lines)
     assert process.log_tail(log, log.stat().st_size) == "" and process.log_tail(tmp_path / "none") == ""
     assert "earlier" not in process.log_tail(log, offset, lines=100)  # only this process's own output
+
+
+# -- the Node toolchain, with real npm (no package index needed: no dependencies) -------------
+needs_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed: the Node toolchain "
+                                                                   "(frontend/fullstack builds) cannot be tested")
+NODE_SERVER = ("const http = require('http');\nconst fs = require('fs');\n"
+               "http.createServer((req, res) => {\n"
+               "  res.end(fs.readFileSync('public/index.html', 'utf8') + ' ' + process.env.NODE_ENV);\n"
+               "}).listen(Number(process.env.PORT), process.env.HOST);\n")
+NODE_BUILD = ("const fs = require('fs');\nfs.mkdirSync('public', {recursive: true});\n"
+              "fs.writeFileSync('public/index.html', 'built by node');\n")
+
+
+def node_source(tmp_path, files: dict):
+    source = tmp_path / f"source-{next(_sources)}"
+    source.mkdir()
+    for name, text in files.items():
+        (source / name).write_text(text)
+    return source
+
+
+def group_members(pgid: int, needle: bytes) -> list[int]:
+    """The pids in process group `pgid` whose command line contains `needle`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+            if os.getpgid(int(entry)) == pgid and needle in cmdline:
+                found.append(int(entry))
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
+@needs_npm
+def test_a_node_frontend_is_installed_built_and_started_with_npm_start(runtime, tmp_path):
+    import urllib.request
+    spec = onboarding.generate_spec("node-web", "https://git.example.com/node-web.git", "frontend", "stage")
+    source = node_source(tmp_path, {
+        "package.json": '{"name": "node-web", "version": "1.0.0", "private": true,\n'
+                        ' "scripts": {"build": "node build.js", "start": "node server.js"}}\n',
+        "build.js": NODE_BUILD, "server.js": NODE_SERVER})
+    runtime.stage_release(spec, 1, source)
+    build_log = (runtime.app_dir("node-web") / "logs" / "build-1.log").read_text()
+    assert "npm install --no-audit --no-fund" in build_log and "npm run build" in build_log, build_log
+    assert (runtime.settings.var_dir / "cache" / "npm").is_dir()  # the shared cache, not ~/.npm
+    seen = wait_for(lambda: (s := runtime.probe_release("node-web", 1)) and all(x.healthy for x in s) and s,
+                    timeout=30)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{seen[0].port}/", timeout=5).read()
+    assert body == b"built by node production"  # the build's output, and NODE_ENV for the app
+    replica = runtime._read("node-web")["staged"]["1"]["0"]
+    assert replica["health_path"] == "/"
+    # npm runs the start script in a child: node is in the replica's process group, so a crash
+    # (a SIGKILL to the group) takes both, and nothing is left holding the port.
+    node = wait_for(lambda: group_members(replica["pid"], b"server.js"))
+    runtime.activate_release("node-web", 1)
+    runtime.inject("node-web", "crash", slot=0)
+    assert not statuses(runtime, "node-web")[0].alive
+    wait_for(lambda: all(process.start_ticks(pid) is None for pid in node))
+    runtime.restart("node-web", [0], op_key="r1")
+    wait_for(lambda: all(s.healthy for s in statuses(runtime, "node-web")), timeout=30)
+
+
+@needs_npm
+def test_fullstack_builds_with_node_first_then_serves_from_the_python_default(runtime, tmp_path):
+    import urllib.request
+    spec = onboarding.generate_spec("full-app", "https://git.example.com/full.git", "fullstack", "stage")
+    server = ("import argparse, http.server, functools\np = argparse.ArgumentParser()\n"
+              "p.add_argument('--port', type=int); p.add_argument('--role')\na = p.parse_args()\n"
+              "handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory='public')\n"
+              "http.server.HTTPServer(('127.0.0.1', a.port), handler).serve_forever()\n")
+    source = node_source(tmp_path, {"package.json": '{"scripts": {"build": "node build.js"}}\n',
+                                    "build.js": NODE_BUILD, "server.py": server,
+                                    "cicd.toml": '[health]\npath = "/index.html"\n'})
+    runtime.stage_release(spec, 1, source)
+    build_log = (runtime.app_dir("full-app") / "logs" / "build-1.log").read_text()
+    assert build_log.index("npm run build") < build_log.index("-m venv")  # Node first, then Python
+    seen = wait_for(lambda: (s := runtime.probe_release("full-app", 1)) and all(x.healthy for x in s) and s,
+                    timeout=30)
+    assert urllib.request.urlopen(f"http://127.0.0.1:{seen[0].port}/index.html", timeout=5).read() == b"built by node"
+    with open(f"/proc/{seen[0].pid}/cmdline", "rb") as fh:
+        assert fh.read().split(b"\0")[1] == b"server.py"  # the template's start, by the release's python
+
+
+@needs_npm
+@pytest.mark.parametrize("files, message", [
+    ({"package.json": '{"name": "x", "scripts": {"start": "node s.js"},}'}, r"package\.json: not valid JSON"),
+    ({"package.json": '{"scripts": {"build": "node build.js"}}'}, r"package\.json: scripts has no start"),
+])
+def test_a_node_app_that_cannot_be_followed_fails_the_build_naming_package_json(runtime, tmp_path, files, message):
+    spec = onboarding.generate_spec("odd-node", "https://git.example.com/odd.git", "frontend", "stage")
+    with pytest.raises(RuntimeFailure, match=rf"^build of release 1: {message}"):
+        runtime.stage_release(spec, 1, node_source(tmp_path, files))
+    assert runtime.probe_release("odd-node", 1) == []
+
+
+@needs_npm
+def test_a_failing_npm_build_fails_the_release_with_its_output(runtime, tmp_path):
+    spec = onboarding.generate_spec("bad-build", "https://git.example.com/bad.git", "frontend", "stage")
+    source = node_source(tmp_path, {"package.json": '{"scripts": {"build": "node -e \\"console.log(\'tsc: 3 errors\'); '
+                                                    'process.exit(2)\\"", "start": "node s.js"}}'})
+    with pytest.raises(RuntimeFailure, match=r"(?s)Node build of release 1 \(npm run build\) failed \(exit 2\): .*\ntsc: 3 errors$"):
+        runtime.stage_release(spec, 1, source)
+    assert runtime.probe_release("bad-build", 1) == []

@@ -38,7 +38,8 @@ The manifest, cicd.toml (TOML; every key is optional, an unknown one is refused)
     path = "/healthz"      # what the probes GET; any status below 400 is healthy
 
 The health path is the manifest's, else "/" for an app that brings its own start command (a
-Procfile, or package.json's start script), else the template's (`health_path` in the spec: "/health" for the sample service).
+Procfile, or package.json's start script), else the template's (`health_path` in the spec:
+"/health" for the sample service).
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class BuildPlan:
     python_from: str | None = None       # the file that asked for it, if any
     install: list[str] | None = None     # pip arguments after `install`, or None: nothing to install
     collectstatic: bool = False          # manage.py exists: Django's collectstatic if Django is there
-    web: list[str] | None = None         # the Procfile's start command, or None: the template's
+    web: list[str] | None = None         # the Procfile's start, else `npm start`, or None: the template's
     release: list[str] | None = None     # the Procfile's release command
     health_path: str | None = None       # None: the template's (the spec's), else "/"
     npm_install: list[str] | None = None # npm arguments: ["ci"] or ["install"]; None: no Node toolchain

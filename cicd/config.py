@@ -72,6 +72,13 @@ def _env_probability(name: str) -> float | None:
     return value
 
 
+def _env_fraction(name: str, default: float) -> float:
+    value = _env_float(name, default, 0.05)
+    if value > 1.0:
+        raise ConfigError(f"{name}={value}: must be between 0.05 and 1")
+    return value
+
+
 def _env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -120,6 +127,11 @@ class Settings:
     scale_budget: int = 6
     underload_threshold: float = 0.2
     underload_probes: int = 10
+    # What the platform measures (any app): a replica is restarted once its resident memory
+    # reaches this share of the spec's memory_limit_mb; CPU counts toward overload as a share of
+    # this many cores per replica (one: a Python process is held to about one by its GIL).
+    memory_restart_at: float = 0.9
+    cpu_cores_per_replica: float = 1.0
     # Deploys: a release not healthy after this long is a slow deploy (its own deadline is in
     # the spec); a crash this soon after a release counts as the release's fault.
     slow_deploy_s: float = 10.0
@@ -169,6 +181,8 @@ class Settings:
             scale_budget=_env_int("CICD_SCALE_BUDGET", 6, 0),
             underload_threshold=_env_float("CICD_UNDERLOAD_THRESHOLD", 0.2, 0.0),
             underload_probes=_env_int("CICD_UNDERLOAD_PROBES", 10, 1),
+            memory_restart_at=_env_fraction("CICD_MEMORY_RESTART_AT", 0.9),
+            cpu_cores_per_replica=_env_float("CICD_CPU_CORES_PER_REPLICA", 1.0, 0.05),
             slow_deploy_s=_env_float("CICD_SLOW_DEPLOY", 10.0, 0.5),
             fresh_release_s=_env_float("CICD_FRESH_RELEASE", 120.0, 0.0),
             approval_ttl_s=_env_float("CICD_APPROVAL_TTL", 3600.0, 1.0),

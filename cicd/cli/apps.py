@@ -111,13 +111,19 @@ def scale(invocation: Invocation, app, replicas):
                                            "recover. Exit status 0 only if it ended stable.")
 @click.option("--timeout", default=90.0, show_default=True, help="Seconds --wait follows before giving up.")
 @click.option("--duration", default=30.0, show_default=True, help="overload: seconds the extra load lasts.")
-@click.option("--slot", type=int, default=None, help="crash/false-alarm: which replica (default: the first).")
+@click.option("--slot", type=int, default=None,
+              help="crash/hang/leak/false-alarm: which replica (default: the first).")
+@click.option("--mb-per-s", type=click.FloatRange(min=0.1, max=1000), default=None,
+              help="leak: how fast memory grows (default: the limit in 20 s).")
 @pass_invocation
-def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot):
+def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_per_s):
     """Break an app on purpose, for real.
 
     \b
     crash          SIGKILL one replica process
+    hang           SIGSTOP one replica: alive, answering nothing (healed by a restart)
+    leak           one replica grows its memory toward the spec's memory_limit_mb
+                   (the sample service does on request: POST /admin/leak)
     overload       real traffic until measured utilization crosses the threshold
     false-alarm    a short health blip that clears by itself
     slow-deploy    deploy the repo's cicd-inject/slow branch (starts slowly)
@@ -134,7 +140,7 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot):
     elif not cluster.is_up(settings):
         click.echo(f"warning: the {settings.env} stack is not running, so nothing will heal this "
                    f"until `cicd up --env {settings.env}`", err=True)
-    injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot,
+    injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot, mb_per_s=mb_per_s,
                              request_deploy=lambda name, ref, reason: plane.deploy(name, ref, reason))
     details = ", ".join(f"{k}={v}" for k, v in injected.items() if k not in ("injected_at", "seq", "watch_after_seq"))
     click.echo(f"FAILURE_INJECTED {kind} on {app} in {settings.env}: {details}")

@@ -45,7 +45,8 @@ SEVERITIES = ("low", "medium", "high", "critical")
 
 # What a probe (or the deploy agent) can report about an app; the detector turns these into
 # incident kinds.
-REPLICA_SIGNALS = ("replica_down", "replica_unhealthy", "replica_hot", "replica_blip", "replica_cold")
+REPLICA_SIGNALS = ("replica_down", "replica_unhealthy", "replica_hung", "replica_leak", "replica_hot",
+                   "replica_blip", "replica_cold")
 DEPLOY_SIGNALS = ("deploy_slow", "deploy_failed")
 SIGNAL_KINDS = REPLICA_SIGNALS + DEPLOY_SIGNALS
 

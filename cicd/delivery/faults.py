@@ -1,6 +1,7 @@
 """Faults on purpose (`cicd inject`): break a running app for real, and write down that we did.
 
-Replica faults act on the processes (SIGKILL, real traffic, a health blip). Deploy faults deploy
+Replica faults act on the processes (SIGKILL, SIGSTOP, memory grown on request, real traffic, a
+health blip). Deploy faults deploy
 a revision that misbehaves: the app's repository must have the branch for it (the example
 repositories do: cicd-inject/slow, cicd-inject/broken, cicd-inject/crashy).
 """
@@ -14,7 +15,7 @@ from cicd.core.events import iso
 from cicd.delivery.examples import INJECT_REFS
 from cicd.runtime.base import Runtime, RuntimeFailure
 
-REPLICA_FAULTS = ("crash", "overload", "false-alarm")
+REPLICA_FAULTS = ("crash", "hang", "leak", "overload", "false-alarm")
 FAULT_KINDS = REPLICA_FAULTS + tuple(INJECT_REFS)
 
 

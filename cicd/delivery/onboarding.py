@@ -20,6 +20,11 @@ REPO_MAX = 500
 # Characters a shell would interpret, plus quotes and escapes: none has a place in a repo URL.
 SHELL_METACHARACTERS = set(";|&$`<>()\\'\"{}*?!~^[]")
 
+# Resident memory a replica may use (it and what it starts). The probes restart a replica that
+# comes close (see cicd.signals.probes), before the kernel's OOM killer takes it at a worse time.
+DEFAULT_MEMORY_LIMIT_MB = 512
+MEMORY_LIMIT_RANGE_MB = (32, 65536)
+
 # Per-runtime templates. "{python}" is the interpreter running the runtime and "{port}" the port
 # given to a replica; each is substituted as a whole argument, never through a shell.
 TEMPLATES: dict[str, dict] = {
@@ -30,6 +35,7 @@ TEMPLATES: dict[str, dict] = {
         "health_path": "/health",
         "replicas": 2, "min_replicas": 1, "max_replicas": 6,
         "health_deadline_s": 30,
+        "memory_limit_mb": DEFAULT_MEMORY_LIMIT_MB,
     },
     "frontend": {
         "port": 3000,
@@ -38,6 +44,7 @@ TEMPLATES: dict[str, dict] = {
         "health_path": "/health",
         "replicas": 2, "min_replicas": 1, "max_replicas": 4,
         "health_deadline_s": 30,
+        "memory_limit_mb": DEFAULT_MEMORY_LIMIT_MB,
     },
     "fullstack": {
         "port": 8080,
@@ -46,6 +53,7 @@ TEMPLATES: dict[str, dict] = {
         "health_path": "/health",
         "replicas": 2, "min_replicas": 1, "max_replicas": 6,
         "health_deadline_s": 45,
+        "memory_limit_mb": DEFAULT_MEMORY_LIMIT_MB,
     },
 }
 RUNTIMES = tuple(TEMPLATES)
@@ -126,6 +134,25 @@ def check_env(env) -> list[Refusal]:
         return [Refusal("env", "no-direct-prod", "onboarding straight into prod is refused: onboard into "
                         "stage, then promote to prod with approval")]
     return []
+
+
+def check_memory_limit(value) -> list[Refusal]:
+    low, high = MEMORY_LIMIT_RANGE_MB
+    if not isinstance(value, int) or isinstance(value, bool):
+        return [Refusal("memory_limit_mb", "type", f"must be a whole number of megabytes, not {type(value).__name__}")]
+    if not low <= value <= high:
+        return [Refusal("memory_limit_mb", "range", f"must be {low}-{high} (MB), got {value}")]
+    return []
+
+
+def memory_limit_mb(spec: dict) -> int:
+    """The spec's memory limit per replica; a spec written before there was one gets the default.
+    A bad value is refused naming the field (OnboardingRefused), never silently replaced."""
+    value = spec.get("memory_limit_mb", DEFAULT_MEMORY_LIMIT_MB)
+    refusals = check_memory_limit(value)
+    if refusals:
+        raise OnboardingRefused(refusals)
+    return value
 
 
 def validate(name, repo, runtime, env) -> list[Refusal]:

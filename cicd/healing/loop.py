@@ -30,12 +30,41 @@ FAILING = ("degraded", "timeout")
 KIND_OF_SIGNAL = {
     "replica_down": "crash",          # process gone or connection refused
     "replica_unhealthy": "crash",     # alive but failing its health check for K probes in a row
+    "replica_hung": "crash",          # alive but its probes time out K times in a row: a liveness failure
+    "replica_leak": "crash",          # resident memory close to the spec's limit: before the OOM killer
     "replica_hot": "overload",        # utilization over the threshold for K probes in a row
     "replica_blip": "false_alarm",    # failed a probe or two, then recovered by itself
     "replica_cold": "underload",      # more replicas than the spec asks for, and idle for a while
     "deploy_slow": "slow_deploy",     # a release not healthy long after it started
     "deploy_failed": "failed_deploy", # fetch, build or health gate failed; the live release serves
 }
+
+
+# A hang and a leak heal as a crash does (restart the replica; roll back a fresh release that
+# brought it), so they are crashes to the policy, whose states stay (kind, severity, attempt,
+# fresh); the incident's context says which it was.
+CAUSE_OF_SIGNAL = {"replica_down": "exited", "replica_unhealthy": "unhealthy", "replica_hung": "hang",
+                   "replica_leak": "leak"}
+
+
+def replica_load(settings: Settings, status: ReplicaStatus) -> float:
+    """How loaded one replica is, 0..1, from what the platform measures and what it says: the most
+    of its own utilization (if it reports one), its CPU as a share of cpu_cores_per_replica, and
+    its probe's latency as a share of the probe timeout (at 1 the probe times out)."""
+    cpu = status.cpu / settings.cpu_cores_per_replica
+    latency = status.latency_ms / (settings.probe_timeout_s * 1000.0)
+    return min(1.0, max(status.utilization, cpu, latency))
+
+
+def mean_load(settings: Settings, statuses: list[ReplicaStatus]) -> float:
+    """Overload is judged on this: the mean load across the serving replicas."""
+    serving = [replica_load(settings, s) for s in statuses if s.healthy]
+    return sum(serving) / len(serving) if serving else 0.0
+
+
+def over_memory(settings: Settings, status: ReplicaStatus) -> bool:
+    return bool(status.alive and status.memory_limit_mb
+                and status.rss_mb >= settings.memory_restart_at * status.memory_limit_mb)
 
 
 def mean_utilization(statuses: list[ReplicaStatus]) -> float:
@@ -49,19 +78,34 @@ def slots_signalled(kind: str, statuses: list[ReplicaStatus]) -> list[int]:
         return [s.slot for s in statuses if s.status in GONE]
     if kind in ("replica_unhealthy", "replica_blip"):
         return [s.slot for s in statuses if s.status in FAILING]
+    if kind == "replica_hung":
+        return [s.slot for s in statuses if s.status == "timeout"]
+    if kind == "replica_leak":
+        return [s.slot for s in statuses if over_memory(Settings(), s)]
     if kind == "replica_hot":
         return [s.slot for s in statuses if s.healthy]
     return [s.slot for s in statuses]
 
 
 def replica_signal(env: str, app: str, kind: str, statuses: list[ReplicaStatus], now: datetime,
-                   slots: list[int] | None = None) -> dict:
+                   slots: list[int] | None = None, load: float | None = None) -> dict:
     """The signal (as the detector takes it) for what a probe of the app's replicas saw. slots:
-    the replicas it is about, when earlier probes decided that (a blip, K failed checks)."""
-    return {"env": env, "app": app, "kind": kind,
-            "slots": sorted(slots_signalled(kind, statuses) if slots is None else slots),
-            "observed_at": iso(now), "utilization": round(mean_utilization(statuses), 4),
-            "replicas_total": len(statuses), "detail": ", ".join(f"{s.slot}:{s.status}" for s in statuses)}
+    the replicas it is about, when earlier probes decided that (a blip, K failed checks); load:
+    the measured load (mean_load), else the replicas' own utilization is the signal's."""
+    slots = sorted(slots_signalled(kind, statuses) if slots is None else slots)
+    detail = ", ".join(f"{s.slot}:{s.status}" for s in statuses)
+    measured = [_measured(s) for s in statuses if s.slot in slots and (s.rss_mb or s.stopped)]
+    if measured:
+        detail += "; " + ", ".join(measured)
+    return {"env": env, "app": app, "kind": kind, "slots": slots, "observed_at": iso(now),
+            "utilization": round(mean_utilization(statuses) if load is None else load, 4),
+            "replicas_total": len(statuses), "detail": detail[:500]}
+
+
+def _measured(status: ReplicaStatus) -> str:
+    limit = f"/{status.memory_limit_mb}" if status.memory_limit_mb else ""
+    return (f"{status.slot}: rss {status.rss_mb:.0f}{limit} MB, cpu {status.cpu:.2f}"
+            + (", stopped" if status.stopped else ""))
 
 
 def classify(signal: Signal) -> tuple[str, str]:
@@ -89,6 +133,8 @@ def release_context(settings: Settings, kind: str, signal: Signal, spec: dict, r
     fresh = bool(kind in ("crash", "overload") and live and live.finished_at
                  and settings.clock.now() - as_utc(live.finished_at) < timedelta(seconds=settings.fresh_release_s))
     context = {"live_release": live.number if live else None, "fresh_release": fresh}
+    if signal.kind in CAUSE_OF_SIGNAL:
+        context["cause"] = CAUSE_OF_SIGNAL[signal.kind]
     if kind in ("crash", "overload"):
         context["rollback_to"] = good_before.number if good_before else None
     elif kind in ("slow_deploy", "failed_deploy"):
@@ -145,7 +191,7 @@ def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expe
     if not statuses or len(statuses) < expected or not all(s.healthy for s in statuses):
         return False
     if kind == "overload":
-        return mean_utilization(statuses) <= settings.overload_threshold
+        return mean_load(settings, statuses) <= settings.overload_threshold
     return True
 
 

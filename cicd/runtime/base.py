@@ -25,6 +25,14 @@ class ReplicaStatus:
     utilization: float = 0.0
     capacity: int = 0
     latency_ms: float = 0.0
+    # What the platform measures of the process itself, for any app (the sample service's
+    # utilization above is only what it says of itself): CPU in cores over the last probe
+    # interval, resident memory of the replica and everything it started, the spec's memory
+    # limit (0: none), and whether it is stopped (SIGSTOP: alive, but it will never answer).
+    cpu: float = 0.0
+    rss_mb: float = 0.0
+    memory_limit_mb: int = 0
+    stopped: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -70,7 +78,7 @@ class Runtime(ABC):
 
     @abstractmethod
     def inject(self, app: str, kind: str, **options) -> dict:
-        """Break something on purpose: crash, overload, false-alarm."""
+        """Break something on purpose: crash, hang, leak, overload, false-alarm."""
 
     @abstractmethod
     def stop_load(self, app: str) -> bool:

@@ -23,6 +23,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from cicd.config import Settings
 from cicd.core.names import is_app_name
-from cicd.delivery import buildpack
+from cicd.delivery import buildpack, onboarding
 from cicd.runtime import process
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
@@ -68,6 +69,37 @@ def _judge(status: int, body: bytes) -> tuple[bool, float, int]:
     except (ValueError, TypeError):
         utilization, capacity = 0.0, 0
     return ok and data.get("status") != "degraded", utilization, capacity
+
+
+# CPU is a rate: the CPU time a replica used since this process last looked, over the time
+# that passed. Kept per process (the monitor worker probes every second and lives long); the
+# first look at a replica falls back to its average since it started.
+_cpu_samples: dict[tuple[int, int], tuple[float, int, float]] = {}  # (pid, ticks) -> (when, cpu ticks, cores)
+CPU_MIN_INTERVAL_S = 0.25    # closer looks than this say more about the clock tick than the load
+CPU_SAMPLES_KEPT_S = 120.0
+CPU_YOUNG_S = 1.0            # a replica's start (imports) is not load: no average before this age
+
+
+def _cpu_cores(pid: int, used: process.Usage) -> float:
+    now = time.monotonic()
+    key = (pid, used.started_ticks)
+    seen = _cpu_samples.get(key)
+    if seen is not None and now - seen[0] < CPU_MIN_INTERVAL_S:
+        return seen[2]
+    if seen is not None:
+        cores = max(0, used.cpu_ticks - seen[1]) / process.CLOCK_TICKS / (now - seen[0])
+    else:
+        age_s = (process.uptime_ticks() - used.started_ticks) / process.CLOCK_TICKS
+        cores = used.cpu_ticks / process.CLOCK_TICKS / age_s if age_s >= CPU_YOUNG_S else 0.0
+    cores = round(cores, 3)
+    _cpu_samples[key] = (now, used.cpu_ticks, cores)
+    return cores
+
+
+def _forget_cpu_samples() -> None:
+    cutoff = time.monotonic() - CPU_SAMPLES_KEPT_S
+    for key in [k for k, (when, _, _) in _cpu_samples.items() if when < cutoff]:
+        _cpu_samples.pop(key, None)
 
 
 class LocalRuntime(Runtime):
@@ -300,6 +332,10 @@ class LocalRuntime(Runtime):
     # -- releases ------------------------------------------------------------------------
     def stage_release(self, spec: dict, number: int, source_dir: Path) -> dict:
         app = spec["name"]
+        try:
+            onboarding.memory_limit_mb(spec)
+        except onboarding.OnboardingRefused as exc:
+            raise RuntimeFailure(f"spec of {app}: {exc}") from None
         with self._locked(app) as state:
             state["spec"] = spec
             if str(number) in state["staged"]:
@@ -386,10 +422,14 @@ class LocalRuntime(Runtime):
             self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=16), os.getpid()
         return self._pool
 
-    def _probe_one(self, spec: dict, replica: dict) -> ReplicaStatus:
+    def _probe_one(self, spec: dict, replica: dict, usage: dict) -> ReplicaStatus:
         slot, pid, port = int(replica["slot"]), replica.get("pid"), replica.get("port")
         if not process.is_alive(pid, replica.get("ticks")):
             return ReplicaStatus(slot, pid, port, alive=False, status="down")
+        measured = {"cpu": 0.0, "rss_mb": 0.0, "stopped": False,
+                    "memory_limit_mb": spec.get("memory_limit_mb", onboarding.DEFAULT_MEMORY_LIMIT_MB)}
+        if (used := usage.get(pid)) is not None and replica.get("ticks") in (None, used.started_ticks):
+            measured.update(cpu=_cpu_cores(pid, used), rss_mb=round(used.rss_bytes / 2**20, 1), stopped=used.stopped)
         started = time.monotonic()
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.settings.probe_timeout_s)
@@ -400,20 +440,22 @@ class LocalRuntime(Runtime):
             conn.close()
         except ConnectionRefusedError:
             young = time.time() - replica.get("started_at", 0) < self.settings.start_grace_s
-            return ReplicaStatus(slot, pid, port, alive=True, status="starting" if young else "refused")
+            return ReplicaStatus(slot, pid, port, alive=True, status="starting" if young else "refused", **measured)
         except (OSError, http.client.HTTPException):
-            return ReplicaStatus(slot, pid, port, alive=True, status="timeout")
+            return ReplicaStatus(slot, pid, port, alive=True, status="timeout",
+                                 latency_ms=round((time.monotonic() - started) * 1000, 2), **measured)
         latency = (time.monotonic() - started) * 1000
         ok, utilization, capacity = _judge(response.status, body)
         return ReplicaStatus(slot, pid, port, alive=True, status="ok" if ok else "degraded",
-                             utilization=utilization, capacity=capacity, latency_ms=round(latency, 2))
+                             utilization=utilization, capacity=capacity, latency_ms=round(latency, 2), **measured)
 
     def _probe_replicas(self, spec: dict, replicas: list[dict]) -> list[ReplicaStatus]:
         if not replicas:
             return []
+        usage = process.session_usage({r["pid"] for r in replicas if r.get("pid")})
         if len(replicas) == 1:
-            return [self._probe_one(spec, replicas[0])]
-        return list(self._executor().map(lambda r: self._probe_one(spec, r), replicas))
+            return [self._probe_one(spec, replicas[0], usage)]
+        return list(self._executor().map(lambda r: self._probe_one(spec, r, usage), replicas))
 
     def probe(self, apps: list[str]) -> dict[str, list[ReplicaStatus]]:
         jobs = []
@@ -421,12 +463,15 @@ class LocalRuntime(Runtime):
             state = self._read(app)
             for replica in state.get("replicas", {}).values():
                 jobs.append((app, state.get("spec", {}), replica))
+        # One pass over /proc for the whole batch, not one per replica.
+        usage = process.session_usage({job[2]["pid"] for job in jobs if job[2].get("pid")})
         results: dict[str, list[ReplicaStatus]] = {app: [] for app in apps}
-        statuses = self._executor().map(lambda job: self._probe_one(job[1], job[2]), jobs)
+        statuses = self._executor().map(lambda job: self._probe_one(job[1], job[2], usage), jobs)
         for (app, _, _), status in zip(jobs, statuses):
             results[app].append(status)
         for statuses_of_app in results.values():
             statuses_of_app.sort(key=lambda s: s.slot)
+        _forget_cpu_samples()
         return results
 
     def replica_count(self, app: str) -> int:
@@ -523,9 +568,40 @@ class LocalRuntime(Runtime):
                 raise RuntimeFailure(f"replica {replica['slot']} of {app} refused the blip")
             conn.close()
             return {"kind": kind, "slot": int(replica["slot"]), "blip_s": round(seconds, 2)}
+        if kind == "hang":
+            replica = self._pick(state, options.get("slot"))
+            # SIGSTOP to its process group: alive to every process check, answering nothing, like a
+            # deadlock. Only the probes can tell, and a restart has to SIGCONT or SIGKILL it.
+            if not process.signal_process(replica["pid"], replica.get("ticks"), signal.SIGSTOP):
+                raise RuntimeFailure(f"replica {replica['slot']} of {app} is not running")
+            return {"kind": kind, "slot": int(replica["slot"]), "pid": replica["pid"], "signal": "SIGSTOP"}
+        if kind == "leak":
+            return self._start_leak(app, state, options)
         if kind == "overload":
             return self._start_load(app, state, options.get("duration", 30.0))
-        raise RuntimeFailure(f"fault kind {kind!r}: must be crash, overload or false-alarm")
+        raise RuntimeFailure(f"fault kind {kind!r}: must be crash, hang, leak, overload or false-alarm")
+
+    def _start_leak(self, app: str, state: dict, options: dict) -> dict:
+        replica = self._pick(state, options.get("slot"))
+        limit = state.get("spec", {}).get("memory_limit_mb", onboarding.DEFAULT_MEMORY_LIMIT_MB)
+        # Fast enough to reach the limit within half a minute by default; it stops a little past
+        # the limit, so a leak nobody heals cannot take the machine with it.
+        mb_per_s = float(options.get("mb_per_s") or max(1.0, limit / 20))
+        if not 0 < mb_per_s <= 1000:
+            raise RuntimeFailure(f"leak rate {mb_per_s} MB/s: must be more than 0 and at most 1000")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", replica["port"], timeout=2)
+            conn.request("POST", f"/admin/leak?mb_per_s={mb_per_s:.2f}&max_mb={int(limit * 1.5)}",
+                         headers={"Connection": "close"})
+            answer = conn.getresponse().status
+            conn.close()
+        except (OSError, http.client.HTTPException) as exc:
+            raise RuntimeFailure(f"replica {replica['slot']} of {app} did not take the leak request: {exc}") from None
+        if answer != 200:
+            raise RuntimeFailure(f"replica {replica['slot']} of {app} answered {answer} to POST /admin/leak: "
+                                 f"only an app that grows its memory on request (the sample service does) can leak")
+        return {"kind": "leak", "slot": int(replica["slot"]), "pid": replica["pid"], "mb_per_s": mb_per_s,
+                "memory_limit_mb": limit}
 
     def _start_load(self, app: str, state: dict, duration: float) -> dict:
         self.stop_load(app)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 # Run by a short-lived launcher process: the app is started in its own session and the launcher
 # exits at once, so the app is re-parented away from the worker that started it: it outlives
@@ -209,6 +210,11 @@ def stop_all(targets: list[tuple[int | None, int | None]], grace_s: float = 3.0)
     Returns how many were running. In parallel, so stopping ten processes costs one grace period.
     """
     running = [(pid, ticks) for pid, ticks in targets if pid and signal_process(pid, ticks, signal.SIGTERM)]
+    for pid, ticks in running:
+        # A stopped process (SIGSTOP: a hang injected, or a debugger's) keeps SIGTERM pending and
+        # would sit out the whole grace period; continued, it gets the SIGTERM and can shut down
+        # cleanly (as systemd and Kubernetes do). Harmless to a process that is running.
+        signal_process(pid, ticks, signal.SIGCONT)
     deadline = time.monotonic() + grace_s
     left = running
     while left and time.monotonic() < deadline:
@@ -249,3 +255,61 @@ def clean_env(extra: dict) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+# -- what a process uses, from /proc -----------------------------------------------------------
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the processes of one session (a replica and everything it started) use right now."""
+    rss_bytes: int        # resident memory, summed over the session's processes
+    cpu_ticks: int        # user + system CPU time so far of the live ones, in clock ticks
+    processes: int
+    stopped: bool         # the leader is stopped (state T: SIGSTOP, or t: a tracer)
+    started_ticks: int    # the leader's start time (clock ticks since boot)
+
+
+def uptime_ticks() -> int:
+    with open("/proc/uptime") as fh:
+        return int(float(fh.read().split()[0]) * CLOCK_TICKS)
+
+
+def session_usage(leaders: set[int]) -> dict[int, Usage]:
+    """Usage per session, for the sessions led by these pids: one pass over /proc/*/stat.
+
+    A replica leads its own session (it is started with start_new_session), so its session is the
+    replica: gunicorn's or npm's worker processes count with it, and a process it forks cannot
+    escape the count by changing its process group. Leaders gone (or zombies) are left out."""
+    totals: dict[int, list] = {}
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return {}
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                    raw = fh.read()
+                # The command name may hold spaces and parentheses: fields start after the last ')'.
+                fields = raw[raw.rindex(b")") + 2:].split()
+                session = int(fields[3])
+                if session not in leaders:
+                    continue
+                state, rss, cpu = fields[0], int(fields[21]) * PAGE_SIZE, int(fields[11]) + int(fields[12])
+            except (OSError, ValueError, IndexError):
+                continue  # gone while we looked, or not ours to read
+            if state in (b"Z", b"X"):
+                continue
+            total = totals.setdefault(session, [0, 0, 0, False, None])
+            total[0] += rss
+            total[1] += cpu
+            total[2] += 1
+            if int(entry.name) == session:
+                total[3], total[4] = state in (b"T", b"t"), int(fields[19])
+    return {leader: Usage(rss, cpu, count, stopped, started) for leader, (rss, cpu, count, stopped, started)
+            in totals.items() if started is not None}

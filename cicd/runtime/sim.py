@@ -216,11 +216,12 @@ class SimRuntime(Runtime):
                                    else ReleaseStatus.FAILED, "ref": "main", "sha": "3" * 40}
 
     def inject(self, app: str, kind: str, **options) -> dict:
-        kinds = {"crash": "crash", "overload": "overload", "false-alarm": "false_alarm"}
+        # A hang and a leak are crashes to the fleet's fault model, as they are to the detector.
+        kinds = {"crash": "crash", "hang": "crash", "leak": "crash", "overload": "overload", "false-alarm": "false_alarm"}
         if kind not in kinds:
             raise RuntimeFailure(f"fault kind {kind!r}: must be one of {', '.join(kinds)}")
         fresh = bool(options.get("fresh", False))
-        severity = options.get("severity") or {"crash": "high", "overload": "medium", "false-alarm": "low"}[kind]
+        severity = options.get("severity") or {"crash": "high", "overload": "medium", "false_alarm": "low"}[kinds[kind]]
         cause = options.get("cause") or _weighted(self.rng, CAUSE_MIX[(kinds[kind], fresh)])
         self.set_fault(app, Fault(kinds[kind], fresh, severity, cause))
         return {"kind": kind, "cause": cause, "fresh": fresh}

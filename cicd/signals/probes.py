@@ -2,9 +2,13 @@
 and turn anomalies into signals for the detector.
 
 A dead process or a refused connection is a signal at once; a failing health check must repeat
-`unhealthy_probes` times before it counts as a crash (fewer, then recovered, is a blip); high
-utilization must last `overload_probes` probes, and low utilization with more replicas than the
-spec asks for `underload_probes` probes. Uptime per app is counted here.
+`unhealthy_probes` times before it counts as a crash (fewer, then recovered, is a blip), and when
+every one of those checks timed out on a process that is still alive it is a hang. A replica
+whose resident memory reaches `memory_restart_at` of the spec's memory_limit_mb is a leak, at
+once: memory does not come back by itself. High load (the most of a replica's own utilization,
+its CPU and its probe latency: loop.replica_load) must last `overload_probes` probes, and low
+utilization with more replicas than the spec asks for `underload_probes` probes. Uptime per app
+is counted here.
 
 Written for fleets of thousands: the bookkeeping is a handful of bulk statements per cycle, and
 a replica has a row only while its health checks are failing.
@@ -14,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cicd.config import Settings
-from cicd.healing.loop import FAILING, GONE, mean_utilization, replica_signal
+from cicd.healing.loop import FAILING, GONE, mean_load, mean_utilization, over_memory, replica_signal  # noqa: F401
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import health, session_scope
 
@@ -22,7 +26,7 @@ from cicd.store import health, session_scope
 @dataclass(frozen=True)
 class Observation:
     health: dict          # the app's new AppHealth values
-    failures: dict        # slot -> consecutive failed health checks (only the failing slots)
+    failures: dict        # slot -> (consecutive failed health checks, "timeout" or "failing"), failing slots only
     signal: dict | None
 
 
@@ -68,19 +72,23 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
 def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[ReplicaStatus], failures_before: dict,
             before, now) -> Observation:
     """One app's probe results against what earlier probes saw: new counters, and its signal."""
-    down, unhealthy, blips, failures = [], [], [], {}
+    down, unhealthy, hung, blips, failures = [], [], [], [], {}
     for status in statuses:
-        count = failures_before.get(status.slot, 0)
+        count, streak = failures_before.get(status.slot, (0, None))
         if status.status in GONE:
             down.append(status.slot)
         elif status.status in FAILING:
-            failures[status.slot] = count + 1
+            # A hang: every check of the run timed out, on a process that is alive (a stopped or
+            # deadlocked one answers nothing). One answered with an error makes it unhealthy.
+            timed_out = status.status == "timeout" and streak in (None, "timeout")
+            failures[status.slot] = (count + 1, "timeout" if timed_out else "failing")
             if count + 1 >= settings.unhealthy_probes:
-                unhealthy.append(status.slot)
+                (hung if timed_out else unhealthy).append(status.slot)
         elif status.healthy and 0 < count < settings.unhealthy_probes:
             blips.append(status.slot)
+    leaking = [s.slot for s in statuses if s.status not in GONE and over_memory(settings, s)]
     healthy = sum(1 for s in statuses if s.healthy)
-    utilization = mean_utilization(statuses)
+    utilization = mean_load(settings, statuses)
     hot = (before.consecutive_hot if before else 0) + 1 if utilization > settings.overload_threshold else 0
     # Idle only counts while there are more replicas than the spec asks for, all of them healthy.
     idle = healthy == len(statuses) > wanted_replicas and utilization < settings.underload_threshold
@@ -90,12 +98,14 @@ def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[
               "consecutive_hot": hot, "consecutive_cold": cold, "last_probe_at": now}
 
     def signal(kind, slots):
-        return replica_signal(settings.env, name, kind, statuses, now, slots)
+        return replica_signal(settings.env, name, kind, statuses, now, slots, load=utilization)
 
     if down:
         found = signal("replica_down", down)
-    elif unhealthy:
-        found = signal("replica_unhealthy", unhealthy)
+    elif unhealthy or hung:
+        found = signal("replica_unhealthy" if unhealthy else "replica_hung", unhealthy + hung)
+    elif leaking:
+        found = signal("replica_leak", leaking)
     elif hot >= settings.overload_probes:
         found = signal("replica_hot", [s.slot for s in statuses if s.healthy])
     elif blips:

@@ -41,13 +41,15 @@ def apps_with_open_incident(session: Session, env: str) -> set[str]:
                                                           Incident.status == IncidentStatus.OPEN)))
 
 
-def failing_replicas(session: Session, env: str) -> dict[str, dict[int, int]]:
-    """app -> slot -> consecutive failed health checks, for the replicas failing now."""
-    failing: dict[str, dict[int, int]] = {}
-    for app, slot, count in session.execute(select(ReplicaHealth.app, ReplicaHealth.slot,
-                                                   ReplicaHealth.consecutive_failures)
-                                            .where(ReplicaHealth.env == env)):
-        failing.setdefault(app, {})[slot] = count
+def failing_replicas(session: Session, env: str) -> dict[str, dict[int, tuple[int, str]]]:
+    """app -> slot -> (consecutive failed health checks, streak), for the replicas failing now.
+    streak is "timeout" while every check of the run timed out (a hang), else "failing"."""
+    failing: dict[str, dict[int, tuple[int, str]]] = {}
+    for app, slot, count, streak in session.execute(select(ReplicaHealth.app, ReplicaHealth.slot,
+                                                           ReplicaHealth.consecutive_failures,
+                                                           ReplicaHealth.last_status)
+                                                    .where(ReplicaHealth.env == env)):
+        failing.setdefault(app, {})[slot] = (count, streak)
     return failing
 
 
@@ -71,13 +73,14 @@ def insert_app_health(session: Session, env: str, health_of: dict[str, dict]) ->
     session.execute(insert(AppHealth), [{"env": env, "app": app, **health} for app, health in health_of.items()])
 
 
-def replace_failing_replicas(session: Session, env: str, failures_of: dict[str, dict[int, int]],
+def replace_failing_replicas(session: Session, env: str, failures_of: dict[str, dict[int, tuple[int, str]]],
                              now: datetime) -> None:
-    """The environment's failing replicas become exactly these: app -> slot -> consecutive failures."""
+    """The environment's failing replicas become exactly these: app -> slot -> (consecutive
+    failures, streak), as failing_replicas reads them."""
     session.execute(delete(ReplicaHealth).where(ReplicaHealth.env == env))
     rows = [{"env": env, "app": app, "slot": slot, "consecutive_failures": count,
-             "last_status": "failing", "last_utilization": 0.0, "updated_at": now}
-            for app, failures in failures_of.items() for slot, count in failures.items()]
+             "last_status": streak, "last_utilization": 0.0, "updated_at": now}
+            for app, failures in failures_of.items() for slot, (count, streak) in failures.items()]
     if rows:
         session.execute(insert(ReplicaHealth), rows)
 

@@ -3,6 +3,7 @@
   GET  /health           {"status": "ok"|"degraded", "utilization": 0..1, "capacity": N, ...}
   GET  /work?ms=100      does 100 ms of (simulated I/O-bound) work in one of N worker slots
   POST /admin/blip?seconds=1.5   report "degraded" for a while, then recover by itself
+  POST /admin/leak?mb_per_s=20&max_mb=768   grow resident memory at that rate, up to max_mb
   GET  /                 a greeting
 
 Utilization is measured, not set: the share of slot-time spent on /work requests over the last
@@ -60,6 +61,20 @@ class Service:
         self.meter = Meter(slots)
         self.slots = threading.BoundedSemaphore(slots)
         self.degraded_until = 0.0
+        self.leaked = []           # what a leak holds on to: never freed (until the process ends)
+        self.leak_lock = threading.Lock()
+
+    def leak(self, mb_per_s, max_mb):
+        """Grow resident memory like a leak does: a little, often, never given back. Filled with
+        bytes (not zeros) so the pages are really resident, not just reserved."""
+        step_s = 0.1
+        chunk = max(1, int(mb_per_s * step_s * 2**20))
+        while True:
+            with self.leak_lock:
+                if sum(len(b) for b in self.leaked) + chunk > max_mb * 2**20:
+                    return
+                self.leaked.append(b"\x01" * chunk)
+            time.sleep(step_s)
 
 
 def make_handler(service):
@@ -118,6 +133,17 @@ def make_handler(service):
                 service.degraded_until = time.monotonic() + seconds
                 print(f"blip: degraded for {seconds} s", flush=True)
                 self._send(200, {"degraded_for_s": seconds})
+            elif url.path == "/admin/leak":
+                query = parse_qs(url.query)
+                try:
+                    mb_per_s = min(1000.0, max(0.1, float(query.get("mb_per_s", ["20"])[0])))
+                    max_mb = min(65536.0, max(1.0, float(query.get("max_mb", ["768"])[0])))
+                except ValueError:
+                    self._send(400, {"error": "mb_per_s, max_mb: must be numbers"})
+                    return
+                threading.Thread(target=service.leak, args=(mb_per_s, max_mb), daemon=True).start()
+                print(f"leak: growing {mb_per_s} MB/s up to {max_mb} MB", flush=True)
+                self._send(200, {"leaking_mb_per_s": mb_per_s, "max_mb": max_mb})
             else:
                 self._send(404, {"error": "not found"})
 

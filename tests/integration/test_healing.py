@@ -58,6 +58,18 @@ def test_crash_is_healed_by_a_restart(stack, app):
     assert all(s.healthy for s in stack.runtime.probe([APP])[APP])
 
 
+def test_hang_is_healed_by_a_restart(stack, app):
+    # Slot 1: the crash tests restart slot 0, and its restart backoff is not what this is about.
+    before = {s.slot: s.pid for s in stack.runtime.probe([APP])[APP]}
+    result = run_fault(stack, "hang", "--slot", "1")
+    assert result["incident"]["kind"] == "crash" and result["incident"]["action"] == "restart_service"
+    detected = [r for r in result["events"] if r["event_name"] == "INCIDENT_DETECTED"][0]["payload"]
+    assert detected["signal"]["kind"] == "replica_hung" and detected["context"]["cause"] == "hang"
+    after = {s.slot: s.pid for s in stack.runtime.probe([APP])[APP]}
+    assert after[1] != before[1] and after[0] == before[0]  # only the stopped replica was replaced
+    assert all(s.healthy and not s.stopped for s in stack.runtime.probe([APP])[APP])
+
+
 def test_overload_is_healed_by_scaling_out(stack, app):
     try:
         result = run_fault(stack, "overload", "--duration", "40")

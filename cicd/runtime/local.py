@@ -23,7 +23,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -572,7 +571,7 @@ class LocalRuntime(Runtime):
             replica = self._pick(state, options.get("slot"))
             # SIGSTOP to its process group: alive to every process check, answering nothing, like a
             # deadlock. Only the probes can tell, and a restart has to SIGCONT or SIGKILL it.
-            if not process.signal_process(replica["pid"], replica.get("ticks"), signal.SIGSTOP):
+            if not process.suspend(replica["pid"], replica.get("ticks")):
                 raise RuntimeFailure(f"replica {replica['slot']} of {app} is not running")
             return {"kind": kind, "slot": int(replica["slot"]), "pid": replica["pid"], "signal": "SIGSTOP"}
         if kind == "leak":

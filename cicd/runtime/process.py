@@ -243,6 +243,27 @@ def kill(pid: int, ticks: int | None, gone_within_s: float = 5.0) -> bool:
     return True
 
 
+def suspend(pid: int, ticks: int | None, within_s: float = 5.0) -> bool:
+    """SIGSTOP the process's group and return once the process is stopped (False if it was not
+    running). Like SIGKILL, SIGSTOP takes effect asynchronously; waiting makes "hung" true when
+    this returns."""
+    if not signal_process(pid, ticks, signal.SIGSTOP):
+        return False
+    deadline = time.monotonic() + within_s
+    while _state(pid) not in (b"T", b"t", None) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return True
+
+
+def _state(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    return raw[raw.rindex(b")") + 2:].split()[0]
+
+
 def stop(pid: int | None, ticks: int | None, grace_s: float = 3.0) -> bool:
     """SIGTERM, then SIGKILL after the grace period; True if the process was running."""
     return stop_all([(pid, ticks)], grace_s) == 1

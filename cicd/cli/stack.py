@@ -131,6 +131,8 @@ def status(invocation: Invocation, as_json):
     for name, section in state["envs"].items():
         click.echo()
         terminal.echo(f"{name}: beat ", terminal.alive_word(section["beat_alive"]),
+                      *([", caddy ", terminal.alive_word(section["proxy"]["alive"]),
+                         f" (admin {section['proxy']['admin']})"] if section.get("proxy") else []),
                       f", up since {section['started_at']}")
         terminal.print_table(section["agents"], [("agent", "agent"), ("queue", "queue"), ("replicas", "replicas"),
                                                  ("alive", "alive"), ("depth", "queue depth")])
@@ -140,6 +142,6 @@ def status(invocation: Invocation, as_json):
         return
     for row in apps:
         row["uptime_pct"] = f"{row['uptime'] * 100:.2f}%" if row["uptime"] is not None else None
-    terminal.print_table(apps, [("app", "app"), ("release", "release"), ("replicas", "replicas"),
+    terminal.print_table(apps, [("app", "app"), ("url", "url"), ("release", "release"), ("replicas", "replicas"),
                                 ("healthy", "healthy"), ("utilization", "util"), ("uptime_pct", "uptime"),
                                 ("open_incident", "open incident"), ("attention", "attention")])

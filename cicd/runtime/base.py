@@ -105,6 +105,10 @@ class Runtime(ABC):
         A runtime with nothing to tell returns []."""
         return []
 
+    def endpoint(self, app: str) -> str | None:
+        """The app's stable URL (through the environment's proxy), or None if it has none."""
+        return None
+
     def live_release(self, app: str) -> int | None:
         """The release whose replicas serve the app, as the runtime knows it; None if it does not
         say (the reconciler then judges a stuck release by probing its replicas)."""

@@ -33,6 +33,7 @@ from cicd.config import Settings
 from cicd.core.names import is_app_name
 from cicd.delivery import buildpack, onboarding
 from cicd.runtime import process
+from cicd.runtime.endpoints import Endpoints, upstreams_of
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
 OPS_KEPT = 500
@@ -41,6 +42,9 @@ RELEASES_KEPT = 3
 LOAD_DEMAND_FACTOR = 1.25
 VENV_DIR = Path(".cicd") / "venv"   # inside the release: removed with it, never the control plane's
 STEP_TIMEOUT_S = 900                # one build step: a cold pip install of a large app takes minutes
+# After the proxy stops sending a replica requests, the ones it already has get this long to finish
+# before it is stopped (the sample service answers in milliseconds; Caddy retries the rest).
+DRAIN_S = 0.5
 
 
 def shlex_join(argv: list[str]) -> str:
@@ -107,6 +111,7 @@ class LocalRuntime(Runtime):
         self.root = settings.apps_dir
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = None
+        self.endpoints = Endpoints(settings)
 
     # -- state ---------------------------------------------------------------------------
     def app_dir(self, app: str) -> Path:
@@ -328,6 +333,33 @@ class LocalRuntime(Runtime):
     def _stop_replicas(replicas: list[dict]) -> int:
         return process.stop_all([(r.get("pid"), r.get("ticks")) for r in replicas])
 
+    # -- the stable endpoint -------------------------------------------------------------
+    def _publish(self, state: dict) -> str | None:
+        """Point the app's stable address at its live replicas (called under the app's lock, after
+        each change, so the proxy sees the changes in order). None, or why the proxy did not take it."""
+        running = [r for r in state.get("replicas", {}).values() if process.is_alive(r.get("pid"), r.get("ticks"))]
+        return self.endpoints.publish(state["app"], upstreams_of(running))
+
+    @staticmethod
+    def _proxy_note(problem: str | None) -> dict:
+        return {"proxy": problem} if problem else {}
+
+    def _drain(self, replicas: list[dict]) -> None:
+        if replicas and self.endpoints.proxied():
+            time.sleep(DRAIN_S)
+
+    def _await_ready(self, spec: dict, replicas: list[dict]) -> None:
+        """Until every replica answers its health probe, has exited, or its start grace is over."""
+        deadline = time.monotonic() + self.settings.start_grace_s
+        waiting = list(replicas)
+        while waiting and time.monotonic() < deadline:
+            waiting = [r for r, s in zip(waiting, self._probe_replicas(spec, waiting)) if s.alive and not s.healthy]
+            if waiting:
+                time.sleep(0.05)
+
+    def endpoint(self, app: str) -> str | None:
+        return self.endpoints.url(app)
+
     # -- releases ------------------------------------------------------------------------
     def stage_release(self, spec: dict, number: int, source_dir: Path) -> dict:
         app = spec["name"]
@@ -392,6 +424,9 @@ class LocalRuntime(Runtime):
             # the reconciler's, instead of running unowned for ever.
             state["retiring"] = state.get("retiring", []) + old
             retiring = list(state["retiring"])
+            # Blue/green: the stable address moves to the new release only now, after its gate.
+            proxy = self._publish(state) if staged is not None else None
+        self._drain(retiring)
         self._stop_replicas(retiring)
         with self._locked(app) as state:
             state["retiring"] = [r for r in state.get("retiring", []) if r not in retiring]
@@ -399,7 +434,7 @@ class LocalRuntime(Runtime):
         if staged is None:
             return {"release": number, "already": live == number}
         self._prune_releases(app, keep=number)
-        return {"release": number, "replicas": len(staged), "stopped": len(old)}
+        return {"release": number, "replicas": len(staged), "stopped": len(old), **self._proxy_note(proxy)}
 
     def discard_release(self, app: str, number: int) -> dict:
         with self._locked(app) as state:
@@ -495,21 +530,31 @@ class LocalRuntime(Runtime):
                 return {**done, "deduplicated": True}
             if state.get("live") is None:
                 raise RuntimeFailure(f"{app} has no live release to restart")
-            restarted, failed = [], []
+            restarted, failed, proxy = [], [], None
             for slot in slots:
                 old = state["replicas"].get(str(slot))
                 if old is None:
                     continue  # scaled away meanwhile: nothing to restart
-                was_running = self._stop_replica(old)
+                # One slot at a time, the new process beside the old one: behind the proxy it
+                # takes over the slot once it answers, then the old one is taken out, drained
+                # and stopped, so even a single replica restarts without a failed request.
                 try:
                     new = self._start_replica(state, state["live"], slot)
                 except RuntimeFailure as exc:
                     failed.append(str(exc))
+                    self._stop_replica(old)  # as before: a restart that cannot start stops the old one
+                    proxy = self._publish(state)
                     continue
+                if self.endpoints.proxied():
+                    self._await_ready(state.get("spec", {}), [new])
                 state["replicas"][str(slot)] = new
+                proxy = self._publish(state)
+                self._drain([old])
+                was_running = self._stop_replica(old)
                 restarted.append({"slot": slot, "old_pid": old["pid"], "new_pid": new["pid"],
                                   "was_running": was_running})
-            result = self._record(state, op_key, {"effect": "restarted", "replicas": restarted, "failed": failed})
+            result = self._record(state, op_key, {"effect": "restarted", "replicas": restarted, "failed": failed,
+                                                  **self._proxy_note(proxy)})
         if failed:
             raise RuntimeFailure("; ".join(failed))
         return result
@@ -525,12 +570,22 @@ class LocalRuntime(Runtime):
             before = len(current)
             if replicas > before:
                 used = set(current)
-                for slot in [s for s in range(64) if s not in used][:replicas - before]:
-                    state["replicas"][str(slot)] = self._start_replica(state, state["live"], slot)
+                started = [self._start_replica(state, state["live"], slot)
+                           for slot in [s for s in range(64) if s not in used][:replicas - before]]
+                if self.endpoints.proxied():
+                    # Added to the stable address once they answer (or their grace is over:
+                    # Caddy's retry covers one that is still slow).
+                    self._await_ready(state.get("spec", {}), started)
+                for replica in started:
+                    state["replicas"][str(replica["slot"])] = replica
             else:
                 for slot in current[replicas:]:
                     stopped.append(state["replicas"].pop(str(slot)))
-            result = self._record(state, op_key, {"effect": "scaled", "from": before, "to": replicas})
+            # Scaling in: out of the proxy first, then drained, then stopped.
+            proxy = self._publish(state)
+            result = self._record(state, op_key, {"effect": "scaled", "from": before, "to": replicas,
+                                                  **self._proxy_note(proxy)})
+        self._drain(stopped)
         self._stop_replicas(stopped)
         return result
 
@@ -633,6 +688,8 @@ class LocalRuntime(Runtime):
             for staged in state["staged"].values():
                 replicas.extend(staged.values())
             state["replicas"], state["staged"], state["live"], state["retiring"] = {}, {}, None, []
+            if self.endpoints.url(app):
+                self._publish(state)  # the address stays the app's, answering 503 until a release
         return self._stop_replicas(replicas)
 
     def remove_app(self, app: str) -> int:
@@ -640,6 +697,7 @@ class LocalRuntime(Runtime):
         if not directory.exists():
             return 0
         stopped = self.stop_app(app)
+        self.endpoints.forget(app)  # its stable address is free again
         # Its releases, state and logs go (the proof log is the record that stays). An action that
         # was waiting on the app's lock meanwhile then fails loudly: there is no app to act on.
         shutil.rmtree(directory, ignore_errors=True)

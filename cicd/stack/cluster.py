@@ -1,5 +1,5 @@
-"""Start, supervise and stop the embedded stack: a Redis on loopback, one Celery worker process per
-agent replica, beat, the exit watcher, the example git server, a supervisor, and Flower if asked
+"""Start, supervise and stop the embedded stack: a Redis on loopback, a Caddy per environment (the
+apps' stable endpoints), one Celery worker process per agent replica, beat, the exit watcher, the example git server, a supervisor, and Flower if asked
 for, all detached so they outlive the command that started them.
 
 Each is a component (cicd/stack/component.py) with one protocol; `up`, `down`, `supervise` and
@@ -18,6 +18,7 @@ from cicd.stack.broker import Redis, broker_url_for, queue_depths, require_broke
 from cicd.stack.component import Component, await_all, start_all, stop_all, supervise_all
 from cicd.stack.flower import Flower, flower_args
 from cicd.stack.gitserver import GitServer, example_git_server
+from cicd.stack.proxy import Caddy
 from cicd.stack.record import Context, Ping, Say, StackDown, StackError, alive, read_stack, stack_lock, write_stack
 from cicd.stack.supervisor import Supervisor
 
@@ -29,7 +30,7 @@ __all__ = ["StackDown", "StackError", "beat_args", "broker_url_for", "components
 def components(scale: dict[str, int] | None = None, flower: bool | None = None,
                flower_port: int | None = None) -> list[Component]:
     """Every component of the stack, in the order to start them where requirements leave a choice."""
-    return [Redis(), GitServer(), Workers(scale), Beat(), Watcher(), Supervisor(), Flower(flower, flower_port)]
+    return [Redis(), Caddy(), GitServer(), Workers(scale), Beat(), Watcher(), Supervisor(), Flower(flower, flower_port)]
 
 
 def prepare(settings: Settings) -> None:
@@ -130,8 +131,11 @@ def status(settings: Settings, ping: Ping) -> dict:
             agents.append({"agent": agent, "queue": f"{name}.{agent}", "replicas": len(workers),
                            "alive": sum(1 for w in workers if w["node"] in answered),
                            "depth": depths.get(f"{name}.{agent}")})
+        proxy = (stack.get("proxies") or {}).get(name) or {}
         out["envs"][name] = {"agents": agents, "beat_alive": alive(section.get("beat")),
-                             "started_at": section.get("started_at")}
+                             "started_at": section.get("started_at"),
+                             "proxy": ({"admin": f"127.0.0.1:{proxy['admin_port']}", "alive": alive(proxy),
+                                        "pid": proxy["pid"]} if proxy.get("pid") else None)}
     return out
 
 

@@ -13,7 +13,7 @@ class Supervisor(Component):
     name = "supervisor"
     # Started once what it looks after runs; stopped first, or it would bring back what `down` is
     # about to stop.
-    requires = ("redis", "workers", "beat", "watcher")
+    requires = ("redis", "caddy", "workers", "beat", "watcher")
 
     def start(self, ctx: Context) -> None:
         if not alive(ctx.stack.get("supervisor")):

@@ -51,6 +51,7 @@ def apps(settings: Settings, runtime: Runtime) -> list[dict]:
         for app in rows:
             h = health.get(app.name)
             out.append({"app": app.name, "runtime": app.runtime, "release": live.get(app.name),
+                        "url": runtime.endpoint(app.name),
                         "replicas": runtime.replica_count(app.name),
                         "healthy": h.healthy_replicas if h else None,
                         # What the last probe saw (healthy is out of these), beside what the runtime holds now.

@@ -18,7 +18,7 @@ from cicd.stack.record import Context, StackError, read_stack, write_stack
 
 def test_the_stack_starts_each_component_after_what_it_requires_and_stops_in_reverse():
     order = [c.name for c in in_start_order(cluster.components())]
-    assert order == ["redis", "gitserver", "workers", "beat", "watcher", "supervisor", "flower"]
+    assert order == ["redis", "caddy", "gitserver", "workers", "beat", "watcher", "supervisor", "flower"]
     for i, component in enumerate(in_start_order(cluster.components())):
         assert set(component.requires) <= set(order[:i]), component.name
     assert [c.name for c in in_stop_order(cluster.components())] == order[::-1]

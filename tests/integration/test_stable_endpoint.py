@@ -3,132 +3,27 @@ API: the sample service is deployed by the local runtime, and a load loop on the
 through a redeploy, a scale out and in, and a restart without one request the proxy took and
 failed. Caddy killed is brought back by the supervisor's step, on the same port, with its routes.
 
-Each config change reloads Caddy, which binds a new SO_REUSEPORT socket and closes the old one;
-Linux resets connections still queued on the old one (unless net.ipv4.tcp_migrate_req=1). Those
-resets are counted apart: at most one per client per reload, since each client has one
-connection in flight. The counts are printed (pytest -s).
+Resets at Caddy's own port during a config reload are counted apart (see tests/proxied.py): at
+most one per client per reload. The counts are printed (pytest -s).
 """
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
-import shutil
-import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from cicd.config import Settings
 from cicd.delivery import onboarding
-from cicd.delivery.examples import SAMPLE_SERVICE
 from cicd.runtime import process
-from cicd.runtime.local import LocalRuntime
-from cicd.stack.proxy import Caddy
-from cicd.stack.record import Context
+from tests.proxied import APP, Load, deploy, get, proxied_runtime
 
 pytestmark = pytest.mark.integration
-
-APP = "shop-api"
-
-
-def wait_for(check, timeout=15.0, poll=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
-def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-class Load:
-    """Clients on the stable URL, each a new connection per request (as urllib makes them), with
-    requests that take a while, so some are in flight at every switch. Counts by phase."""
-
-    def __init__(self, url: str, clients: int = 3):
-        self.url, self.phase, self.clients = f"{url}/work?ms=20", "warm-up", clients
-        self.counts: dict[str, dict] = {}
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            phase = self.phase
-            reset = False
-            try:
-                status, _ = get(self.url)
-                failed, why = status >= 400, f"HTTP {status}"
-            except (ConnectionResetError, http.client.RemoteDisconnected) as exc:
-                failed, reset, why = False, True, str(exc)  # at the proxy's own listener: see above
-            except OSError as exc:
-                failed, why = True, str(exc)
-            with self._lock:
-                entry = self.counts.setdefault(phase, {"sent": 0, "failed": 0, "reset": 0, "errors": []})
-                entry["sent"] += 1
-                entry["failed"] += failed
-                entry["reset"] += reset
-                if failed or reset:
-                    entry["errors"] = (entry["errors"] + [why])[-5:]
-
-    @contextlib.contextmanager
-    def during(self, phase: str, settle_s: float = 0.5):
-        self.phase = phase
-        started = time.monotonic()
-        yield
-        time.sleep(settle_s)  # requests right after the change count for it too
-        self.counts.setdefault(phase, {"sent": 0, "failed": 0, "reset": 0, "errors": []})["seconds"] = \
-            round(time.monotonic() - started, 2)
-        self.phase = "between"
-
-    def __enter__(self):
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
-
-
-def source(root, n: int):
-    path = root / f"source-{n}"
-    shutil.copytree(SAMPLE_SERVICE, path, ignore=shutil.ignore_patterns("__pycache__"))
-    return path
 
 
 @pytest.fixture
 def proxied(tmp_path):
-    settings = Settings(env="stage", home=tmp_path, probe_timeout_s=1.0)
-    settings.logs_dir.mkdir(parents=True, exist_ok=True)
-    said: list[str] = []
-    ctx = Context(settings, {}, say=said.append)
-    caddy = Caddy()
-    caddy.start(ctx)
-    runtime = LocalRuntime(settings)
-    try:
-        yield settings, ctx, caddy, runtime, said
-    finally:
-        for app in runtime.apps():
-            runtime.stop_app(app)
-        caddy.stop(ctx)
-
-
-def deploy(runtime: LocalRuntime, root, spec: dict, number: int) -> None:
-    runtime.stage_release(spec, number, source(root, number))
-    wait_for(lambda: all(s.healthy for s in runtime.probe_release(APP, number)))
-    runtime.activate_release(APP, number)
+    with proxied_runtime(tmp_path) as parts:
+        yield parts
 
 
 def test_a_stable_url_serves_through_redeploy_scale_and_restart_without_a_failed_request(proxied):

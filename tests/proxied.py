@@ -62,6 +62,7 @@ class Load:
     def __init__(self, target: str | Callable[[], str | None], clients: int = 3, proxied: bool = True,
                  work_ms: int = 20):
         self.target = target if callable(target) else (lambda: target)
+        self.work_s = work_ms / 1000.0
         self.path, self.phase, self.clients, self.proxied = f"/work?ms={work_ms}", "warm-up", clients, proxied
         self.counts: dict[str, dict] = {}
         self.requests: list[tuple[str, float, float, bool]] = []  # (phase, started, ended, failed)
@@ -96,6 +97,10 @@ class Load:
                 if failed or reset:
                     entry["errors"] = (entry["errors"] + [why])[-5:]
                 self.requests.append((phase, started, ended, failed))
+            if failed:
+                # As a client would, back off rather than spin on a refused port: the request
+                # rate stays near that of served requests, so failed counts compare.
+                time.sleep(self.work_s)
 
     def in_flight_at(self, instant: float) -> tuple[int, int]:
         """(requests started before instant and ended after it, how many of those failed)."""

@@ -24,6 +24,8 @@ def bench(as_json, quick):
     fanout        one probe cycle over 1,000 and 10,000 simulated apps
     footprint     resident memory of the whole stack, idle and under load
     policy        one policy decision, in-process
+    zero_downtime requests sent and failed on a stable URL during deploy, scale,
+                  restart and a crash, beside a replica's own port in the crash
 
     It starts its own stacks in a temporary directory; a stack you run is not touched.
     """

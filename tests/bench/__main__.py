@@ -8,7 +8,9 @@
    exits watched);
 3. fanout: one probe cycle over 1,000 and 10,000 simulated apps;
 4. footprint: resident memory of the whole stack, idle and under the chain's burst;
-5. policy: one decision, in-process.
+5. policy: one decision, in-process;
+6. zero_downtime: clients on a stable URL through Caddy during a deploy, a scale out and in, a
+   restart and a crash, beside the same clients on the killed replica's own port.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from cicd.cli import terminal
 
-from . import chain, fanout, footprint, recover
+from . import chain, fanout, footprint, recover, zero_downtime
 from .bench_policy import main as policy_bench
 from .stacks import Stack
 
@@ -41,7 +43,7 @@ def run(quick: bool) -> dict:
     incidents, kills = (60, 10) if quick else (200, 50)
     out = {"machine": machine(), "quick": quick}
     sim = {"CICD_RUNTIME": "sim", "CICD_PROBE_INTERVAL": "3600", "CICD_STABLE_CHECKS": "1"}
-    with terminal.progress("benchmarks", total=5) as underway:
+    with terminal.progress("benchmarks", total=6) as underway:
         underway.update(0, f"chain and footprint: {incidents} incidents on the simulated fleet")
         with Stack(home / "sim", **sim) as stack:
             time.sleep(2)
@@ -59,7 +61,9 @@ def run(quick: bool) -> dict:
         out["recover_real"] = {**watched, "probes_only": probes}
         underway.update(4, "policy decisions")
         out["policy"] = {"decision_us": policy_bench(["--json", "--decisions", "20000"], quiet=True)["decision_us"]}
-        underway.update(5)
+        underway.update(5, "zero downtime: load on a stable URL through Caddy")
+        out["zero_downtime"] = zero_downtime.run(home / "zero-downtime", rounds=1 if quick else 3)
+        underway.update(6)
     return out
 
 
@@ -112,6 +116,8 @@ def print_report(result: dict) -> None:
     print(f"chain: {c['healing']['incidents']} incidents at once, every agent one worker process, "
           f"verification of one stable check; recovery: restart backoff off, probes every "
           f"{r['probe_interval_s']:g} s")
+    print()
+    zero_downtime.print_report(result["zero_downtime"])
 
 
 def main() -> None:

@@ -106,16 +106,23 @@ def rows(result: dict) -> list[dict]:
     return out
 
 
+def print_report(result: dict) -> None:
+    from cicd.cli import terminal
+    crash, direct = result["operations"]["crash"], result["direct_crash"]
+    terminal.print_table(rows(result), [(key, key) for key in COLUMNS],
+                         title=f"zero downtime through Caddy: {result['clients']} clients, {result['work_ms']} ms "
+                               f"requests, {result['rounds']} round(s)")
+    print(f"crash: {result['kills']} kill(s); Caddy had {crash['in_flight_on_killed']} request(s) open to the killed "
+          f"replica ({crash['in_flight_all_replicas']} in flight on all); kill to restarted "
+          f"{', '.join(f'{s:g}' for s in crash['kill_to_restarted_s'])} s. Baseline: {direct['in_flight_failed']} of "
+          f"{direct['in_flight_at_kill']} in flight at the kill failed, the rest refused until the slot was back.")
+
+
 def main() -> None:
     """python -m tests.bench.zero_downtime [ROUNDS]: this figure alone."""
     import sys
-
-    from cicd.cli import terminal
     result = run(Path(tempfile.mkdtemp(prefix="cicd-bench-zd-")), int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-    terminal.print_table(rows(result), [(key, key) for key in COLUMNS],
-                         title=f"zero downtime: {result['clients']} clients, {result['work_ms']} ms requests, "
-                               f"{result['rounds']} round(s)")
-    print(result)
+    print_report(result)
 
 
 if __name__ == "__main__":

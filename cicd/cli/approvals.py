@@ -66,7 +66,8 @@ def answer_settings(invocation: Invocation, approval_id: str) -> Settings:
 @click.option("--as", "who", default=None, help="Who approves (default: $CICD_USER, else your login).")
 @pass_invocation
 def approve(invocation: Invocation, approval_id, reason, who):
-    """Grant a request: a promotion is onboarded and deployed; a held-back action runs."""
+    """Grant a request: a promotion is onboarded and deployed; a held-back action runs; an app
+    is removed (here, as `cicd remove` does elsewhere)."""
     from cicd.healing import approvals
     from cicd.stack import cluster
     settings = answer_settings(invocation, approval_id)
@@ -75,6 +76,10 @@ def approve(invocation: Invocation, approval_id, reason, who):
         click.echo(f"APPROVAL_GRANTED {approval_id} by {granted['decided_by']}: {granted['summary']}")
     granted = approvals.approve(settings, approval_id, who or whoami(), reason, control_plane(settings),
                                 on_granted=say_granted)
+    if "removal" in granted:
+        from cicd.cli.apps import echo_removed
+        echo_removed(granted["removal"])
+        return
     if granted["kind"] == "action":
         click.echo(f"{granted['incident_id']}: the action runs now; `cicd incidents --env {settings.env}` follows it")
         return

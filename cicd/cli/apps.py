@@ -173,17 +173,30 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_
 def remove(invocation: Invocation, app, yes):
     """Remove an app: stop its replicas, drop its runtime state, spec and registry entry.
 
-    Its history stays: releases, incidents and the proof log (which records APP_REMOVED).
-    Refused while a deploy of the app is under way, and in prod (prod changes need an approval,
-    and removals have no approval flow yet: remove it from stage or dev).
+    Its history stays: releases, incidents and the proof log (which records APP_REMOVED). Its
+    open incident closes (no healing runs on a removed app). Refused while a deploy of the app
+    is under way. In prod it files a request instead, which `cicd approve ID` carries out.
     """
     from cicd.delivery import removal
     settings = invocation.settings
-    if not yes and settings.env != "prod":
+    if settings.env == "prod":
+        # Filing a request changes nothing yet, so there is nothing to confirm.
+        from cicd.healing import approvals
+        request = approvals.request_removal(settings, app, whoami())
+        click.echo(f"APPROVAL_REQUESTED {request['id']}: {request['summary']} (expires {request['expires_at']})")
+        click.echo(f"answer with `cicd approve {request['id']} --reason ...` or `cicd deny {request['id']} --reason ...`")
+        return
+    if not yes:
         if not sys.stdin.isatty():
             raise click.UsageError(f"removing {app} stops it and forgets it in {settings.env}: "
                                    f"pass --yes to confirm when not on a terminal")
         click.confirm(f"Remove {app} from {settings.env}: stop its replicas and drop its spec?", abort=True)
     result = removal.remove(settings, make_runtime(settings), app, who=whoami())
-    click.echo(f"removed {app} from {settings.env}: {result['stopped']} replicas stopped; "
-               f"its proof log and release history are kept")
+    echo_removed(result)
+
+
+def echo_removed(result: dict) -> None:
+    closed = result["closed_incidents"]
+    click.echo(f"removed {result['app']} from {result['env']}: {result['stopped']} replicas stopped; "
+               f"its proof log and release history are kept"
+               + (f"; closed {', '.join(closed)}" if closed else ""))

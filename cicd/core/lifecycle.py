@@ -86,7 +86,8 @@ TRANSITIONS: dict[type, dict[StrEnum | None, frozenset]] = {
         # started -> started: a redelivered execute (or approved execute) resumes its own claim;
         # started -> refused: the gates, checked again on a redelivered approved execute, refuse.
         _E.STARTED: frozenset({_E.STARTED, _E.DONE, _E.FAILED, _E.REFUSED}),
-        _E.DEFERRED: frozenset({_E.STARTED}),
+        # deferred -> refused: the app was removed before the backoff was over (`cicd remove`).
+        _E.DEFERRED: frozenset({_E.STARTED, _E.REFUSED}),
         _E.AWAITING_APPROVAL: frozenset({_E.STARTED, _E.REFUSED}),
     },
     ReleaseStatus: {

@@ -1,18 +1,21 @@
-"""Human approval: promotions into an environment, and risky actions in prod, wait for a person.
+"""Human approval: promotions into an environment, and risky actions and removals in prod, wait
+for a person.
 
 A request is a row in the target environment's database and an APPROVAL_REQUESTED record in its
 proof chain; the answer (APPROVAL_GRANTED / APPROVAL_DENIED) records who answered and why.
 Requests expire: an unanswered one becomes APPROVAL_EXPIRED, and an action it held back
 escalates its incident. A grant's work (deploying a promotion, executing an action) is sent
-through the control plane the caller hands to `approve`, so this module needs no broker.
+through the control plane the caller hands to `approve`, so this module needs no broker; a
+removal's work is done by the one approving, as a removal outside prod is.
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Callable, Protocol
 
-from cicd.delivery import onboarding
+from cicd.delivery import onboarding, removal
 from cicd.store import approvals as approval_rows
+from cicd.store import apps as app_rows
 from cicd.store import releases as release_rows
 from cicd.store import executions, incidents, proof
 from cicd.config import ENVIRONMENTS, Settings, check_env_name
@@ -20,6 +23,7 @@ from cicd.core.events import as_utc, iso, utcnow
 from cicd.core.lifecycle import ApprovalStatus, ExecutionStatus, IncidentStatus, transition
 from cicd.store import Approval, get_app, session_scope
 from cicd.errors import CicdError
+from cicd.runtime.base import Runtime
 
 
 class ApprovalError(CicdError, ValueError):
@@ -81,6 +85,23 @@ def request_promotion(target: Settings, source: Settings, app: str, requested_by
         return _new(session, target, "promotion", app, payload, summary, requested_by)
 
 
+def request_removal(settings: Settings, app: str, requested_by: str) -> dict:
+    """Ask to remove the app from prod; `approve` carries it out (see cicd.delivery.removal)."""
+    if settings.env != "prod":
+        raise ApprovalError(f"removing an app from {settings.env} needs no approval: `cicd remove {app} "
+                            f"--env {settings.env}` removes it")
+    with session_scope(settings) as session:
+        if get_app(session, settings.env, app) is None:
+            raise ApprovalError(f"{app} is not onboarded in {settings.env} "
+                                f"(`cicd status --env {settings.env}` lists its apps)")
+        waiting = app_rows.pending_approvals(session, settings.env, app, removal.KIND)
+        if waiting and as_utc(waiting[0].expires_at) > settings.clock.now():
+            raise ApprovalError(f"the removal of {app} already waits for approval as {waiting[0].id} "
+                                f"(expires {iso(waiting[0].expires_at)})")
+        summary = f"remove {app} from {settings.env}: stop its replicas, free its URL, drop its spec (history stays)"
+        return _new(session, settings, removal.KIND, app, {"app": app}, summary, requested_by)
+
+
 def pending(settings: Settings, include_decided: bool = False) -> list[dict]:
     with session_scope(settings) as session:
         now = settings.clock.now()
@@ -124,14 +145,23 @@ class GrantedWorkSender(Protocol):
 
 
 def approve(settings: Settings, approval_id: str, who: str, reason: str, plane: GrantedWorkSender,
-            on_granted: Callable[[dict], None] = lambda granted: None) -> dict:
+            on_granted: Callable[[dict], None] = lambda granted: None, runtime: Runtime | None = None) -> dict:
     """Grant a request and send the work it held: the held action's chain, or the promoted app,
-    registered here with the spec it had and deployed at the same sha (returned as "sha").
+    registered here with the spec it had and deployed at the same sha (returned as "sha"), or
+    the removal, done here on `runtime` (its result returned as "removal").
 
     The broker must answer first: with it down the grant would be recorded and its work never
-    sent, so the request stays pending instead. `on_granted` hears of the grant once it is
-    recorded, before its work is sent.
+    sent, so the request stays pending instead. A removal needs no broker; its grant is recorded
+    only with the removal's start (a deploy under way refuses both). `on_granted` hears of the
+    grant once it is recorded, before its work is sent.
     """
+    with session_scope(settings, readonly=True) as session:
+        asked = approval_rows.get(session, approval_id)
+        if asked is None or asked.env != settings.env:
+            raise ApprovalError(f"no approval {approval_id} in {settings.env}")
+        kind, app = asked.kind, asked.app
+    if kind == removal.KIND:
+        return _approve_removal(settings, approval_id, app, who, reason, runtime, on_granted)
     plane.require_broker()
     granted = grant(settings, approval_id, who, reason)
     on_granted(granted)
@@ -144,6 +174,21 @@ def approve(settings: Settings, approval_id: str, who: str, reason: str, plane: 
     plane.deploy(granted["app"], promoted["ref"], f"promotion {approval_id}", kind="promotion", sha=promoted["sha"],
                  request_id=f"promotion/{approval_id}")
     return {**granted, "sha": promoted["sha"]}
+
+
+def _approve_removal(settings: Settings, approval_id: str, app: str, who: str, reason: str,
+                     runtime: Runtime | None, on_granted: Callable[[dict], None]) -> dict:
+    if runtime is None:
+        from cicd.runtime import make_runtime
+        runtime = make_runtime(settings)
+
+    def grant_in(session) -> dict:  # the same rules as every answer: pending, unexpired, this env
+        return as_dict(_answer(session, settings, approval_id, ApprovalStatus.GRANTED, who, reason),
+                       settings.clock.now())
+    granted = []
+    done = removal.remove(settings, runtime, app, who, grant=grant_in,
+                          on_granted=lambda g: (granted.append(g), on_granted(g)))
+    return {**granted[0], "removal": done}
 
 
 def deny(settings: Settings, approval_id: str, who: str, reason: str) -> dict:

@@ -5,9 +5,11 @@ database's unique key on the open incident settles a race between two detector r
 """
 from __future__ import annotations
 
+import logging
 import secrets
 from datetime import timedelta
 
+from cicd.store import apps as app_rows
 from cicd.store import incidents, proof
 from cicd.store import releases as release_rows
 from cicd.config import Settings
@@ -16,6 +18,7 @@ from cicd.healing.loop import classify, release_context
 from cicd.store import app_row, transaction
 
 SIGNAL_MAX_AGE_S = 30.0
+log = logging.getLogger(__name__)
 
 
 def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) -> dict:
@@ -26,8 +29,9 @@ def context_of(conn, settings: Settings, kind: str, signal: Signal, spec: dict) 
 
 def open_incident(settings: Settings, raw: dict) -> dict | None:
     """Open an incident for the signal; None if there is nothing to heal (a duplicate, a stale
-    signal, an app a human was called for). Raises Unprocessable for input no one can act on
-    (malformed, unknown app): the agent keeps that as a dead letter."""
+    signal, an app a human was called for, an app removed since the probe). Raises Unprocessable
+    for input no one can act on (malformed, an app never onboarded here): the agent keeps that as
+    a dead letter."""
     env = settings.env
     try:
         signal = Signal.from_dict(raw)
@@ -39,6 +43,10 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
     with transaction(settings, readonly=True) as conn:
         app = app_row(conn, env, signal.app)
         if app is None:
+            if app_rows.removed(conn, env, signal.app):
+                # A probe's last look at an app `cicd remove` took away: nothing to heal, no dead letter.
+                log.info("%s signal for %s dropped: the app was removed from %s", signal.kind, signal.app, env)
+                return None
             raise Unprocessable(f"unknown app {signal.app!r} in {env}")
         observed = parse_iso(signal.observed_at)
         if settings.clock.now() - observed > timedelta(seconds=SIGNAL_MAX_AGE_S):

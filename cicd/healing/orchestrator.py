@@ -107,6 +107,9 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
             proof.append(conn, env, "EXECUTION_DEDUPLICATED", incident_id=incident_id, app=claim.app,
                          payload={"attempt": attempt, "status": claim.status})
             return summary(claim, deduplicated=True)
+        if (verdict.allowed or verdict.approval) and incident_row(conn, incident_id).status != IncidentStatus.OPEN:
+            # Closed since the look (its app removed meanwhile): nothing to act on, a logged noop.
+            verdict = gates.Verdict(False, "intake", "INTAKE_REFUSED", "decision names no open incident of that app")
         if verdict.approval:
             return _hold_for_approval(conn, settings, verdict, raw, decision)
         if not verdict.allowed:

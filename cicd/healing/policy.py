@@ -11,6 +11,7 @@ learns, prod learns with little exploration, and only among the actions that nee
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import secrets
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from cicd.config import Settings, signing_key
 from cicd.core.events import INCIDENT_KINDS, SEVERITIES, Decision, iso, utcnow
 from cicd.core.lifecycle import IncidentStatus, Outcome
 from cicd.store import Incident, app_row, incident_row, transaction, update_incident
+
+log = logging.getLogger(__name__)
 
 MAX_ATTEMPT = 3            # attempts 3, 4, ... share one state: "still failing after two tries"
 ALPHA, GAMMA = 0.2, 0.9
@@ -240,7 +243,11 @@ def decide(settings: Settings, incident_id: str, attempt: int) -> dict | None:
         # (greedy never draws a random number: no generator to seed)
         rng = rng_for(incident_id, attempt) if settings.policy_mode != "greedy" else None
         pick = q_pick(load_table(conn, env), settings.policy_mode, rng, settings.exploration)
-        spec = app_row(conn, env, incident.app).spec
+        app = app_row(conn, env, incident.app)
+        if app is None:  # removed meanwhile (its removal closes the incident too): nothing to decide
+            log.info("no decision for %s: %s was removed from %s", incident_id, incident.app, env)
+            return None
+        spec = app.spec
     signed = make_decision(settings, incident, attempt, spec, signing_key(settings), pick)
     with transaction(settings) as conn:
         incident = incident_row(conn, incident_id, lock=True)

@@ -5,6 +5,7 @@ is "wait". `conclude` closes the incident (stable, escalated, refused) or opens 
 """
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from cicd.store import incidents, proof
@@ -15,6 +16,8 @@ from cicd.core.lifecycle import EXECUTION_WAITING, AttemptEnd, ExecutionStatus, 
 from cicd.healing.loop import attempt_outcome, is_stable, release_result, verify_timeout_s
 from cicd.runtime.base import Runtime
 from cicd.store import app_row, incident_row, transaction, update_incident
+
+log = logging.getLogger(__name__)
 
 
 def _awaited_release(conn, execution: dict, incident):
@@ -44,7 +47,11 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
         kind, app = incident.kind, incident.app
         awaiting, release = _awaited_release(conn, execution, incident)
         release_status = (release.number, release.status, release.detail) if release else None
-        timeout = verify_timeout_s(settings, app_row(conn, settings.env, app).spec if awaiting else {}, awaiting)
+        record = app_row(conn, settings.env, app) if awaiting else None
+        if awaiting and record is None:  # removed meanwhile (the removal closes the incident too)
+            log.info("no verdict for %s: %s was removed from %s", incident.id, app, settings.env)
+            return "done", None
+        timeout = verify_timeout_s(settings, record.spec if awaiting else {}, awaiting)
     timed_out = settings.clock.now() - parse_iso(started_at) > timedelta(seconds=timeout)
     waiting_on = release_result(release_status[1] if release_status else None) if awaiting else None
     if waiting_on == "wait":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 
 from cicd.config import Settings
-from cicd.delivery import deployer
+from cicd.delivery import appconfig, deployer
 from cicd.errors import CicdError
 from cicd.runtime.base import Runtime
 from cicd.store import apps as app_rows
@@ -50,6 +50,7 @@ def remove(settings: Settings, runtime: Runtime, app_name: str, who: str) -> dic
     # The fetched git history goes too: an app onboarded again under this name starts afresh.
     shutil.rmtree(deployer.mirror_path(settings, app_name), ignore_errors=True)
     (settings.registry_dir / f"{app_name}.json").unlink(missing_ok=True)
+    appconfig.forget(settings, app_name)  # its settings (secrets among them) go with it
     with session_scope(settings) as session:
         live = app_rows.remove(session, env, app_name, detail=f"app removed by {who}")
         result = {"app": app_name, "env": env, "stopped": stopped, "live_release": live, "by": who}

@@ -126,6 +126,8 @@ def test_the_command_never_prints_a_value_and_takes_a_secret_from_stdin(settings
     everything = [plain, piped, listed, shown, refused, typo, unknown, unset]
     assert all(secret not in out.stdout + out.stderr and "Traceback" not in out.stderr for out in everything)
     assert secret not in json.dumps(changes) and secret not in (settings.env_dir / "cicd.db").read_bytes().decode(errors="replace")
+    removed = run(home, "remove", APP, "--yes")
+    assert removed.returncode == 0 and not appconfig.path_of(settings, APP).exists()  # the settings go with it
     print(f"\n`cicd config` round trip: {time.monotonic() - started:.1f} s")
 
 
@@ -221,13 +223,12 @@ def test_a_deploy_writes_each_build_step_into_the_release_detail(tmp_path):
         process.stop(server["pid"], server["ticks"])
 
 
-def test_a_waiting_deploy_is_told_each_step(settings):
-    from cicd.store import reports
+def test_a_waiting_deploy_is_told_each_step(settings, capsys):
+    from cicd.cli.apps import report_release
     with session_scope(settings) as session:
         releases.add(session, env="stage", app=APP, number=1, status="fetching", kind="deploy", ref="main",
                      sha=None, replicas=1, request_id="deploy/w")
     note = deployer._progress(settings, "deploy/w")
-    seen = []
 
     def build():
         for step in ("creating the virtualenv", "installing dependencies (requirements.txt)"):
@@ -236,10 +237,14 @@ def test_a_waiting_deploy_is_told_each_step(settings):
         time.sleep(0.5)
         with session_scope(settings) as session:
             release = releases.by_request(session, "deploy/w", for_update=True)
-            release.status, release.detail = "failed", "done"
+            release.status, release.detail, release.finished_at = "failed", "done", settings.clock.now()
     worker = threading.Thread(target=build)
     worker.start()
-    final = reports.wait_for_release(settings, APP, 0, 20, on_progress=lambda r: seen.append(r["detail"]))
+    with pytest.raises(SystemExit) as ended:
+        report_release(settings, APP, after=0, timeout_s=20)  # what `cicd deploy` waits with
     worker.join()
-    assert final["detail"] == "done"
-    assert seen == ["", "creating the virtualenv...", "installing dependencies (requirements.txt)..."]
+    out = capsys.readouterr()
+    assert ended.value.code == 1 and "release 1 failed" in out.out and ": done" in out.out
+    # Off a terminal (as here): one line per step on stderr, stdout keeps only the result.
+    assert out.err.splitlines() == ["  release 1 fetching", "  release 1 fetching: creating the virtualenv...",
+                                    "  release 1 fetching: installing dependencies (requirements.txt)..."]

@@ -48,8 +48,18 @@ def onboard(invocation: Invocation, name, repo, runtime_kind, wait):
 
 def report_release(settings: Settings, app: str, after: int, timeout_s: float = 120) -> None:
     from cicd.store import reports
-    with terminal.progress(f"deploying {app} in {settings.env}: fetch, build, health gate"):
-        release = reports.wait_for_release(settings, app, after, timeout_s)
+    on_screen = terminal.is_terminal(sys.stderr)
+    with terminal.progress(f"deploying {app} in {settings.env}: fetch, build, health gate") as underway:
+        def show(release):
+            # Each build step as it begins: beside the spinner on a terminal, else one line each on
+            # stderr (a CI log shows what a slow install was doing; stdout keeps only the result).
+            step = f"release {release['release']} {release['status']}" + \
+                (f": {release['detail']}" if release["detail"] else "")
+            if on_screen:
+                underway.update(note=step)
+            else:
+                click.echo(f"  {step}", err=True)
+        release = reports.wait_for_release(settings, app, after, timeout_s, on_progress=show)
     if release is None:
         raise click.ClickException(f"the deploy did not finish within {timeout_s:.0f} s; "
                                    f"see `cicd status` and {settings.logs_dir}")

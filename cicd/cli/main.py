@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from cicd.cli import apps, approvals, bench, dashboard, demo, dlq, incidents, logs, proof, rl, stack
+from cicd.cli import apps, approvals, bench, config, dashboard, demo, dlq, incidents, logs, proof, rl, stack
 from cicd.cli.context import Invocation
 from cicd.errors import CicdError
 
@@ -54,6 +54,7 @@ for command in (
     stack.up, stack.down, stack.watch, stack.status,
     apps.onboard, apps.deploy, apps.scale, apps.inject, apps.remove,
     logs.logs,
+    config.config_group,
     incidents.incidents,
     dashboard.dashboard,
     approvals.promote, approvals.approvals_list, approvals.approve, approvals.deny,

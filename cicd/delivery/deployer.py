@@ -86,7 +86,7 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
     with session_scope(settings) as session:
         releases.by_request(session, request_id).sha = sha
     try:
-        staged = runtime.stage_release(spec, number, incoming)
+        staged = runtime.stage_release(spec, number, incoming, progress=_progress(settings, request_id))
     except RuntimeFailure as exc:
         return finish(settings, runtime, app_name, number, ok=False, detail=str(exc), stage="build")
     with session_scope(settings) as session:
@@ -102,6 +102,18 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
         # replicas just started must not outlive it.
         runtime.discard_release(app_name, number)
     return state
+
+
+def _progress(settings: Settings, request_id: str):
+    """Each build step into the release's detail as it begins, so a waiting `cicd deploy` (and
+    `cicd status`) can say what a long build is doing. Only while the release is still fetching:
+    one the reconciler gave up meanwhile keeps the detail it was given."""
+    def note(step: str) -> None:
+        with session_scope(settings) as session:
+            release = releases.by_request(session, request_id, for_update=True)
+            if release is not None and release.status == ReleaseStatus.FETCHING:
+                release.detail = f"{step}..."[:200]
+    return note
 
 
 def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, started_at: str):

@@ -19,7 +19,7 @@ from typing import Callable
 
 from cicd.config import Settings
 from cicd.core.lifecycle import EXECUTION_WAITING, ApprovalStatus, ExecutionStatus, IncidentStatus, transition
-from cicd.delivery import deployer
+from cicd.delivery import appconfig, deployer
 from cicd.errors import CicdError
 from cicd.runtime.base import Runtime
 from cicd.store import apps as app_rows
@@ -80,6 +80,7 @@ def remove(settings: Settings, runtime: Runtime, app_name: str, who: str,
     # The fetched git history goes too: an app onboarded again under this name starts afresh.
     shutil.rmtree(deployer.mirror_path(settings, app_name), ignore_errors=True)
     (settings.registry_dir / f"{app_name}.json").unlink(missing_ok=True)
+    appconfig.forget(settings, app_name)  # its settings (secrets among them) go with it
     with session_scope(settings) as session:
         # An incident a detector opened just before the first transaction committed closes too.
         closed += _stop_healing(session, settings, app_name, who, why)

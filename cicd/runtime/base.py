@@ -44,9 +44,10 @@ class ReplicaStatus:
 
 class Runtime(ABC):
     @abstractmethod
-    def stage_release(self, spec: dict, number: int, source_dir) -> dict:
+    def stage_release(self, spec: dict, number: int, source_dir, progress=None) -> dict:
         """Take the code in source_dir as release `number`, build it, start its replicas beside
-        the live ones."""
+        the live ones. progress, if given, is called with a short line as each build step
+        begins ("installing dependencies (requirements.txt)"), for whoever waits on the deploy."""
 
     @abstractmethod
     def probe_release(self, app: str, number: int) -> list[ReplicaStatus]:

@@ -2,8 +2,10 @@
 
 Layout under var/ENV/apps/APP/: state.json (the replicas, the build plan of each release and the
 op journal, replaced whole on every change), releases/N/ (the code of each release, with its own
-virtualenv in releases/N/.cicd/venv), logs/ (build-N.log, release-N.log, replica-S.log), and
-.lock (an flock that serialises changes to one app across all worker processes).
+virtualenv in releases/N/.cicd/venv), config/N.json (the app settings release N was staged with,
+0600, outside the release so an app serving its own directory cannot serve them), logs/
+(build-N.log, release-N.log, replica-S.log), and .lock (an flock that serialises changes to one
+app across all worker processes).
 
 Builds follow the buildpack conventions (cicd.delivery.buildpack): the template's build step,
 then a virtualenv per release made from the interpreter the release asks for, its dependencies
@@ -28,10 +30,11 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from cicd.config import Settings
 from cicd.core.names import is_app_name
-from cicd.delivery import buildpack, onboarding
+from cicd.delivery import appconfig, buildpack, onboarding
 from cicd.runtime import process
 from cicd.runtime.endpoints import Endpoints, upstreams_of
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
@@ -45,6 +48,7 @@ STEP_TIMEOUT_S = 900                # one build step: a cold pip install of a la
 # After the proxy stops sending a replica requests, the ones it already has get this long to finish
 # before it is stopped (the sample service answers in milliseconds; Caddy retries the rest).
 DRAIN_S = 0.5
+Progress = Callable[[str], None]   # told each build step as it begins: "installing dependencies (...)"
 
 
 def shlex_join(argv: list[str]) -> str:
@@ -168,8 +172,12 @@ class LocalRuntime(Runtime):
         port = process.free_port()
         release_dir = self.app_dir(app) / "releases" / str(release)
         plan = state.get("plans", {}).get(str(release))
+        # The release's own settings, whenever it starts a replica: a restart or a scale-out keeps
+        # the values the release was staged with, whatever `cicd config` changed since.
+        _, config = appconfig.read_snapshot(self._config_snapshot(app, release))
         env = self._app_env(release_dir, plan, {"PORT": port, "CICD_APP": app, "CICD_REPLICA": slot,
-                                                "CICD_RELEASE": release, "CICD_ENV": self.settings.env})
+                                                "CICD_RELEASE": release, "CICD_ENV": self.settings.env},
+                            config=config)
         if plan and plan.get("web"):
             argv = buildpack.expand_port(plan["web"], port)
         else:
@@ -190,10 +198,14 @@ class LocalRuntime(Runtime):
         # A release staged before builds made virtualenvs has no plan: it keeps our interpreter.
         return str(venv_python) if plan and venv_python.exists() else sys.executable
 
-    def _app_env(self, release_dir: Path, plan: dict | None, extra: dict) -> dict:
-        """What the app's processes get: the release's virtualenv first on PATH, loopback as HOST
-        (the probes and the proxy reach it there), and no shell."""
-        env = process.clean_env(extra)
+    def _config_snapshot(self, app: str, release: int) -> Path:
+        return self.app_dir(app) / "config" / f"{release}.json"
+
+    def _app_env(self, release_dir: Path, plan: dict | None, extra: dict, config: dict | None = None) -> dict:
+        """What the app's processes get: its settings (`cicd config`), the release's virtualenv
+        first on PATH, loopback as HOST (the probes and the proxy reach it there), and no shell.
+        The platform's own values (extra) win; appconfig refuses the keys they use anyway."""
+        env = process.clean_env({**(config or {}), **extra})
         venv = release_dir / VENV_DIR
         if plan and venv.exists():
             env["VIRTUAL_ENV"] = str(venv)
@@ -224,11 +236,16 @@ class LocalRuntime(Runtime):
                                  f"(a Python tool belongs in requirements.txt)")
         return [found, *argv[1:]]
 
-    def _build(self, spec: dict, number: int, release_dir: Path) -> dict:
+    def _build(self, spec: dict, number: int, release_dir: Path, config: dict | None = None,
+               progress: Progress | None = None) -> dict:
         """Build release `number` in place by its buildpack plan; returns the plan (as a dict).
 
         Every step's output goes to logs/build-N.log (the release command's to release-N.log);
-        a failing step fails the release with its exit status and the end of its output."""
+        a failing step fails the release with its exit status and the end of its output. Each
+        step is announced as it begins, to progress and as a `--> ` line in the build log (what
+        `cicd logs -f` and a waiting `cicd deploy` show). The app's settings (config) reach only
+        the steps that run the app's own code: collectstatic (Django imports its settings) and
+        the release command; the installers never see them."""
         app = spec["name"]
         try:
             plan = buildpack.plan(release_dir, runtime=spec.get("runtime"))
@@ -238,50 +255,67 @@ class LocalRuntime(Runtime):
         logs.mkdir(parents=True, exist_ok=True)
         build_log = logs / f"build-{number}.log"
         build_log.write_text("".join(f"note: {n}\n" for n in plan.notes))
+
+        def step(text: str) -> None:
+            with open(build_log, "a") as out:
+                out.write(f"--> {text}\n")
+            if progress is not None:
+                progress(text)
+
         venv = release_dir / VENV_DIR
         python = str(venv / "bin" / "python")
         # The template's step first (compileall), so it compiles the app and not the virtualenv.
+        step("compiling the app (the template's build step)")
         self._step(f"build of release {number}", _substitute(spec["build"], {"python": plan.python}),
                    release_dir, process.clean_env({}), build_log)
         if plan.npm_install:
-            self._node(number, plan, release_dir, build_log)
+            self._node(number, plan, release_dir, build_log, step)
         # pip runs from the control plane into the release's virtualenv (pip --python), which
         # then needs no pip of its own: making it takes a tenth of a second, not several.
         own_pip = importlib.util.find_spec("pip") is not None
+        step("creating the virtualenv" + (f" (Python from {plan.python_from})" if plan.python_from else ""))
         self._step(f"virtualenv of release {number}",
                    [plan.python, "-m", "venv", *(["--without-pip"] if own_pip else []), str(venv)],
                    release_dir, process.clean_env({}), build_log)
         build_plan = plan.to_dict()
-        env = self._app_env(release_dir, build_plan, {"PIP_CACHE_DIR": self.settings.var_dir / "cache" / "pip",
-                                                      "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-                                                      "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off"})
+        pip_env = {"PIP_CACHE_DIR": self.settings.var_dir / "cache" / "pip", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                   "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off"}
+        env = self._app_env(release_dir, build_plan, pip_env)
+        app_env = self._app_env(release_dir, build_plan, pip_env, config=config)
         if plan.install:
             pip = [sys.executable, "-m", "pip", "--python", python] if own_pip else [python, "-m", "pip"]
-            self._install(number, pip, plan.install, release_dir, env, build_log)
+            source = "requirements.txt" if plan.install[:1] == ["-r"] else "pyproject.toml"
+            self._install(number, pip, plan.install, release_dir, env, build_log,
+                          lambda how: step(f"installing dependencies ({source}{how})"))
         if plan.collectstatic and self._has_django(python, release_dir, env):
             # What the Heroku Python buildpack does for a Django app; a failure fails the build there too.
+            step("collecting static files (Django collectstatic)")
             self._step(f"collectstatic of release {number}", [python, "manage.py", "collectstatic", "--noinput"],
-                       release_dir, env, build_log)
+                       release_dir, app_env, build_log)
         if plan.release:
-            argv = self._resolve(plan.release, env, f"release command of release {number}")
+            argv = self._resolve(plan.release, app_env, f"release command of release {number}")
+            step(f"running the release command ({shlex_join(plan.release)})")
             self._step(f"release command of release {number} ({shlex_join(plan.release)})", argv,
-                       release_dir, env, logs / f"release-{number}.log")
+                       release_dir, app_env, logs / f"release-{number}.log")
         return build_plan
 
-    def _node(self, number: int, plan: buildpack.BuildPlan, release_dir: Path, log: Path) -> None:
+    def _node(self, number: int, plan: buildpack.BuildPlan, release_dir: Path, log: Path,
+              step: Progress) -> None:
         """The Node toolchain, before the Python steps (fullstack: the Python app may serve what
         the Node build made). NODE_ENV stays unset here so that devDependencies, where build tools
         live, are installed as `npm ci` does by default."""
         env = process.clean_env(self._npm_env())
         npm = self._resolve(["npm"], env, f"Node build of release {number}")
+        step(f"installing Node dependencies (npm {plan.npm_install[0]})")
         self._step(f"Node dependencies of release {number} (npm {plan.npm_install[0]})",
                    [*npm, *plan.npm_install], release_dir, env, log)
         if plan.npm_build:
+            step("building the frontend (npm run build)")
             self._step(f"Node build of release {number} (npm run build)", [*npm, "run", "build"],
                        release_dir, env, log)
 
     def _install(self, number: int, pip: list[str], what: list[str], release_dir: Path, env: dict,
-                 log: Path) -> None:
+                 log: Path, step: Progress) -> None:
         """pip install through a wheelhouse shared by every app (var/cache/wheels).
 
         Offline first: dependencies that were installed before are all there, so an unchanged
@@ -292,9 +326,11 @@ class LocalRuntime(Runtime):
         wheels = self.settings.var_dir / "cache" / "wheels"
         wheels.mkdir(parents=True, exist_ok=True)
         local = ["--find-links", str(wheels)]
+        step("")
         if self._step(f"dependencies of release {number} (from the wheelhouse)",
                       [*pip, "install", "--no-index", *local, *what], release_dir, env, log, check=False) == 0:
             return
+        step(", downloading what the cache lacks")
         self._step(f"dependencies of release {number} (download)", [*pip, "wheel", "--wheel-dir", str(wheels),
                                                                     *local, *what], release_dir, env, log)
         self._step(f"dependencies of release {number}", [*pip, "install", *local, *what], release_dir, env, log)
@@ -361,7 +397,7 @@ class LocalRuntime(Runtime):
         return self.endpoints.url(app)
 
     # -- releases ------------------------------------------------------------------------
-    def stage_release(self, spec: dict, number: int, source_dir: Path) -> dict:
+    def stage_release(self, spec: dict, number: int, source_dir: Path, progress: Progress | None = None) -> dict:
         app = spec["name"]
         try:
             onboarding.memory_limit_mb(spec)
@@ -379,13 +415,24 @@ class LocalRuntime(Runtime):
             plans = state.setdefault("plans", {})
             for kept in [n for n in plans if not (release_dir.parent / n).exists()]:
                 del plans[kept]  # its release was pruned
-            plans[str(number)] = self._build(spec, number, release_dir)
+            # The settings as they are now become the release's: copied before the build, so its
+            # release command and its replicas see the same version.
+            try:
+                config = appconfig.load(self.settings, app)
+            except appconfig.ConfigRefused as exc:
+                raise RuntimeFailure(f"settings of {app}: {exc}") from None
+            appconfig.write_snapshot(self._config_snapshot(app, number), config)
+            plans[str(number)] = self._build(spec, number, release_dir, config.values, progress)
+            plans[str(number)]["config_version"] = config.version
             used = {int(s) for s in state["replicas"]}
             slots = [s for s in range(64) if s not in used][:spec["replicas"]]
+            if progress is not None:
+                progress(f"starting {len(slots)} replica{'' if len(slots) == 1 else 's'}, then the health gate")
             staged = state["staged"][str(number)] = {}
             for slot in slots:
                 staged[str(slot)] = self._start_replica(state, number, slot)
-            return {"release": number, "slots": slots, "pids": [r["pid"] for r in staged.values()]}
+            return {"release": number, "slots": slots, "pids": [r["pid"] for r in staged.values()],
+                    "config_version": config.version}
 
     def probe_release(self, app: str, number: int) -> list[ReplicaStatus]:
         state = self._read(app)
@@ -448,6 +495,7 @@ class LocalRuntime(Runtime):
         for n in numbers[:-RELEASES_KEPT]:
             if n != keep:
                 shutil.rmtree(releases / str(n), ignore_errors=True)
+                self._config_snapshot(app, n).unlink(missing_ok=True)
 
     # -- probes --------------------------------------------------------------------------
     def _executor(self) -> ThreadPoolExecutor:
@@ -522,6 +570,10 @@ class LocalRuntime(Runtime):
 
     def live_release(self, app: str) -> int | None:
         return self._read(app).get("live")
+
+    def config_version(self, app: str, release: int) -> int | None:
+        """The version of the app's settings release `release` was staged with (None: unknown)."""
+        return self._read(app).get("plans", {}).get(str(release), {}).get("config_version")
 
     # -- actions -------------------------------------------------------------------------
     def restart(self, app: str, slots: list[int], op_key: str) -> dict:

@@ -331,7 +331,7 @@ class SimRuntime(Runtime):
             return True
 
     # -- the rest of the interface: releases exist only as records here --------------------------
-    def stage_release(self, spec: dict, number: int, source_dir) -> dict:
+    def stage_release(self, spec: dict, number: int, source_dir, progress=None) -> dict:
         if self._load(spec["name"]) is None:
             self.add_app(spec)
         with self._edit(spec["name"]) as sim:

@@ -175,13 +175,22 @@ def latest_release(settings: Settings, app: str, status: str | None = None) -> d
                 "finished_at": iso(release.finished_at) if release.finished_at else None}
 
 
-def wait_for_release(settings: Settings, app: str, after: int, timeout_s: float) -> dict | None:
-    """The first release numbered above `after` once it is live or failed; None on timeout."""
+def wait_for_release(settings: Settings, app: str, after: int, timeout_s: float,
+                     on_progress=None) -> dict | None:
+    """The first release numbered above `after` once it is live or failed; None on timeout.
+    on_progress(release) is called each time its status or detail changes before that (the
+    deploy writes each build step into the detail as it begins)."""
     deadline = time.monotonic() + timeout_s
+    seen = None
     while time.monotonic() < deadline:
         release = latest_release(settings, app)
         if release and release["release"] > after and release["status"] in (ReleaseStatus.LIVE, ReleaseStatus.FAILED):
             return release
+        if release and release["release"] > after and on_progress is not None:
+            now = (release["release"], release["status"], release["detail"])
+            if now != seen:
+                seen = now
+                on_progress(release)
         time.sleep(0.2)
     return None
 

@@ -131,6 +131,7 @@ LISTINGS = {
     ("proof", "tail"): [],
     ("replay",): [str(SAMPLE_TRACE)],
     ("bench",): None,  # starts stacks of its own for minutes: only its --json is checked to exist
+    ("config", "list"): None,  # needs an onboarded app: tests/unit/test_app_config.py runs its --json
 }
 
 

@@ -77,6 +77,7 @@ ENV_DEFAULTS = {
     ("rl", "train"): "dev", ("rl", "eval"): "dev", ("rl", "show"): "dev",
     ("dlq", "list"): None, ("dlq", "show"): None, ("dlq", "retry"): None, ("dlq", "purge"): None,
     ("proof", "tail"): None, ("proof", "verify"): None, ("proof", "export"): None,
+    ("config", "set"): None, ("config", "unset"): None, ("config", "list"): None,
 }
 
 

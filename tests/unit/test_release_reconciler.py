@@ -193,14 +193,14 @@ class ReconciledWhileBuilding(LocalRuntime):
     """A real local runtime whose build outlasts the deploy's lease: the reconciler gives the
     release up while the build runs (as it would for a worker it thought dead)."""
 
-    def stage_release(self, spec, number, source_dir):
+    def stage_release(self, spec, number, source_dir, progress=None):
         with session_scope(self.settings) as s:
             release = s.scalar(select(Release).where(Release.app == spec["name"], Release.number == number))
             overdue_s = spec["health_deadline_s"] + deployer.DEPLOY_ALLOWANCE_S + 1
             release.started_at = utcnow() - timedelta(seconds=overdue_s)
             s.get(DeployLock, ("stage", spec["name"])).expires_at = utcnow()
         self.given_up = reconciler.finish_stalled_releases(self.settings, self)
-        return super().stage_release(spec, number, source_dir)
+        return super().stage_release(spec, number, source_dir, progress)
 
 
 @pytest.fixture

@@ -107,15 +107,12 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
 def _progress(settings: Settings, request_id: str):
     """Each build step into the release's detail as it begins, so a waiting `cicd deploy` (and
     `cicd status`) can say what a long build is doing. Only while the release is still fetching:
-    one the reconciler gave up meanwhile keeps the detail it was given. Each step also renews the
-    deploy lease: a cold install can take longer than the lease, and a lapsed lease would let the
-    reconciler take over a build that is still running."""
+    one the reconciler gave up meanwhile keeps the detail it was given."""
     def note(step: str) -> None:
         with session_scope(settings) as session:
             release = releases.by_request(session, request_id, for_update=True)
             if release is not None and release.status == ReleaseStatus.FETCHING:
                 release.detail = f"{step}..."[:200]
-                releases.take_lock(session, release.env, release.app, request_id, settings.clock.now(), LOCK_TTL_S)
     return note
 
 

@@ -248,28 +248,3 @@ def test_a_waiting_deploy_is_told_each_step(settings, capsys):
     # Off a terminal (as here): one line per step on stderr, stdout keeps only the result.
     assert out.err.splitlines() == ["  release 1 fetching", "  release 1 fetching: creating the virtualenv...",
                                     "  release 1 fetching: installing dependencies (requirements.txt)..."]
-
-
-def test_each_build_step_renews_the_deploy_lease(tmp_path):
-    # A cold install may take longer than the lease: each step renews it, so the reconciler never
-    # takes over a build that is still running.
-    from datetime import timedelta
-
-    from cicd.core.clock import ManualClock
-    from cicd.store import DeployLock
-    clock = ManualClock()
-    settings = Settings(env="stage", home=tmp_path, clock=clock)
-    with session_scope(settings) as session:
-        releases.add(session, env="stage", app=APP, number=1, status="fetching", kind="deploy", ref="main",
-                     sha=None, replicas=1, request_id="deploy/long")
-        assert releases.take_lock(session, "stage", APP, "deploy/long", clock.now(), deployer.LOCK_TTL_S)
-    note = deployer._progress(settings, "deploy/long")
-    for _ in range(3):  # three steps, each a little shorter than the lease: 150 s of build in all
-        clock.advance(deployer.LOCK_TTL_S - 10)
-        note("installing dependencies (requirements.txt)")
-    with session_scope(settings) as session:
-        lock = session.get(DeployLock, ("stage", APP))
-        assert lock.holder == "deploy/long"
-        assert lock.expires_at.replace(tzinfo=None) == (clock.now() + timedelta(seconds=deployer.LOCK_TTL_S)).replace(tzinfo=None)
-        # and another deploy still cannot take it
-        assert not releases.take_lock(session, "stage", APP, "deploy/other", clock.now(), deployer.LOCK_TTL_S)

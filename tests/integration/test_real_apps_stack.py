@@ -189,3 +189,22 @@ def test_a_redeploy_of_the_same_dependencies_is_warm(stack, app):
     assert "wheel --wheel-dir" not in build_log, "the warm build went to the package index"
     stack.wait_steady(app)
     assert get(stable_url(stack, app) + "/") == APPS[app][2]
+
+
+def test_a_build_longer_than_the_health_deadline_still_deploys(stack, git_server):
+    """The health deadline (the template's 30 s) is for becoming healthy: a release phase that
+    takes longer (a long migration, or a cold install) is not counted, nor a slow deploy."""
+    name = "slow-release"
+    deadline = 30
+    files = {**FLASK_APP, "Procfile": FLASK_APP["Procfile"] + f"release: python -c 'import time; time.sleep({deadline + 3})'\n"}
+    url = f"{git_server['url']}/{git_repo(git_server['root_path'], name, files)}"
+    try:
+        out = stack.cicd("onboard", name, "--repo", url, "--runtime", "backend", timeout=DEPLOY_TIMEOUT_S + 30)
+        spec = json.loads((stack.home / "apps" / "registry" / "stage" / f"{name}.json").read_text())
+        assert spec["health_deadline_s"] == deadline
+        assert seconds_of(out.stdout, r"release 1 live in ([0-9.]+) s") > deadline
+        stack.wait_steady(name)
+        assert get(stable_url(stack, name) + "/") == APPS["flask-hello"][2]
+        assert not [r for r in stack.events("INCIDENT_DETECTED") if r["app"] == name]
+    finally:
+        stack.cicd("remove", name, "--yes", check=False)

@@ -28,7 +28,8 @@ def release(self, app, env, request_id, ref="HEAD", reason="", kind="deploy", sh
         raise self.retry(countdown=LOCK_POLL_S)  # one deploy per app: wait for the one under way
     if state["status"] == ReleaseStatus.STARTING:
         health_gate.apply_async(kwargs={"app": app, "env": env, "release": state["release"],
-                                        "started_at": state["started_at"]}, countdown=GATE_POLL_S)
+                                        "started_at": state.get("replicas_started_at", state["started_at"])},
+                                countdown=GATE_POLL_S)
     _raise_incident(env, state.pop("signal", None))
     return state
 

@@ -46,7 +46,12 @@ def onboard(invocation: Invocation, name, repo, runtime_kind, wait):
     report_release(settings, name, after=0)
 
 
-def report_release(settings: Settings, app: str, after: int, timeout_s: float = 120) -> None:
+# As long as a deploy task may run (the deploy agent's time limit, celeryconfig) plus its health
+# gate: a cold dependency install from the package index can take minutes.
+DEPLOY_WAIT_S = 660
+
+
+def report_release(settings: Settings, app: str, after: int, timeout_s: float = DEPLOY_WAIT_S) -> None:
     from cicd.store import reports
     on_screen = terminal.is_terminal(sys.stderr)
     with terminal.progress(f"deploying {app} in {settings.env}: fetch, build, health gate") as underway:

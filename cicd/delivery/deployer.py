@@ -8,11 +8,15 @@ long. Deploys of different apps run in parallel on as many deploy workers as the
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 from datetime import timedelta
+
 
 from cicd.delivery import gitsource
 from cicd.store import proof, releases
+from cicd.store.errors import StoreError
 from cicd.config import Settings
 from cicd.core.events import as_utc, iso, parse_iso
 from cicd.core.lifecycle import DEPLOY_ALLOWANCE_S, RELEASE_CLAIMABLE, RELEASE_UNDER_WAY, ReleaseStatus, transition
@@ -86,7 +90,8 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
     with session_scope(settings) as session:
         releases.by_request(session, request_id).sha = sha
     try:
-        staged = runtime.stage_release(spec, number, incoming, progress=_progress(settings, request_id))
+        with _lease_kept(settings, app_name, request_id):
+            staged = runtime.stage_release(spec, number, incoming, progress=_progress(settings, request_id))
     except RuntimeFailure as exc:
         return finish(settings, runtime, app_name, number, ok=False, detail=str(exc), stage="build")
     with session_scope(settings) as session:
@@ -96,7 +101,9 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
             release.status = transition(release.status, ReleaseStatus.STARTING)
             proof.append(session, env, "BUILD_SUCCEEDED", app=app_name, payload={"release": number, "sha": sha})
             proof.append(session, env, "REPLICAS_STARTED", app=app_name, payload={"release": number, **staged})
-        state = _state(release)
+        # The gate's clock starts here, when the replicas do: the spec's health deadline is for
+        # becoming healthy, and a cold dependency install before it may take minutes.
+        state = _state(release, replicas_started_at=iso(settings.clock.now()))
     if concluded:
         # The reconciler gave this release up while we built it (our lease had run out): the
         # replicas just started must not outlive it.
@@ -116,8 +123,36 @@ def _progress(settings: Settings, request_id: str):
     return note
 
 
+@contextlib.contextmanager
+def _lease_kept(settings: Settings, app_name: str, request_id: str):
+    """Renew the deploy's lease while the block runs (the build: a cold install may take minutes,
+    longer than LOCK_TTL_S), so the reconciler does not give up a release that is still building.
+    A worker that dies stops renewing, and its lease lapses as before."""
+    done = threading.Event()
+
+    def renew():
+        while not done.wait(LOCK_TTL_S / 3):
+            try:
+                with session_scope(settings) as session:
+                    if not releases.take_lock(session, settings.env, app_name, request_id, settings.clock.now(),
+                                              LOCK_TTL_S):
+                        return  # taken over: it is not ours to keep
+            except StoreError:
+                continue  # a busy database: the next renewal, a third of the lease later, may pass
+    keeper = threading.Thread(target=renew, name=f"lease-{app_name}", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        keeper.join()
+
+
 def gate(settings: Settings, runtime: Runtime, app_name: str, number: int, started_at: str):
-    """One look at a starting release: (None, signal or None) while waiting, else (finished state, None)."""
+    """One look at a starting release: (None, signal or None) while waiting, else (finished state, None).
+
+    `started_at` is when its replicas started (start()'s replicas_started_at): the health deadline
+    and the slow-deploy signal count from there, so a long build is neither."""
     env = settings.env
     now = settings.clock.now()
     with session_scope(settings) as session:

@@ -21,12 +21,12 @@ class SlowBuild:
     def __getattr__(self, name):
         return getattr(self.runtime, name)
 
-    def stage_release(self, spec, number, source_dir):
+    def stage_release(self, spec, number, source_dir, progress=None):
         time.sleep(BUILD_S)
         with session_scope(self.settings, readonly=True) as session:
             release = releases.get(session, self.settings.env, spec["name"], number)
             self.lapsed = releases.lease_lapsed(session, release, self.settings.clock.now())
-        return self.runtime.stage_release(spec, number, source_dir)
+        return self.runtime.stage_release(spec, number, source_dir, progress=progress)
 
 
 def test_the_lease_is_renewed_while_the_release_builds(setup, monkeypatch):

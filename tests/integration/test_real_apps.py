@@ -15,6 +15,7 @@ import pytest
 from cicd.config import Settings
 from cicd.delivery import examples, gitsource, onboarding
 from cicd.runtime.local import LocalRuntime
+from tests.proxied import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +28,12 @@ FLASK_APP = {
 
 
 def git_repo(root, name: str, files: dict) -> str:
-    """A bare repository of `files` under root, as the example git server would serve it."""
+    """A bare repository of `files` (paths may have directories) under root, as the example git
+    server would serve it."""
     work = root / f"{name}-work"
     work.mkdir(parents=True)
     for path, text in files.items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
         (work / path).write_text(text)
     examples._git(work, "init", "--quiet", "--initial-branch=main")
     examples._git(work, "add", "-A")
@@ -38,15 +41,6 @@ def git_repo(root, name: str, files: dict) -> str:
     examples._git(root, "clone", "--quiet", "--bare", str(work), str(root / f"{name}.git"))
     examples._git(root / f"{name}.git", "update-server-info")
     return f"{name}.git"
-
-
-def wait_for(check, timeout: float, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture

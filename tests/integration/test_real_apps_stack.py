@@ -21,7 +21,7 @@ import pytest
 
 from cicd.delivery import examples
 from cicd.runtime import process
-from tests.integration.test_real_apps import FLASK_APP
+from tests.integration.test_real_apps import FLASK_APP, git_repo
 from tests.integration.test_real_node_app import EXPRESS_APP
 
 pytestmark = pytest.mark.integration
@@ -92,20 +92,6 @@ def git_server(tmp_path_factory):
     server["root_path"] = root
     yield server
     process.stop(server["pid"], server["ticks"], grace_s=1)
-
-
-def git_repo(root, name: str, files: dict) -> str:
-    """A bare repository of `files` (paths may have directories) under root, served as NAME.git."""
-    work = root / f"{name}-work"
-    for path, text in files.items():
-        (work / path).parent.mkdir(parents=True, exist_ok=True)
-        (work / path).write_text(text)
-    examples._git(work, "init", "--quiet", "--initial-branch=main")
-    examples._git(work, "add", "-A")
-    examples._git(work, "commit", "--quiet", "-m", name)
-    examples._git(root, "clone", "--quiet", "--bare", str(work), str(root / f"{name}.git"))
-    examples._git(root / f"{name}.git", "update-server-info")
-    return f"{name}.git"
 
 
 def seconds_of(output: str, pattern: str) -> float:

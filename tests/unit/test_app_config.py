@@ -20,6 +20,7 @@ from cicd.runtime import process
 from cicd.runtime.local import LocalRuntime
 from cicd.store import proof, releases, session_scope
 from tests.unit.test_cli import CICD, LISTINGS, run
+from tests.unit.test_detection import runtime  # noqa: F401  (the fixture: a local runtime, its apps stopped after)
 from tests.unit.test_local_runtime import sample_source, wait_for
 
 APP = "conf-api"
@@ -35,14 +36,6 @@ def settings(tmp_path):
     settings = Settings(env="stage", home=tmp_path, probe_timeout_s=1.0)
     assert onboarding.register(settings, APP, f"https://git.example.com/{APP}.git", "backend")["ok"]
     return settings
-
-
-@pytest.fixture
-def runtime(settings):
-    rt = LocalRuntime(settings)
-    yield rt
-    for app in rt.apps():
-        rt.stop_app(app)
 
 
 # -- the rules -----------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ from cicd.delivery import onboarding
 from cicd.healing import detector, loop
 from cicd.runtime import local, process
 from cicd.runtime.base import ReplicaStatus, RuntimeFailure
-from cicd.runtime.local import LocalRuntime
 from cicd.signals import probes as monitor
 from cicd.store import Incident, session_scope
 
+from .test_detection import runtime  # noqa: F401  (the fixture: a local runtime, its apps stopped after)
 from .test_local_runtime import sample_source, wait_for
 
 APP = "shop-api"
@@ -30,14 +30,6 @@ REPO = "https://git.example.com/shop-api.git"
 def settings(tmp_path):
     return Settings(env="stage", home=tmp_path, probe_interval_s=0.2, probe_timeout_s=0.5, unhealthy_probes=3,
                     overload_probes=2)
-
-
-@pytest.fixture
-def runtime(settings):
-    rt = LocalRuntime(settings)
-    yield rt
-    for app in rt.apps():
-        rt.stop_app(app)
 
 
 def deploy(settings, runtime, tmp_path, **spec_changes):

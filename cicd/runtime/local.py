@@ -381,7 +381,10 @@ class LocalRuntime(Runtime):
         return {"proxy": problem} if problem else {}
 
     def _drain(self, replicas: list[dict]) -> None:
-        if replicas and self.endpoints.proxied():
+        # Only a replica still running has requests to finish: a crashed one is replaced at once
+        # (draining it cost every crash restart DRAIN_S, `make bench`'s crash to healthy).
+        running = [r for r in replicas if process.is_alive(r.get("pid"), r.get("ticks"))]
+        if running and self.endpoints.proxied():
             time.sleep(DRAIN_S)
 
     def _await_ready(self, spec: dict, replicas: list[dict]) -> None:

@@ -67,3 +67,30 @@ def test_a_proxy_that_does_not_answer_is_reported_not_raised(tmp_path):
     assert problem and "refused" in problem.lower()
     assert record.publish("shop", ["127.0.0.1:7000"])  # still recorded, for the next push
     assert record.read()["apps"]["shop"]["upstreams"] == ["127.0.0.1:7000"]
+
+
+def test_only_a_replica_still_running_is_drained_before_it_stops(tmp_path, monkeypatch):
+    # Draining gives a replica's open requests time to finish behind the proxy; a crashed one has
+    # none, so a crash restart must not wait for it.
+    import os
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from cicd.runtime import local, process
+    runtime = local.LocalRuntime(Settings(env="stage", home=tmp_path))
+    monkeypatch.setattr(runtime.endpoints, "proxied", lambda: True)
+    slept = []
+    # Only the local runtime's own view of time: the real sleep stays for everything else.
+    monkeypatch.setattr(local, "time", SimpleNamespace(sleep=slept.append, monotonic=time.monotonic, time=time.time))
+    pid, ticks = process.spawn_detached([sys.executable, "-c", "import time; time.sleep(30)"], str(tmp_path),
+                                        process.clean_env({}), str(tmp_path / "sleeper.log"), record_exit=False)
+    try:
+        running = {"slot": 0, "pid": pid, "ticks": ticks}
+        gone = {"slot": 1, "pid": os.getpid(), "ticks": process.start_ticks(os.getpid()) + 1}  # not ours
+        runtime._drain([gone])
+        assert slept == []
+        runtime._drain([gone, running])
+        assert slept == [local.DRAIN_S]
+    finally:
+        process.kill(pid, ticks)

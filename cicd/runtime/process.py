@@ -81,16 +81,21 @@ def exit_path_for(log_path) -> str:
     return root + ".exit"
 
 
-def start_ticks(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat after the command name (fields[0] is the state), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             raw = fh.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except OSError:
         return None
     # The command name may hold spaces and parentheses: fields start after the last ')'.
-    fields = raw[raw.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
+    return raw[raw.rindex(b")") + 2:].split()
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
+    fields = stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
 
@@ -250,18 +255,9 @@ def suspend(pid: int, ticks: int | None, within_s: float = 5.0) -> bool:
     if not signal_process(pid, ticks, signal.SIGSTOP):
         return False
     deadline = time.monotonic() + within_s
-    while _state(pid) not in (b"T", b"t", None) and time.monotonic() < deadline:
+    while (fields := stat_fields(pid)) is not None and fields[0] not in (b"T", b"t") and time.monotonic() < deadline:
         time.sleep(0.005)
     return True
-
-
-def _state(pid: int) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2:].split()[0]
 
 
 def stop(pid: int | None, ticks: int | None, grace_s: float = 3.0) -> bool:
@@ -314,10 +310,9 @@ def session_usage(leaders: set[int]) -> dict[int, Usage]:
             if not entry.name.isdigit():
                 continue
             try:
-                with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                    raw = fh.read()
-                # The command name may hold spaces and parentheses: fields start after the last ')'.
-                fields = raw[raw.rindex(b")") + 2:].split()
+                fields = stat_fields(entry.name)
+                if fields is None:
+                    continue  # gone while we looked
                 session = int(fields[3])
                 if session not in leaders:
                     continue

@@ -10,10 +10,12 @@ code beyond those files:
                     way a shell would (shlex), and `$PORT` / `${PORT}` are replaced by the
                     replica's port when it starts. Anything that needs a shell (pipes, `&&`,
                     `;`, redirections, backticks, other variables, `VAR=value` prefixes) is
-                    refused, naming the line. No Procfile: the template's documented start.
+                    refused, naming the line. No Procfile: the default WSGI start below, else
+                    the template's documented start.
   requirements.txt  dependencies, installed into a virtualenv of the release (`pip install -r`);
   pyproject.toml    otherwise the project itself (`pip install .`).
-  manage.py         a Django app: `manage.py collectstatic --noinput` when Django is installed.
+  manage.py         a Django app: `manage.py collectstatic --noinput` when Django is installed
+                    (the app setting DISABLE_COLLECTSTATIC=1 skips it, as on Heroku).
   .python-version   the interpreter (`3.12`, `3.12.1`), else
   runtime.txt       (`python-3.12.1`); it must exist on this machine as python3.12, or the
                     build fails naming the file and the interpreters that are installed.
@@ -31,6 +33,17 @@ only: a package.json there is noted and left alone):
                     documented Python start (Node then only builds, the Python app serves).
   fullstack         both toolchains: the Node install and build first (so the Python app can
                     serve or collect what it built), then the Python steps above.
+
+The default WSGI start, without a Procfile web: line (Python templates; the files Azure App
+Service's Oryx build looks for, in its order), served by gunicorn from the release's virtualenv
+(so gunicorn belongs in requirements.txt), bound to loopback on $PORT:
+
+  manage.py + PKG/wsgi.py   a Django project: `gunicorn PKG.wsgi` (PKG: the one package beside
+                            manage.py with a wsgi.py and a settings.py)
+  application.py, app.py    `gunicorn application:app` / `gunicorn app:app`
+  wsgi.py                   `gunicorn wsgi` (its `application`)
+
+A repo with server.py and none of those keeps the template's start (the sample service's).
 
 The manifest, cicd.toml (TOML; every key is optional, an unknown one is refused):
 
@@ -69,6 +82,9 @@ NODE_LOCKFILES = ("npm-shrinkwrap.json", "package-lock.json")   # npm ci honours
 # Procfile command such as `python -m http.server` run from the release's virtualenv).
 NODE_TEMPLATES = {"frontend", "fullstack"}
 NPM_START = ["npm", "start"]
+# The default WSGI start: module file -> gunicorn's app argument (Oryx's order); Django first.
+WSGI_MODULES = (("application.py", "application:app"), ("app.py", "app:app"), ("wsgi.py", "wsgi"))
+GUNICORN = ["gunicorn", "--bind", "127.0.0.1:$PORT"]
 
 
 class BuildpackError(CicdError, ValueError):
@@ -240,6 +256,18 @@ def node_steps(directory: Path, which=shutil.which) -> tuple[list[str], bool, bo
     return ["ci" if lockfile else "install", "--no-audit", "--no-fund"], "build" in scripts, "start" in scripts
 
 
+def default_wsgi_start(directory: Path) -> tuple[list[str], str] | None:
+    """(gunicorn argv, the file that chose it) for a repo without a Procfile web: line, or None."""
+    if (directory / "manage.py").is_file():
+        projects = sorted(p.parent.name for p in directory.glob("*/wsgi.py") if (p.parent / "settings.py").is_file())
+        if len(projects) == 1:
+            return [*GUNICORN, f"{projects[0]}.wsgi"], f"manage.py and {projects[0]}/wsgi.py"
+    for name, target in WSGI_MODULES:
+        if (directory / name).is_file():
+            return [*GUNICORN, target], name
+    return None
+
+
 def plan(directory: Path, which=shutil.which, runtime: str | None = None) -> BuildPlan:
     """The build plan of the release in `directory` for the template `runtime` (backend, frontend,
     fullstack; None: Python only), or BuildpackError naming the file at fault."""
@@ -275,6 +303,16 @@ def plan(directory: Path, which=shutil.which, runtime: str | None = None) -> Bui
     elif (directory / PACKAGE_JSON).is_file():
         notes.append(f"{PACKAGE_JSON}: not built, the {runtime or 'Python'} template has no Node toolchain "
                      f"(onboard as frontend or fullstack for npm)")
+    if web is None and runtime != "frontend":
+        default = default_wsgi_start(directory)
+        if default is not None:
+            web, chosen_by = default
+            notes.append(f"start: {' '.join(web)} (no {PROCFILE} web: line; the default for {chosen_by})")
+        elif runtime is not None and not (directory / "server.py").is_file():
+            # The template's start runs server.py: say now what is missing, not after a replica dies.
+            raise BuildpackError(f"{PROCFILE}: no web: line, and nothing to start by default (server.py, "
+                                 f"app.py, application.py, wsgi.py, or manage.py with one PKG/wsgi.py); "
+                                 f"add a {PROCFILE} line like 'web: gunicorn --bind 127.0.0.1:$PORT app:app'")
     health = manifest.get("health", {}).get("path")
     if health is None and web is not None:
         health = DEFAULT_HEALTH_PATH

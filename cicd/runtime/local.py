@@ -287,11 +287,18 @@ class LocalRuntime(Runtime):
             source = "requirements.txt" if plan.install[:1] == ["-r"] else "pyproject.toml"
             self._install(number, pip, plan.install, release_dir, env, build_log,
                           lambda how: step(f"installing dependencies ({source}{how})"))
-        if plan.collectstatic and self._has_django(python, release_dir, env):
-            # What the Heroku Python buildpack does for a Django app; a failure fails the build there too.
+        if plan.collectstatic and (config or {}).get("DISABLE_COLLECTSTATIC") == "1":
+            step("not collecting static files: the app's setting DISABLE_COLLECTSTATIC is 1")
+        elif plan.collectstatic and self._has_django(python, release_dir, env):
+            # What the Heroku Python buildpack does for a Django app; a failure fails the build there
+            # too, and the same setting turns it off.
             step("collecting static files (Django collectstatic)")
-            self._step(f"collectstatic of release {number}", [python, "manage.py", "collectstatic", "--noinput"],
-                       release_dir, app_env, build_log)
+            try:
+                self._step(f"collectstatic of release {number}", [python, "manage.py", "collectstatic", "--noinput"],
+                           release_dir, app_env, build_log)
+            except RuntimeFailure as exc:
+                raise RuntimeFailure(f"{exc}\n(fix the app's static files settings, such as STATIC_ROOT, or turn "
+                                     f"collectstatic off: cicd config set {app} DISABLE_COLLECTSTATIC=1)") from None
         if plan.release:
             argv = self._resolve(plan.release, app_env, f"release command of release {number}")
             step(f"running the release command ({shlex_join(plan.release)})")

@@ -168,7 +168,7 @@ def test_a_build_script_means_npm_run_build_and_the_procfile_still_starts(tmp_pa
 
 
 def test_fullstack_without_a_start_script_builds_with_node_and_starts_the_python_default(tmp_path):
-    p = plan(repo(tmp_path, package__json='{"scripts": {"build": "node build.js"}}'), which=NPM, runtime="fullstack")
+    p = plan(repo(tmp_path, server__py="", package__json='{"scripts": {"build": "node build.js"}}'), which=NPM, runtime="fullstack")
     assert p.npm_build and p.web is None  # the template's `python server.py ...`
     assert buildpack.health_path(p.to_dict(), {"health_path": "/health"}) == "/health"
 
@@ -200,7 +200,7 @@ def test_without_npm_a_node_app_is_refused_naming_package_json(tmp_path):
 
 
 def test_the_backend_template_notes_a_package_json_and_leaves_it(tmp_path):
-    p = plan(repo(tmp_path, package__json="not even json"), which=NPM, runtime="backend")
+    p = plan(repo(tmp_path, server__py="", package__json="not even json"), which=NPM, runtime="backend")
     assert p.npm_install is None and p.web is None
     assert any(note.startswith("package.json: not built") for note in p.notes)
 
@@ -209,3 +209,32 @@ def test_the_backend_template_notes_a_package_json_and_leaves_it(tmp_path):
 def test_the_sample_service_keeps_its_template_start_in_every_template(runtime):
     p = plan(SAMPLE_SERVICE, runtime=runtime)
     assert p.web is None and p.npm_install is None
+
+
+@pytest.mark.parametrize("files, web", [
+    ({"app.py": ""}, "app:app"),
+    ({"application.py": "", "app.py": ""}, "application:app"),   # Oryx's order: application.py first
+    ({"wsgi.py": ""}, "wsgi"),
+    ({"manage.py": "", "mysite/wsgi.py": "", "mysite/settings.py": "", "app.py": ""}, "mysite.wsgi"),
+])
+def test_without_a_procfile_a_wsgi_app_starts_with_gunicorn_on_loopback(tmp_path, files, web):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    p = plan(tmp_path, runtime="backend")
+    assert p.web == ["gunicorn", "--bind", "127.0.0.1:$PORT", web]
+    assert buildpack.health_path(p.to_dict(), {"health_path": "/health"}) == "/"
+    assert any(n.startswith("start: gunicorn") and "no Procfile web: line" in n for n in p.notes)
+
+
+def test_the_procfile_wins_over_the_default_wsgi_start(tmp_path):
+    p = plan(repo(tmp_path, app__py="", Procfile="web: python app.py $PORT\n"), runtime="backend")
+    assert p.web == ["python", "app.py", "$PORT"] and not any(n.startswith("start:") for n in p.notes)
+
+
+def test_a_django_repo_with_two_projects_is_not_guessed_but_refused(tmp_path):
+    for name in ("manage.py", "one/wsgi.py", "one/settings.py", "two/wsgi.py", "two/settings.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    with pytest.raises(BuildpackError, match=r"Procfile: no web: line, and nothing to start by default"):
+        plan(tmp_path, runtime="backend")

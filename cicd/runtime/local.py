@@ -17,6 +17,7 @@ The frontend and fullstack templates add the Node toolchain before the Python st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import http.client
 import importlib.util
@@ -35,7 +36,7 @@ from typing import Callable
 from cicd.config import Settings
 from cicd.core.names import is_app_name
 from cicd.delivery import appconfig, buildpack, onboarding
-from cicd.runtime import process
+from cicd.runtime import process, proxyfigures
 from cicd.runtime.endpoints import Endpoints, upstreams_of
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
@@ -116,6 +117,7 @@ class LocalRuntime(Runtime):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = None
         self.endpoints = Endpoints(settings)
+        self.proxy_figures_of = proxyfigures.Recorder(settings)
 
     # -- state ---------------------------------------------------------------------------
     def app_dir(self, app: str) -> Path:
@@ -563,12 +565,23 @@ class LocalRuntime(Runtime):
         usage = process.session_usage({job[2]["pid"] for job in jobs if job[2].get("pid")})
         results: dict[str, list[ReplicaStatus]] = {app: [] for app in apps}
         statuses = self._executor().map(lambda job: self._probe_one(job[1], job[2], usage), jobs)
+        # One scrape of the proxy's figures per cycle, for every app (while the replicas answer).
+        proxied = self._scrape_proxy() if jobs else {}
         for (app, _, _), status in zip(jobs, statuses):
+            if latency := proxied.get(app, {}).get("latency_ms"):
+                status = dataclasses.replace(status, proxy_latency_ms=latency)
             results[app].append(status)
         for statuses_of_app in results.values():
             statuses_of_app.sort(key=lambda s: s.slot)
         _forget_cpu_samples()
         return results
+
+    def _scrape_proxy(self) -> dict[str, dict]:
+        admin = self.endpoints.admin()
+        return self.proxy_figures_of.update(admin) if admin else {}
+
+    def proxy_figures(self, app: str) -> dict | None:
+        return self.proxy_figures_of.of(app) if self.endpoints.url(app) else None
 
     def replica_count(self, app: str) -> int:
         return len(self._read(app).get("replicas", {}))

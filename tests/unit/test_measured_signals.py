@@ -195,6 +195,7 @@ def statuses_with(**values) -> list[ReplicaStatus]:
     ({"cpu": 0.95}, True),                   # CPU saturated across the replicas, nothing self-reported
     ({"latency_ms": 450.0}, True),           # probes near their timeout
     ({"utilization": 0.9}, True),            # the sample service's own figure still counts
+    ({"proxy_latency_ms": 450.0}, True),     # the app's clients wait, through the proxy, near a probe timeout
     ({"cpu": 0.3, "latency_ms": 20.0}, False),
 ])
 def test_overload_from_measured_cpu_or_latency_needs_sustained_probes(values, hot):

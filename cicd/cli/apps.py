@@ -140,7 +140,8 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_
     leak           one replica grows its memory toward the spec's memory_limit_mb
                    (the sample service does on request: POST /admin/leak)
     overload       real traffic until measured utilization crosses the threshold
-    false-alarm    a short health blip that clears by itself
+    false-alarm    one replica's probes fail for a moment (a 503 from the proxy, any
+                   app), then pass: only the monitor's view blips
     slow-deploy    deploy the repo's cicd-inject/slow branch (starts slowly)
     failed-deploy  deploy the repo's cicd-inject/broken branch (does not build)
     bad-release    deploy the repo's cicd-inject/crashy branch (passes its gate, then dies)

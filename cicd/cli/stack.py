@@ -142,6 +142,10 @@ def status(invocation: Invocation, as_json):
         return
     for row in apps:
         row["uptime_pct"] = f"{row['uptime'] * 100:.2f}%" if row["uptime"] is not None else None
+        proxy = row.get("proxy")
+        row["traffic"] = (f"{proxy['requests']} req, {proxy['failed']} 5xx, {proxy['latency_ms']:.0f} ms"
+                          if proxy else None)
     terminal.print_table(apps, [("app", "app"), ("url", "url"), ("release", "release"), ("replicas", "replicas"),
                                 ("healthy", "healthy"), ("utilization", "util"), ("uptime_pct", "uptime"),
+                                ("traffic", "proxy (last interval)"),
                                 ("open_incident", "open incident"), ("attention", "attention")])

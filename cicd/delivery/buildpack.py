@@ -50,6 +50,9 @@ The manifest, cicd.toml (TOML; every key is optional, an unknown one is refused)
     [health]
     path = "/healthz"      # what the probes GET; any status below 400 is healthy
 
+    [resources]
+    memory_limit_mb = 1024 # per replica, for leak detection (whole MB, 32-65536); else the spec's
+
 The health path is the manifest's, else "/" for an app that brings its own start command (a
 Procfile, or package.json's start script), else the template's (`health_path` in the spec:
 "/health" for the sample service).
@@ -65,11 +68,12 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cicd.delivery.onboarding import DEFAULT_MEMORY_LIMIT_MB, check_memory_limit
 from cicd.errors import CicdError
 
 PROCFILE = "Procfile"
 MANIFEST = "cicd.toml"
-MANIFEST_KEYS = {"health": {"path"}}
+MANIFEST_KEYS = {"health": {"path"}, "resources": {"memory_limit_mb"}}
 DEFAULT_HEALTH_PATH = "/"
 PROCESS_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 PORT_REFERENCE = re.compile(r"\$(?:PORT\b|\{PORT\})")
@@ -101,6 +105,7 @@ class BuildPlan:
     web: list[str] | None = None         # the Procfile's start, else `npm start`, or None: the template's
     release: list[str] | None = None     # the Procfile's release command
     health_path: str | None = None       # None: the template's (the spec's), else "/"
+    memory_limit_mb: int | None = None   # the manifest's; None: the spec's
     npm_install: list[str] | None = None # npm arguments: ["ci"] or ["install"]; None: no Node toolchain
     npm_build: bool = False              # package.json's scripts define build: `npm run build`
     notes: list[str] = field(default_factory=list)
@@ -184,6 +189,9 @@ def parse_manifest(text: str) -> dict:
     path = data.get("health", {}).get("path")
     if path is not None and (not isinstance(path, str) or not re.fullmatch(r"/[\x21-\x7e]{0,500}", path)):
         raise BuildpackError(f"{MANIFEST}: health.path must be a string starting with '/', without spaces")
+    if "memory_limit_mb" in data.get("resources", {}):
+        for refusal in check_memory_limit(data["resources"]["memory_limit_mb"]):
+            raise BuildpackError(f"{MANIFEST}: resources.{refusal.field} {refusal.message}")
     return data
 
 
@@ -319,7 +327,13 @@ def plan(directory: Path, which=shutil.which, runtime: str | None = None) -> Bui
     return BuildPlan(python=python, python_from=python_from, install=install,
                      collectstatic=(directory / "manage.py").is_file(), web=web,
                      release=processes.get("release"), health_path=health, notes=notes,
+                     memory_limit_mb=manifest.get("resources", {}).get("memory_limit_mb"),
                      npm_install=npm_install, npm_build=npm_build)
+
+
+def memory_limit_mb(build_plan: dict | None, spec: dict) -> int:
+    """A replica's memory limit: the release's manifest's, else the spec's, else the default."""
+    return (build_plan or {}).get("memory_limit_mb") or spec.get("memory_limit_mb", DEFAULT_MEMORY_LIMIT_MB)
 
 
 def health_path(build_plan: dict | None, spec: dict) -> str:

@@ -50,10 +50,11 @@ CAUSE_OF_SIGNAL = {"replica_down": "exited", "replica_unhealthy": "unhealthy", "
 def replica_load(settings: Settings, status: ReplicaStatus) -> float:
     """How loaded one replica is, 0..1, from what the platform measures and what it says: the most
     of its own utilization (if it reports one), its CPU as a share of cpu_cores_per_replica, and
-    its probe's latency as a share of the probe timeout (at 1 the probe times out)."""
+    its probe's latency and its app's mean latency through the proxy, each as a share of the probe
+    timeout (at 1 a probe would time out)."""
     cpu = status.cpu / settings.cpu_cores_per_replica
-    latency = status.latency_ms / (settings.probe_timeout_s * 1000.0)
-    return min(1.0, max(status.utilization, cpu, latency))
+    timeout_ms = settings.probe_timeout_s * 1000.0
+    return min(1.0, max(status.utilization, cpu, status.latency_ms / timeout_ms, status.proxy_latency_ms / timeout_ms))
 
 
 def mean_load(settings: Settings, statuses: list[ReplicaStatus]) -> float:

@@ -33,6 +33,10 @@ class ReplicaStatus:
     rss_mb: float = 0.0
     memory_limit_mb: int = 0
     stopped: bool = False
+    # The mean latency of the app's requests through its stable address over the last interval,
+    # from the proxy's own figures (Caddy's are per app, so every replica of the app carries the
+    # same); 0 when none passed or there is no proxy.
+    proxy_latency_ms: float = 0.0
 
     @property
     def healthy(self) -> bool:
@@ -108,6 +112,11 @@ class Runtime(ABC):
 
     def endpoint(self, app: str) -> str | None:
         """The app's stable URL (through the environment's proxy), or None if it has none."""
+        return None
+
+    def proxy_figures(self, app: str) -> dict | None:
+        """The app's traffic through its stable URL over the last interval, as the proxy counts it:
+        {"requests", "failed" (5xx), "latency_ms" (mean), "interval_s", "at"}; None without one."""
         return None
 
     def live_release(self, app: str) -> int | None:

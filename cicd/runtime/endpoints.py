@@ -31,6 +31,11 @@ TRY_INTERVAL = "50ms"
 FAIL_DURATION = "10s"
 # What a stopped app's address answers while it has no live replica.
 NO_UPSTREAM_BODY = "no live release of this app\n"
+# The fault listener: a 503 that a probe is pointed at for a false alarm (`cicd inject
+# false-alarm`). Part of every config from Caddy's start, so an injection changes no route and
+# reloads nothing (a reload can reset connections of clients on the stable addresses).
+FAULT_SERVER = "fault"
+FAULT_BODY = "false alarm injected by cicd\n"
 
 
 def app_server(port: int, upstreams: list[str]) -> dict:
@@ -52,21 +57,34 @@ def app_server(port: int, upstreams: list[str]) -> dict:
             "automatic_https": {"disable": True}}
 
 
+def fault_server(port: int) -> dict:
+    """Caddy's fault listener: 503 to anything, on loopback."""
+    return {"listen": [f"127.0.0.1:{port}"],
+            "routes": [{"handle": [{"handler": "static_response", "status_code": 503, "body": FAULT_BODY}]}],
+            "automatic_https": {"disable": True}}
+
+
 def server_name(app: str) -> str:
+    # "app-" first: no app name can make a server called FAULT_SERVER.
     return f"app-{app}"
 
 
-def caddy_config(admin: str, apps: dict[str, dict]) -> dict:
+def caddy_config(admin: str, apps: dict[str, dict], fault_port: int | None = None) -> dict:
     """The whole configuration: the admin API on loopback (nothing persisted by Caddy: our record
-    is the truth) and a server per app ({app: {"port", "upstreams"}})."""
+    is the truth), a server per app ({app: {"port", "upstreams"}}), the fault listener if it has a
+    port, and Prometheus metrics on the admin API's /metrics (figures per server, so per app)."""
+    servers = {server_name(app): app_server(entry["port"], entry.get("upstreams", []))
+               for app, entry in sorted(apps.items())}
+    if fault_port:
+        servers[FAULT_SERVER] = fault_server(fault_port)
     return {
         "admin": {"listen": admin, "config": {"persist": False}},
         "logging": {"logs": {"default": {"level": "WARN"}}},
         "apps": {"http": {
             # A config change lets requests in flight finish on the old one for up to this long.
             "grace_period": "10s",
-            "servers": {server_name(app): app_server(entry["port"], entry.get("upstreams", []))
-                        for app, entry in sorted(apps.items())}}},
+            "metrics": {},
+            "servers": servers}},
     }
 
 
@@ -122,7 +140,7 @@ class Endpoints:
         if not state.get("admin"):
             return None
         try:
-            admin_load(state["admin"], caddy_config(state["admin"], state.get("apps", {})))
+            admin_load(state["admin"], caddy_config(state["admin"], state.get("apps", {}), state.get("fault_port")))
         except OSError as exc:
             return str(exc)
         return None
@@ -132,16 +150,19 @@ class Endpoints:
         its port on first use. Returns None, or why Caddy did not take it (the record stands:
         the supervisor pushes it again when Caddy is back)."""
         with self._locked() as state:
-            apps = state.setdefault("apps", {})
-            used = {e["port"] for e in apps.values()}
-            entry = apps.setdefault(app, {"port": None})
+            entry = state.setdefault("apps", {}).setdefault(app, {"port": None})
             if entry["port"] is None:
-                port = process.free_port()
-                while port in used:
-                    port = process.free_port()
-                entry["port"] = port
+                entry["port"] = self._new_port(state)
             entry["upstreams"] = list(upstreams)
             return self._push(state)
+
+    @staticmethod
+    def _new_port(state: dict) -> int:
+        used = {e["port"] for e in state.get("apps", {}).values()} | {state.get("fault_port")}
+        port = process.free_port()
+        while port in used:
+            port = process.free_port()
+        return port
 
     def forget(self, app: str) -> str | None:
         """Free the app's address (`cicd remove`)."""
@@ -162,7 +183,25 @@ class Endpoints:
         """The stack's Caddy now answers at admin (None: it was stopped): push everything to it."""
         with self._locked() as state:
             state["admin"] = admin
+            if admin and not state.get("fault_port"):
+                state["fault_port"] = self._new_port(state)
             return self._push(state)
+
+    def fault_address(self) -> str | None:
+        """host:port of the fault listener of the running Caddy (None: no Caddy recorded)."""
+        state = self.read()
+        if not state.get("admin"):
+            return None
+        if not state.get("fault_port"):
+            # A record from before the fault listener: given one now (a single reload, ever).
+            with self._locked() as state:
+                state.setdefault("fault_port", self._new_port(state))
+                if problem := self._push(state):
+                    raise OSError(problem)
+        return f"127.0.0.1:{state['fault_port']}"
+
+    def admin(self) -> str | None:
+        return self.read().get("admin")
 
 
 def upstreams_of(replicas: list[dict]) -> list[str]:

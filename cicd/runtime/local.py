@@ -17,6 +17,7 @@ The frontend and fullstack templates add the Node toolchain before the Python st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import http.client
 import importlib.util
@@ -35,7 +36,7 @@ from typing import Callable
 from cicd.config import Settings
 from cicd.core.names import is_app_name
 from cicd.delivery import appconfig, buildpack, onboarding
-from cicd.runtime import process
+from cicd.runtime import process, proxyfigures
 from cicd.runtime.endpoints import Endpoints, upstreams_of
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
@@ -116,6 +117,7 @@ class LocalRuntime(Runtime):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = None
         self.endpoints = Endpoints(settings)
+        self.proxy_figures_of = proxyfigures.Recorder(settings)
 
     # -- state ---------------------------------------------------------------------------
     def app_dir(self, app: str) -> Path:
@@ -190,7 +192,8 @@ class LocalRuntime(Runtime):
         except (OSError, subprocess.SubprocessError) as exc:
             raise RuntimeFailure(f"replica {slot} of {app} did not start: {exc}") from None
         return {"slot": slot, "pid": pid, "ticks": ticks, "port": port, "release": release,
-                "started_at": time.time(), "health_path": buildpack.health_path(plan, spec)}
+                "started_at": time.time(), "health_path": buildpack.health_path(plan, spec),
+                "memory_limit_mb": buildpack.memory_limit_mb(plan, spec)}
 
     @staticmethod
     def _python_of(release_dir: Path, plan: dict | None) -> str:
@@ -519,17 +522,19 @@ class LocalRuntime(Runtime):
         if not process.is_alive(pid, replica.get("ticks")):
             return ReplicaStatus(slot, pid, port, alive=False, status="down")
         measured = {"cpu": 0.0, "rss_mb": 0.0, "stopped": False,
-                    "memory_limit_mb": spec.get("memory_limit_mb", onboarding.DEFAULT_MEMORY_LIMIT_MB)}
+                    "memory_limit_mb": replica.get("memory_limit_mb") or buildpack.memory_limit_mb(None, spec)}
         if (used := usage.get(pid)) is not None and replica.get("ticks") in (None, used.started_ticks):
             measured.update(cpu=_cpu_cores(pid, used), rss_mb=round(used.rss_bytes / 2**20, 1), stopped=used.stopped)
+        path = replica.get("health_path") or spec.get("health_path", "/health")
         started = time.monotonic()
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.settings.probe_timeout_s)
-            conn.request("GET", replica.get("health_path") or spec.get("health_path", "/health"),
-                         headers={"Connection": "close"})
-            response = conn.getresponse()
-            body = response.read(4096)
-            conn.close()
+            answer = None
+            if (fault := replica.get("probe_fault")) and time.time() < fault["until"]:
+                # A false alarm: this probe asks the proxy's fault listener instead. If that does
+                # not answer (Caddy gone meanwhile), there is no fault, and the app is asked.
+                with contextlib.suppress(ConnectionRefusedError):
+                    answer = self._ask(fault["port"], path)
+            status_code, body = answer or self._ask(port, path)
         except ConnectionRefusedError:
             young = time.time() - replica.get("started_at", 0) < self.settings.start_grace_s
             return ReplicaStatus(slot, pid, port, alive=True, status="starting" if young else "refused", **measured)
@@ -537,9 +542,18 @@ class LocalRuntime(Runtime):
             return ReplicaStatus(slot, pid, port, alive=True, status="timeout",
                                  latency_ms=round((time.monotonic() - started) * 1000, 2), **measured)
         latency = (time.monotonic() - started) * 1000
-        ok, utilization, capacity = _judge(response.status, body)
+        ok, utilization, capacity = _judge(status_code, body)
         return ReplicaStatus(slot, pid, port, alive=True, status="ok" if ok else "degraded",
                              utilization=utilization, capacity=capacity, latency_ms=round(latency, 2), **measured)
+
+    def _ask(self, port: int, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.settings.probe_timeout_s)
+        try:
+            conn.request("GET", path, headers={"Connection": "close"})
+            response = conn.getresponse()
+            return response.status, response.read(4096)
+        finally:
+            conn.close()
 
     def _probe_replicas(self, spec: dict, replicas: list[dict]) -> list[ReplicaStatus]:
         if not replicas:
@@ -559,12 +573,23 @@ class LocalRuntime(Runtime):
         usage = process.session_usage({job[2]["pid"] for job in jobs if job[2].get("pid")})
         results: dict[str, list[ReplicaStatus]] = {app: [] for app in apps}
         statuses = self._executor().map(lambda job: self._probe_one(job[1], job[2], usage), jobs)
+        # One scrape of the proxy's figures per cycle, for every app (while the replicas answer).
+        proxied = self._scrape_proxy() if jobs else {}
         for (app, _, _), status in zip(jobs, statuses):
+            if latency := proxied.get(app, {}).get("latency_ms"):
+                status = dataclasses.replace(status, proxy_latency_ms=latency)
             results[app].append(status)
         for statuses_of_app in results.values():
             statuses_of_app.sort(key=lambda s: s.slot)
         _forget_cpu_samples()
         return results
+
+    def _scrape_proxy(self) -> dict[str, dict]:
+        admin = self.endpoints.admin()
+        return self.proxy_figures_of.update(admin) if admin else {}
+
+    def proxy_figures(self, app: str) -> dict | None:
+        return self.proxy_figures_of.of(app) if self.endpoints.url(app) else None
 
     def replica_count(self, app: str) -> int:
         return len(self._read(app).get("replicas", {}))
@@ -675,15 +700,7 @@ class LocalRuntime(Runtime):
                 raise RuntimeFailure(f"replica {replica['slot']} of {app} is not running")
             return {"kind": kind, "slot": int(replica["slot"]), "pid": replica["pid"], "signal": "SIGKILL"}
         if kind == "false-alarm":
-            replica = self._pick(state, options.get("slot"))
-            # Short enough to clear before the detector would call it a crash, long enough to be seen.
-            seconds = max(0.3, (self.settings.unhealthy_probes - 1.5) * self.settings.probe_interval_s)
-            conn = http.client.HTTPConnection("127.0.0.1", replica["port"], timeout=2)
-            conn.request("POST", f"/admin/blip?seconds={seconds:.2f}", headers={"Connection": "close"})
-            if conn.getresponse().status != 200:
-                raise RuntimeFailure(f"replica {replica['slot']} of {app} refused the blip")
-            conn.close()
-            return {"kind": kind, "slot": int(replica["slot"]), "blip_s": round(seconds, 2)}
+            return self._false_alarm(app, state, options.get("slot"))
         if kind == "hang":
             replica = self._pick(state, options.get("slot"))
             # SIGSTOP to its process group: alive to every process check, answering nothing, like a
@@ -697,9 +714,52 @@ class LocalRuntime(Runtime):
             return self._start_load(app, state, options.get("duration", 30.0))
         raise RuntimeFailure(f"fault kind {kind!r}: must be crash, hang, leak, overload or false-alarm")
 
+    def _false_alarm(self, app: str, state: dict, slot: int | None) -> dict:
+        """A transient failure of one replica's probes, for any app: for a short window its probes
+        ask the proxy's fault listener (a 503) instead of the replica, then the replica again. The
+        app and its stable address are untouched; only the monitor's view blips. Without a proxy,
+        an app that degrades on request (the sample service's POST /admin/blip) can still blip."""
+        # Short enough to clear before the detector would call it a crash, long enough to be seen.
+        seconds = max(0.3, (self.settings.unhealthy_probes - 1.5) * self.settings.probe_interval_s)
+        try:
+            fault = self.endpoints.fault_address()
+        except OSError as exc:
+            raise RuntimeFailure(f"false alarm on {app}: the proxy did not take its fault listener: {exc}") from None
+        if fault is None:
+            return self._blip_by_app(app, self._pick(state, slot), seconds)
+        port = int(fault.rpartition(":")[2])
+        try:
+            answered = self._ask(port, "/")[0]
+        except (OSError, http.client.HTTPException) as exc:
+            answered = exc
+        if answered != 503:
+            raise RuntimeFailure(f"false alarm on {app}: the proxy's fault listener ({fault}) answered {answered}, "
+                                 f"not 503: is Caddy running? (`cicd up` starts it)")
+        with self._locked(app) as state:
+            replica = self._pick(state, slot)
+            replica["probe_fault"] = {"port": port, "until": time.time() + seconds}
+        return {"kind": "false-alarm", "slot": int(replica["slot"]), "blip_s": round(seconds, 2),
+                "via": "proxy", "fault_listener": fault}
+
+    def _blip_by_app(self, app: str, replica: dict, seconds: float) -> dict:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", replica["port"], timeout=2)
+            conn.request("POST", f"/admin/blip?seconds={seconds:.2f}", headers={"Connection": "close"})
+            answer = conn.getresponse().status
+            conn.close()
+        except (OSError, http.client.HTTPException) as exc:
+            answer = exc
+        if answer != 200:
+            raise RuntimeFailure(f"false alarm on {app}: no proxy runs in {self.settings.env}, and replica "
+                                 f"{replica['slot']} answered {answer} to POST /admin/blip (only the sample "
+                                 f"service blips by itself). Start the proxy (`cicd up` starts it) for a false "
+                                 f"alarm on any app.")
+        return {"kind": "false-alarm", "slot": int(replica["slot"]), "blip_s": round(seconds, 2),
+                "via": "app (POST /admin/blip: no proxy)"}
+
     def _start_leak(self, app: str, state: dict, options: dict) -> dict:
         replica = self._pick(state, options.get("slot"))
-        limit = state.get("spec", {}).get("memory_limit_mb", onboarding.DEFAULT_MEMORY_LIMIT_MB)
+        limit = replica.get("memory_limit_mb") or buildpack.memory_limit_mb(None, state.get("spec", {}))
         # Fast enough to reach the limit within half a minute by default; it stops a little past
         # the limit, so a leak nobody heals cannot take the machine with it.
         mb_per_s = float(options.get("mb_per_s") or max(1.0, limit / 20))

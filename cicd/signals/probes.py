@@ -4,11 +4,11 @@ and turn anomalies into signals for the detector.
 A dead process or a refused connection is a signal at once; a failing health check must repeat
 `unhealthy_probes` times before it counts as a crash (fewer, then recovered, is a blip), and when
 every one of those checks timed out on a process that is still alive it is a hang. A replica
-whose resident memory reaches `memory_restart_at` of the spec's memory_limit_mb is a leak, at
-once: memory does not come back by itself. High load (the most of a replica's own utilization,
-its CPU and its probe latency: loop.replica_load) must last `overload_probes` probes, and low
-utilization with more replicas than the spec asks for `underload_probes` probes. Uptime per app
-is counted here.
+whose resident memory reaches `memory_restart_at` of its memory_limit_mb (the release's manifest's,
+else the spec's) is a leak, at once: memory does not come back by itself. High load (the most of
+a replica's own utilization, its CPU, its probe latency and its app's mean latency through the
+proxy: loop.replica_load) must last `overload_probes` probes, and low utilization with more
+replicas than the spec asks for `underload_probes` probes. Uptime per app is counted here.
 
 Written for fleets of thousands: the bookkeeping is a handful of bulk statements per cycle, and
 a replica has a row only while its health checks are failing.

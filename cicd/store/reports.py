@@ -52,6 +52,8 @@ def apps(settings: Settings, runtime: Runtime) -> list[dict]:
             h = health.get(app.name)
             out.append({"app": app.name, "runtime": app.runtime, "release": live.get(app.name),
                         "url": runtime.endpoint(app.name),
+                        # Its traffic through that URL over the last probe interval, as the proxy counts it.
+                        "proxy": runtime.proxy_figures(app.name),
                         "replicas": runtime.replica_count(app.name),
                         "healthy": h.healthy_replicas if h else None,
                         # What the last probe saw (healthy is out of these), beside what the runtime holds now.

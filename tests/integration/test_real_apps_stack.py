@@ -198,3 +198,17 @@ def test_a_build_longer_than_the_health_deadline_still_deploys(stack, git_server
         assert not [r for r in stack.events("INCIDENT_DETECTED") if r["app"] == name]
     finally:
         stack.cicd("remove", name, "--yes", check=False)
+
+
+def test_a_false_alarm_at_the_proxy_ends_stable_with_no_restart(stack, app):
+    """`cicd inject false-alarm` on an app that knows nothing of it: the proxy's fault listener
+    answers one replica's probes for a moment, the chain calls it a false alarm, and nothing is
+    restarted."""
+    stack.wait_steady(app)
+    before = {s.slot: s.pid for s in stack.runtime.probe([app])[app]}
+    out = stack.cicd("inject", "false-alarm", app, "--wait", "--timeout", "90", timeout=150)
+    assert "via=proxy" in out.stdout and "false_alarm -> noop: stable" in out.stdout, out.stdout
+    latest = json.loads(stack.cicd("incidents", "--app", app, "--json").stdout)[0]
+    assert (latest["kind"], latest["action"], latest["status"]) == ("false_alarm", "noop", "stable"), latest
+    assert {s.slot: s.pid for s in stack.runtime.probe([app])[app]} == before  # no replica restarted
+    assert get(stable_url(stack, app) + "/") == APPS[app][2]

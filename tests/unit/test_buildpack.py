@@ -85,6 +85,17 @@ def test_manifest_gives_the_health_path_over_everything(tmp_path):
     assert buildpack.health_path(plan(tmp_path).to_dict(), {"health_path": "/health"}) == "/healthz"
 
 
+def test_manifest_gives_the_memory_limit_over_the_spec(tmp_path):
+    spec = {"memory_limit_mb": 512}
+    assert buildpack.memory_limit_mb(plan(repo(tmp_path)).to_dict(), spec) == 512  # no manifest: the spec's
+    repo(tmp_path, cicd__toml='[resources]\nmemory_limit_mb = 32\n')
+    assert plan(tmp_path).memory_limit_mb == 32
+    assert buildpack.memory_limit_mb(plan(tmp_path).to_dict(), spec) == 32
+    repo(tmp_path, cicd__toml='[resources]\nmemory_limit_mb = 65536\n')
+    assert buildpack.memory_limit_mb(plan(tmp_path).to_dict(), spec) == 65536
+    assert buildpack.memory_limit_mb(None, {}) == buildpack.DEFAULT_MEMORY_LIMIT_MB  # a spec from before the field
+
+
 @pytest.mark.parametrize("text, message", [
     ('[health]\npath = "/x"\ntimeout = 3\n', "unknown key 'health.timeout'"),
     ('[healthcheck]\npath = "/x"\n', "unknown key 'healthcheck'"),
@@ -92,6 +103,12 @@ def test_manifest_gives_the_health_path_over_everything(tmp_path):
     ('[health]\npath = "healthz"\n', "health.path must be a string starting with '/'"),
     ('[health]\npath = "/a b"\n', "health.path"),
     ('[health\n', "not valid TOML"),
+    ('[resources]\nmemory_limit_mb = 16\n', "resources.memory_limit_mb must be 32-65536 (MB), got 16"),
+    ('[resources]\nmemory_limit_mb = 70000\n', "resources.memory_limit_mb must be 32-65536 (MB), got 70000"),
+    ('[resources]\nmemory_limit_mb = "1G"\n', "resources.memory_limit_mb must be a whole number of megabytes, not str"),
+    ('[resources]\nmemory_limit_mb = 512.5\n', "resources.memory_limit_mb must be a whole number of megabytes"),
+    ('[resources]\nmemory_limit_mb = true\n', "resources.memory_limit_mb must be a whole number of megabytes, not bool"),
+    ('[resources]\ncpu = 2\n', "unknown key 'resources.cpu'"),
 ])
 def test_a_bad_manifest_is_refused_naming_the_key(tmp_path, text, message):
     with pytest.raises(BuildpackError) as err:

@@ -37,6 +37,17 @@ def test_the_whole_config_keeps_the_admin_api_on_loopback_unpersisted_and_a_serv
     json.dumps(config)  # what goes over the admin API
 
 
+def test_the_fault_listener_is_a_503_server_of_its_own_and_metrics_are_on():
+    config = caddy_config("127.0.0.1:2999", {"shop": {"port": 9001, "upstreams": ["127.0.0.1:1"]}}, fault_port=9009)
+    http = config["apps"]["http"]
+    assert http["metrics"] == {}  # Caddy's figures on the admin API's /metrics
+    fault = http["servers"][endpoints.FAULT_SERVER]
+    assert fault["listen"] == ["127.0.0.1:9009"]
+    assert fault["routes"][0]["handle"][0] | {"body": ""} == {"handler": "static_response", "status_code": 503,
+                                                              "body": ""}
+    assert endpoints.FAULT_SERVER not in caddy_config("127.0.0.1:2999", {})["apps"]["http"]["servers"]
+
+
 def test_upstreams_follow_slot_order_and_skip_replicas_without_a_port():
     replicas = [{"slot": "2", "port": 7002}, {"slot": "0", "port": 7000}, {"slot": 1, "port": None}]
     assert upstreams_of(replicas) == ["127.0.0.1:7000", "127.0.0.1:7002"]

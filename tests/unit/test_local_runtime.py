@@ -115,8 +115,10 @@ def test_scale_up_and_down(runtime, live_app):
     assert runtime.replica_count(live_app) == 2
 
 
-def test_false_alarm_degrades_then_recovers_by_itself(runtime, live_app):
+def test_without_a_proxy_the_sample_service_blips_by_itself(runtime, live_app):
+    # Behind a proxy a false alarm is made there, for any app (tests/unit/test_proxied_app.py).
     injected = runtime.inject(live_app, "false-alarm")
+    assert injected["via"] == "app (POST /admin/blip: no proxy)"
     assert statuses(runtime, live_app)[injected["slot"]].status == "degraded"
     wait_for(lambda: statuses(runtime, live_app)[injected["slot"]].healthy, timeout=injected["blip_s"] + 3)
 

@@ -169,6 +169,17 @@ def test_a_leaking_replica_over_its_limit_becomes_a_leak_signal(settings, runtim
     assert wait_for(lambda: (s := runtime.probe([app])[app][1]).healthy and s.rss_mb < 40)
 
 
+def test_the_repos_manifest_sets_the_memory_limit_leaks_are_judged_by(settings, runtime, tmp_path):
+    assert onboarding.register(settings, APP, REPO, "backend")["ok"]
+    spec = onboarding.generate_spec(APP, REPO, "backend", "stage")  # the default limit, 512
+    runtime.stage_release(spec, 1, sample_source(tmp_path, {"cicd.toml": "[resources]\nmemory_limit_mb = 64\n"}))
+    wait_for(lambda: all(s.healthy for s in runtime.probe_release(APP, 1)))
+    runtime.activate_release(APP, 1)
+    assert [s.memory_limit_mb for s in runtime.probe([APP])[APP]] == [64, 64]
+    injected = runtime.inject(APP, "leak", slot=0, mb_per_s=1)
+    assert injected["memory_limit_mb"] == 64
+
+
 def test_a_leak_rate_out_of_range_is_refused(runtime, app):
     with pytest.raises(RuntimeFailure, match="leak rate"):
         runtime.inject(app, "leak", mb_per_s=5000)
@@ -195,6 +206,7 @@ def statuses_with(**values) -> list[ReplicaStatus]:
     ({"cpu": 0.95}, True),                   # CPU saturated across the replicas, nothing self-reported
     ({"latency_ms": 450.0}, True),           # probes near their timeout
     ({"utilization": 0.9}, True),            # the sample service's own figure still counts
+    ({"proxy_latency_ms": 450.0}, True),     # the app's clients wait, through the proxy, near a probe timeout
     ({"cpu": 0.3, "latency_ms": 20.0}, False),
 ])
 def test_overload_from_measured_cpu_or_latency_needs_sustained_probes(values, hot):

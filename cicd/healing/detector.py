@@ -1,7 +1,10 @@
 """Signal -> incident: classify what a probe saw (kind, severity), or drop it.
 
 One open incident per app: a second signal while the first is being healed is dropped, and the
-database's unique key on the open incident settles a race between two detector replicas.
+database's unique key on the open incident settles a race between two detector replicas. A
+replica down that the open incident does not cover (another replica, or an app it was healing for
+a blip or for load) widens that incident instead (loop.widening): its next decision acts on the
+crash too, and its current attempt, decided without it, ends at its next verification.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from cicd.store import incidents, proof
 from cicd.store import releases as release_rows
 from cicd.config import Settings
 from cicd.core.events import MalformedEvent, Signal, Unprocessable, as_utc, parse_iso
-from cicd.healing.loop import classify, release_context
-from cicd.store import app_row, transaction
+from cicd.healing.loop import classify, release_context, widening
+from cicd.core.lifecycle import IncidentStatus
+from cicd.store import app_row, incident_row, transaction
 
 SIGNAL_MAX_AGE_S = 30.0
 log = logging.getLogger(__name__)
@@ -56,10 +60,16 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
             return None  # seen before the last incident of this app was resolved: it is about the past
         if app.attention:
             return None  # a human was called for this app; do not loop on it until it is healthy
-        if incidents.has_open(conn, env, signal.app):
-            return None  # already being healed
-        kind, severity = classify(signal)
-        context = context_of(conn, settings, kind, signal, app.spec)
+        current = incidents.open_row(conn, env, signal.app)
+        if current is not None:
+            if widening(current.kind, current.severity, _slots_of(current), signal) is None:
+                return None  # already being healed
+        else:
+            kind, severity = classify(signal)
+            context = context_of(conn, settings, kind, signal, app.spec)
+    if current is not None:
+        _widen(settings, current.id, signal)
+        return None  # the open incident's chain heals it, from its next decision on
     incident_id = f"inc-{secrets.token_hex(6)}"
     try:
         with transaction(settings) as conn:
@@ -69,3 +79,33 @@ def open_incident(settings: Settings, raw: dict) -> dict | None:
     except incidents.AlreadyOpen:
         return None  # an incident is already open for this app (the open key is unique)
     return {"env": env, "incident_id": incident_id, "attempt": 1}
+
+
+def _slots_of(incident) -> list[int]:
+    return list((incident.signal or {}).get("slots") or [incident.slot])
+
+
+def _widen(settings: Settings, incident_id: str, signal: Signal) -> None:
+    """Fold the signal into the open incident (see the module's docstring), under the write lock."""
+    env = settings.env
+    with transaction(settings) as conn:
+        incident = incident_row(conn, incident_id, lock=True)
+        if incident is None or incident.status != IncidentStatus.OPEN:
+            # Concluded meanwhile: the app is no longer busy, so the next probe reports the crash.
+            log.info("%s signal for %s dropped: its incident %s closed meanwhile", signal.kind, signal.app, incident_id)
+            return
+        widened = widening(incident.kind, incident.severity, _slots_of(incident), signal)
+        if widened is None:
+            return  # another delivery of the same crash widened it first
+        kind, severity, slots = widened
+        # The attempts decided before now did not know of the crash: the verifier ends the current
+        # one early (if its decision is made), so the next decision acts on it.
+        after = incident.attempt if incident.decision is not None else incident.attempt - 1
+        context = {**(incident.context or {}),
+                   "widened": {"after_attempt": after, "by": signal.to_dict(), "was": incident.kind}}
+        incidents.widen(conn, incident, kind, severity, {**signal.to_dict(), "slots": slots}, context)
+        proof.append(conn, env, "INCIDENT_WIDENED", incident_id=incident.id, app=incident.app,
+                     payload={"attempt": incident.attempt, "after_attempt": after, "was": incident.kind, "kind": kind,
+                              "severity": severity, "slots": slots, "signal": signal.to_dict()})
+    log.info("%s signal for %s widened its open incident %s to %s on slots %s",
+             signal.kind, signal.app, incident_id, kind, slots)

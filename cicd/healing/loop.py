@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from cicd.config import Settings
 from cicd.core import gates
-from cicd.core.events import Signal, as_utc, iso
+from cicd.core.events import SEVERITIES, Signal, as_utc, iso
 from cicd.core.lifecycle import DEPLOY_ALLOWANCE_S, RELEASE_UNDER_WAY, AttemptEnd, Outcome, ReleaseStatus
 from cicd.runtime.base import ReplicaStatus
 
@@ -122,6 +122,29 @@ def classify(signal: Signal) -> tuple[str, str]:
     if kind == "slow_deploy":
         return kind, "medium"
     return kind, "low"
+
+
+# The kinds an open incident may be widened from: about replicas, like the crash that widens it.
+# A deploy's incident waits on its release (the verifier's own rules), and is left as it is.
+WIDENABLE_KINDS = ("crash", "false_alarm", "overload", "underload")
+
+
+def widening(kind: str, severity: str, slots: list[int], signal: Signal) -> tuple[str, str, list[int]] | None:
+    """What an open incident (kind, severity, slots) becomes when the signal arrives while it is
+    open: (kind, severity, slots), or None if it already covers the signal.
+
+    Only a replica that is down widens it: a dead process never comes back by itself, and the open
+    incident's attempts act on their own kind and slots, so dropped, the crash would outlive the
+    incident (its verification fails attempt after attempt, it escalates, and the app is left to a
+    human with a replica down). Anything else (a failing or hung replica, often the very overload
+    being healed) is still left to the open incident's verification."""
+    if signal.kind != "replica_down" or kind not in WIDENABLE_KINDS:
+        return None
+    _, new_severity = classify(signal)
+    if kind == "crash" and set(signal.slots) <= set(slots):
+        return None  # already being healed
+    worst = max(severity, new_severity, key=lambda s: SEVERITIES.index(s) if s in SEVERITIES else -1)
+    return "crash", worst, sorted(set(slots) | set(signal.slots))
 
 
 def release_context(settings: Settings, kind: str, signal: Signal, spec: dict, releases) -> dict:

@@ -45,6 +45,8 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
         if incident is None or incident.status != IncidentStatus.OPEN or incident.attempt != execution["attempt"]:
             return "done", None  # already concluded by an earlier delivery of this task
         kind, app = incident.kind, incident.app
+        widened = (incident.context or {}).get("widened")
+        outrun = widened if widened and widened.get("after_attempt", 0) >= execution["attempt"] else None
         awaiting, release = _awaited_release(conn, execution, incident)
         release_status = (release.number, release.status, release.detail) if release else None
         record = app_row(conn, settings.env, app) if awaiting else None
@@ -52,6 +54,13 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
             log.info("no verdict for %s: %s was removed from %s", incident.id, app, settings.env)
             return "done", None
         timeout = verify_timeout_s(settings, record.spec if awaiting else {}, awaiting)
+    if outrun:
+        # A crash was folded into the incident after this attempt was decided: its verdict would
+        # only wait out the timeout, since nothing this attempt did heals that crash.
+        by = outrun.get("by") or {}
+        return "done", conclude(settings, execution, Outcome.FAILED,
+                                detail=f"{by.get('kind', 'a crash')} on slots {by.get('slots')} after this "
+                                       f"attempt's decision: the next attempt acts on it")
     timed_out = settings.clock.now() - parse_iso(started_at) > timedelta(seconds=timeout)
     waiting_on = release_result(release_status[1] if release_status else None) if awaiting else None
     if waiting_on == "wait":

@@ -636,6 +636,9 @@ class LocalRuntime(Runtime):
                     self._await_ready(state.get("spec", {}), [new])
                 state["replicas"][str(slot)] = new
                 proxy = self._publish(state)
+                # On record before the old one stops: the exit watcher signals the exit of a replica
+                # still counted, and this stop is on purpose (in a blip's incident it would be a crash).
+                self._write(app, state)
                 self._drain([old])
                 was_running = self._stop_replica(old)
                 restarted.append({"slot": slot, "old_pid": old["pid"], "new_pid": new["pid"],

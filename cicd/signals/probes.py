@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cicd.config import Settings
+from cicd.core.events import Signal
 from cicd.healing.loop import FAILING, GONE, mean_load, mean_utilization, over_memory, replica_signal  # noqa: F401
+from cicd.healing.loop import widening
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import health, session_scope
 
@@ -56,7 +58,7 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
                 failures[name] = seen.failures
             if attention and all(s.healthy for s in statuses):
                 healed.append(name)  # healthy again: the detector may act on it from now on
-            elif seen.signal and name not in busy and not attention:
+            elif seen.signal and not attention and (name not in busy or widens(busy[name], seen.signal)):
                 signals.append(seen.signal)
         if updates:
             health.update_app_health(session, env, updates)
@@ -67,6 +69,13 @@ def probe_cycle(settings: Settings, runtime: Runtime) -> list[dict]:
         if healed:
             health.clear_attention(session, env, healed)
     return signals
+
+
+def widens(open_incident: tuple[str, str, list[int]], signal: dict) -> bool:
+    """Whether the signal is a crash its app's open incident does not cover: sent, the detector
+    widens that incident (a watched exit does the same; this is for an exit nobody watched)."""
+    kind, severity, slots = open_incident
+    return widening(kind, severity, slots, Signal.from_dict(signal)) is not None
 
 
 def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[ReplicaStatus], failures_before: dict,

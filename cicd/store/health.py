@@ -36,9 +36,11 @@ def wanted_replicas(session: Session, env: str) -> dict[str, tuple[int | None, s
                             .where(App.env == env))}
 
 
-def apps_with_open_incident(session: Session, env: str) -> set[str]:
-    return set(session.scalars(select(Incident.app).where(Incident.env == env,
-                                                          Incident.status == IncidentStatus.OPEN)))
+def apps_with_open_incident(session: Session, env: str) -> dict[str, tuple[str, str, list[int]]]:
+    """app -> (kind, severity, slots) of its open incident: what a new signal is judged against."""
+    rows = session.execute(select(Incident.app, Incident.kind, Incident.severity, Incident.slot, Incident.signal)
+                           .where(Incident.env == env, Incident.status == IncidentStatus.OPEN))
+    return {r.app: (r.kind, r.severity, list((r.signal or {}).get("slots") or [r.slot])) for r in rows}
 
 
 def failing_replicas(session: Session, env: str) -> dict[str, dict[int, tuple[int, str]]]:

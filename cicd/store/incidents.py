@@ -26,6 +26,7 @@ _LAST_CLOSED = select(func.max(Incident.closed_at)).where(Incident.env == bindpa
                                                           Incident.app == bindparam("app"),
                                                           Incident.status != IncidentStatus.OPEN)
 _OPEN_INCIDENT = select(Incident.id).where(Incident.open_key == bindparam("open_key"))
+_OPEN_ROW = select(Incident.__table__).where(Incident.open_key == bindparam("open_key"))
 _NEW_INCIDENT = insert(Incident.__table__)
 _SET_ATTENTION = (update(App.__table__).where(App.__table__.c.env == bindparam("k_env"),
                                               App.__table__.c.name == bindparam("k_name"))
@@ -45,6 +46,16 @@ def last_closed_at(conn: Connection, env: str, app: str):
 
 def has_open(conn: Connection, env: str, app: str) -> bool:
     return conn.execute(_OPEN_INCIDENT, {"open_key": open_key(env, app)}).first() is not None
+
+
+def open_row(conn: Connection, env: str, app: str):
+    """The app's open incident (the whole row), or None."""
+    return conn.execute(_OPEN_ROW, {"open_key": open_key(env, app)}).first()
+
+
+def widen(conn: Connection, incident, kind: str, severity: str, signal: dict, context: dict) -> None:
+    """What the open incident is about, from its next decision on: a failure found while it was open."""
+    update_incident(conn, incident.id, kind=kind, severity=severity, signal=signal, context=context)
 
 
 def insert_open(conn: Connection, incident_id: str, env: str, signal: Signal, kind: str, severity: str,

@@ -127,6 +127,7 @@ _PHASE_OF_STEP = {Step.DETECT: "opened", Step.DECIDE: "decided", Step.EXECUTE: "
 _ACTED = ("ORCH_EXEC", "EXECUTION_DEDUPLICATED")
 PHASES = {
     "INCIDENT_RESUMED": "resumed",
+    "INCIDENT_WIDENED": "widened",  # a crash folded into the open incident (see cicd.healing.detector)
     **{name: (str(OUTCOME_OF_EVENT[name]) if step == Step.VERIFY else "executed" if name in _ACTED
               else _PHASE_OF_STEP[step]) for name, step in STEP_OF_EVENT.items()},
 }

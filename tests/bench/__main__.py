@@ -18,6 +18,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +42,17 @@ def machine() -> str:
 
 def run(quick: bool) -> dict:
     home = Path(tempfile.mkdtemp(prefix="cicd-bench-"))
+    try:
+        out = run_in(home, quick)
+    except BaseException:
+        # What the failed step's stack left (logs, proof log, var/ENV state) is what explains it.
+        print(f"benchmarks failed: their stacks' homes are kept in {home}", file=sys.stderr)
+        raise
+    shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
+def run_in(home: Path, quick: bool) -> dict:
     incidents, kills = (60, 10) if quick else (200, 50)
     out = {"machine": machine(), "quick": quick}
     sim = {"CICD_RUNTIME": "sim", "CICD_PROBE_INTERVAL": "3600", "CICD_STABLE_CHECKS": "1"}

@@ -90,10 +90,13 @@ def memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def wait_for(check, timeout: float, poll: float = 0.02):
+def wait_for(check, timeout: float, poll: float = 0.02, what: str = "", state=None):
+    """check() until it is true; past timeout, TimeoutError naming what was awaited and, from
+    state() if given, how things stood then (a timed-out step must say what it waited for)."""
     deadline = time.monotonic() + timeout
     while not (value := check()):
         if time.monotonic() > deadline:
-            raise TimeoutError("benchmark step timed out")
+            seen = f"; {state()}" if state else ""
+            raise TimeoutError(f"benchmark step timed out: {what or 'its check'} not true within {timeout:g} s{seen}")
         time.sleep(poll)
     return value

@@ -103,6 +103,24 @@ def test_restart_happens_once_per_op_key(runtime, live_app):
     assert statuses(runtime, live_app)[1].pid == new_pid
 
 
+def test_a_replica_restarted_while_running_is_off_the_record_before_it_stops(runtime, live_app, monkeypatch):
+    # The exit watcher signals the exit of a replica the state still counts: a restart's stop of
+    # the old one must not look like a crash (in a blip's incident it would widen it to one).
+    old = runtime.replicas(live_app)[0]
+    on_record_at_stop = []
+    stop = runtime._stop_replica
+
+    def recording_stop(replica):
+        on_record_at_stop.append([r["pid"] for r in runtime.replicas(live_app)])  # read from disk, as the watcher does
+        return stop(replica)
+
+    monkeypatch.setattr(runtime, "_stop_replica", recording_stop)
+    result = runtime.restart(live_app, [0], op_key="inc-2/1")
+    assert result["replicas"][0]["was_running"] is True
+    assert on_record_at_stop and old["pid"] not in on_record_at_stop[0]
+    assert result["replicas"][0]["new_pid"] in on_record_at_stop[0]
+
+
 def test_scale_up_and_down(runtime, live_app):
     result = runtime.scale(live_app, 4, op_key="scale-a")
     assert (result["from"], result["to"]) == (2, 4)

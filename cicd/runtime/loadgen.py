@@ -1,9 +1,10 @@
 """Real traffic for `cicd inject overload`: a closed loop of clients through the app's stable URL.
 
 Run as its own process (standard library only: it runs with -I -S). Each client requests PATH,
-waits for the answer, and asks again. One more client, the sampler, asks for the app's health path
-the way the probes do, and measures what the detector judges: its latency as a share of the probe
-timeout, or the utilization the app reports there (the sample service does), whichever is more.
+waits for the answer, and asks again. One more client, the sampler, asks each replica for the
+app's health path on its own port, as the probes do, and measures what the detector judges: the
+latency as a share of the probe timeout, or the utilization the app reports there (the sample
+service does), whichever is more.
 
 The number of clients is found, not computed: it ramps up (`next_clients`) until that measured
 load sits in a band just over the overload threshold, then holds for --duration. Holding a client
@@ -12,7 +13,8 @@ replicas, so each queues less. Whether the app overloads depends on how it queue
 this machine is. If even --max-clients cannot overload it, the report says so.
 
 Without --url (no proxy running) the clients call the replicas' ports directly, re-read from the
-runtime's state file every half second, so replicas a scale-up adds take their share too.
+runtime's state file (--state) every half second, so replicas a scale-up adds take their share
+too. A scale during the ramp ends the ramp: the state file says so.
 
 The outcome of the ramp goes to --report (JSON, written once the ramp ends); what it sees goes to
 stdout (the app's logs/load.log).
@@ -95,23 +97,30 @@ def live_ports(state_path: str) -> list[int]:
 
 
 class Targets:
-    """Where requests go: the stable URL, or (no proxy) each live replica in turn."""
+    """Where requests go: the clients' to the stable URL, or (no proxy) to each live replica in
+    turn; the sampler's always to each replica in turn, as the probes go."""
 
     def __init__(self, url: str | None, state_path: str | None):
         self.url = urlsplit(url) if url else None
         self.state_path = state_path
-        self.ports = live_ports(state_path) if state_path and not url else []
+        self.ports = live_ports(state_path) if state_path else []
         self.counter = itertools.count()
 
     def refresh(self) -> None:
-        if self.state_path and not self.url:
+        if self.state_path:
             self.ports = live_ports(self.state_path) or self.ports
+
+    def replicas(self) -> int:
+        return len(live_ports(self.state_path)) if self.state_path else 0
+
+    def replica(self) -> tuple[str, int] | None:
+        ports = self.ports
+        return ("127.0.0.1", ports[next(self.counter) % len(ports)]) if ports else None
 
     def next(self) -> tuple[str, int] | None:
         if self.url:
             return self.url.hostname, self.url.port or 80
-        ports = self.ports
-        return ("127.0.0.1", ports[next(self.counter) % len(ports)]) if ports else None
+        return self.replica()
 
 
 def request(target: tuple[str, int], path: str, timeout_s: float) -> tuple[int, bytes]:
@@ -135,6 +144,8 @@ class Load:
         self.latencies: list[tuple[float, float]] = []   # (started, ms) of load requests answered < 500
         self.samples: list[tuple[float, float, float]] = []  # (started, ms, load) of health answers
         self.errors = 0
+        self.scaled = False
+        self.partial: tuple[float | None, float | None] = (None, None)
 
     def client(self, number: int) -> None:
         while not self.stop.is_set():
@@ -159,8 +170,11 @@ class Load:
                 self.stop.wait(0.05)  # down, restarting or refusing: no spinning
 
     def sampler(self) -> None:
+        # On the replicas' own ports, on a new connection each time, as the probes ask: a server
+        # may serve the proxy's kept-alive connections before a new one (Node does), so what the
+        # proxy's clients see can be well under what the detector sees.
         while not self.stop.is_set():
-            target = self.targets.next()
+            target = self.targets.replica() if self.args.state else self.targets.next()
             if target is None:
                 self.stop.wait(0.1)
                 continue
@@ -189,12 +203,20 @@ class Load:
             return ([ms for at, ms in self.latencies if at >= start],
                     [load for at, _, load in self.samples if at >= start])
 
-    def measure_step(self, deadline: float) -> tuple[float, float] | None:
-        """(median sampled load, p50 ms of the load) of the current count, once it settled."""
-        start = time.monotonic() + self.args.settle
+    def measure_step(self, deadline: float, replicas: int) -> tuple[float, float] | None:
+        """(median sampled load, p50 ms of the load) of the current count, once it settled; None
+        past the deadline, or once the app was scaled (then the ramp's work is done)."""
+        began = time.monotonic()
+        start = began + self.args.settle
         while not self.stop.is_set() and time.monotonic() < deadline:
             self.stop.wait(0.1)
             self.targets.refresh()
+            if self.targets.replicas() != replicas:
+                self.scaled = True
+                latencies, loads = self.since(began)  # what this count did before the scale
+                self.partial = (statistics.median(loads) if loads else None,
+                                statistics.median(latencies) if latencies else None)
+                return None
             latencies, loads = self.since(start)
             if len(loads) >= SAMPLES_PER_STEP:
                 return statistics.median(loads), statistics.median(latencies) if latencies else 0.0
@@ -206,10 +228,16 @@ class Load:
         tried: dict[int, float] = {}
         p50: dict[int, float] = {}
         deadline = time.monotonic() + self.args.ramp_timeout
+        # A scale-out during the ramp (the detector saw the overload before the ramp was done) ends
+        # it: ramping on would chase the healing, and overload the bigger app too.
+        replicas = self.targets.replicas()
         while True:
             self.set_clients(clients)
-            measured = self.measure_step(deadline)
+            measured = self.measure_step(deadline, replicas)
             if measured is None:
+                if self.scaled:  # this count overloaded it: held, the scale-out is to relieve it
+                    tried[clients], p50[clients] = self.partial
+                    print(f"ramp: scaled from {replicas} replicas at {clients} clients", flush=True)
                 break
             tried[clients], p50[clients] = measured
             print(f"ramp: {clients} clients: load {tried[clients]:.2f} (band {low:.2f}-{high:.2f}), "
@@ -222,8 +250,9 @@ class Load:
         self.set_clients(clients)
         load = tried.get(clients)
         report = {"clients": clients, "load": round(load, 3) if load is not None else None,
-                  "p50_ms": round(p50[clients], 1) if clients in p50 else None, "steps": len(tried),
-                  "overloaded": load is not None and load > self.args.threshold}
+                  "p50_ms": round(p50[clients], 1) if p50.get(clients) is not None else None, "steps": len(tried),
+                  "overloaded": self.scaled or (load is not None and load > self.args.threshold),
+                  "scaled_during_ramp": self.scaled}
         if not report["overloaded"]:
             seen = (f"p50 {report['p50_ms']:.0f} ms, load {load:.2f}" if load is not None
                     else f"no health answer within {self.args.ramp_timeout:.0f} s")
@@ -259,7 +288,8 @@ def write_report(path: str, report: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="the app's stable URL (through the proxy)")
-    parser.add_argument("--state", help="the app's runtime state.json: its replicas, when there is no --url")
+    parser.add_argument("--state", help="the app's runtime state.json: its replicas (requested directly when "
+                                        "there is no --url), and how many there are")
     parser.add_argument("--path", default="/", help="what the clients request")
     parser.add_argument("--probe-path", default="/", help="the app's health path, as the probes ask it")
     parser.add_argument("--probe-timeout", type=float, default=0.5, help="the probes' timeout, seconds")

@@ -745,7 +745,7 @@ class LocalRuntime(Runtime):
         # ramp finds the real count either way.
         start = math.ceil(0.85 * capacity) if capacity else 2 * len(statuses)
         argv = [sys.executable, "-I", "-S", str(Path(__file__).with_name("loadgen.py")),
-                *(["--url", url] if url else ["--state", str(directory / "state.json")]),
+                *(["--url", url] if url else []), "--state", str(directory / "state.json"),
                 "--path", path, "--probe-path", health,
                 "--probe-timeout", str(self.settings.probe_timeout_s),
                 "--threshold", str(self.settings.overload_threshold),

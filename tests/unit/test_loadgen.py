@@ -95,8 +95,10 @@ def test_the_path_is_the_option_else_work_on_an_app_with_capacity_else_its_healt
 # -- the real process --------------------------------------------------------------------------
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    served = 0
 
     def do_GET(self):
+        Handler.served += 1
         if self.server.one_at_a_time:  # a sync worker: every request, health too, waits its turn
             with self.server.worker:
                 time.sleep(0.02)
@@ -149,3 +151,33 @@ def test_it_says_when_it_cannot_overload_a_server_that_never_queues(tmp_path, se
     assert report["overloaded"] is False and report["clients"] == 4, log
     assert report["why"].startswith("could not overload it with 4 clients: p50 "), report
     assert "holding anyway" in log
+
+
+def test_a_scale_during_the_ramp_ends_it_holding_the_count_that_overloaded(tmp_path, server):
+    """No proxy: the replicas' ports from the state file. A second replica appears there while
+    the first step settles (30 s: it cannot end first), as a scale-out by the healing chain would."""
+    first, second = server(one_at_a_time=True), server(one_at_a_time=True)
+    state = tmp_path / "state.json"
+
+    def write_state(*urls):
+        replicas = {str(i): {"slot": i, "port": int(u.rsplit(":", 1)[1])} for i, u in enumerate(urls)}
+        state.write_text(json.dumps({"replicas": replicas}))
+
+    write_state(first)
+    Handler.served = 0
+    report = tmp_path / "report.json"
+    loader = subprocess.Popen([sys.executable, "-I", "-S", str(LOADGEN), "--state", str(state), "--path", "/slow",
+                               "--start-clients", "3", "--settle", "30", "--duration", "0", "--report", str(report)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not Handler.served and time.monotonic() < deadline:
+            time.sleep(0.05)
+        write_state(first, second)
+        log, _ = loader.communicate(timeout=60)
+    finally:
+        loader.kill()
+    outcome = json.loads(report.read_text())
+    assert outcome["scaled_during_ramp"] is True and outcome["overloaded"] is True, log
+    assert outcome["clients"] == 3 and outcome["steps"] == 1, log
+    assert "ramp: scaled from 1 replicas at 3 clients" in log

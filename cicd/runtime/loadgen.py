@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 # A step's measure starts this long after its client count changed: longer than the sample
 # service's 2 s utilization window and two probe intervals, so it sees the new count only.
 SETTLE_S = 2.5
-SAMPLES_PER_STEP = 5   # sampler answers per step (one at a time: at most ~probe timeout each)
+SAMPLES_PER_STEP = 9   # sampler answers per step (one at a time: at most ~probe timeout each)
 MAX_STEPS = 12
 GROWTH = 2.0           # at most double per step: from below saturation a bigger jump could overshoot
                        # far past the probe timeout, and probes that time out look like a hang
@@ -44,11 +44,12 @@ LOG_EVERY_S = 2.0
 
 
 def band(threshold: float) -> tuple[float, float]:
-    """The measured load to hold, (low, high): over the threshold by a fifth of the headroom, under
-    it by two fifths, so a probe seldom times out, and after a scale from 2 to 3 replicas the same
-    clients measure about two thirds of it, under the threshold."""
+    """The measured load to hold, (low, high): over the threshold by a tenth of the headroom, and
+    well under the probe timeout (a replica's queue, so each probe's latency, varies by about a
+    request's service time), so a probe seldom times out; and after a scale from 2 to 3 replicas
+    the same clients measure about two thirds of it, under the threshold."""
     headroom = 1.0 - threshold
-    return threshold + 0.2 * headroom, threshold + 0.6 * headroom
+    return threshold + 0.1 * headroom, threshold + 0.4 * headroom
 
 
 def next_clients(tried: dict[int, float], clients: int, low: float, high: float,
@@ -68,8 +69,10 @@ def next_clients(tried: dict[int, float], clients: int, low: float, high: float,
     else:
         proposed = max(1, min(clients - 1, proposed))
     if proposed in tried or len(tried) >= MAX_STEPS:
-        # Between two counts, one under the band and one over: hold the one nearest its middle.
-        return min(tried, key=lambda c: (abs(tried[c] - target), c)), True
+        # Between two counts, one under the band and one over it: hold the one over (if its probes
+        # do not time out), nearest the band's middle.
+        over = [c for c in tried if low <= tried[c] < 1.0]
+        return min(over or tried, key=lambda c: (abs(tried[c] - target), c)), True
     return proposed, False
 
 

@@ -35,7 +35,7 @@ from typing import Callable
 from cicd.config import Settings
 from cicd.core.names import is_app_name
 from cicd.delivery import appconfig, buildpack, onboarding
-from cicd.runtime import process
+from cicd.runtime import loadgen, process
 from cicd.runtime.endpoints import Endpoints, upstreams_of
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
@@ -743,7 +743,8 @@ class LocalRuntime(Runtime):
         report.unlink(missing_ok=True)
         # A first guess from the capacity it reports, else one client per replica and some: the
         # ramp finds the real count either way.
-        start = math.ceil(0.85 * capacity) if capacity else 2 * len(statuses)
+        start = math.ceil(sum(loadgen.band(self.settings.overload_threshold)) / 2 * capacity) if capacity \
+            else 2 * len(statuses)
         argv = [sys.executable, "-I", "-S", str(Path(__file__).with_name("loadgen.py")),
                 *(["--url", url] if url else []), "--state", str(directory / "state.json"),
                 "--path", path, "--probe-path", health,

@@ -38,7 +38,7 @@ def ramp(measure, start: int = 2, threshold: float = 0.75, max_clients: int = 64
 
 def test_the_band_is_over_the_threshold_and_a_scale_from_two_to_three_brings_it_under():
     low, high = loadgen.band(0.75)
-    assert (round(low, 3), round(high, 3)) == (0.8, 0.9)
+    assert (round(low, 3), round(high, 3)) == (0.775, 0.85)
     assert high * 2 / 3 < 0.75 and high < 1.0
 
 
@@ -53,7 +53,7 @@ def test_the_ramp_overloads_two_queueing_replicas_and_the_same_clients_on_three_
 def test_the_ramp_at_most_doubles_from_under_saturation():
     low, high = loadgen.band(0.75)
     assert loadgen.next_clients({4: 0.01}, 4, low, high, 64) == (8, False)
-    assert loadgen.next_clients({4: 0.5}, 4, low, high, 64) == (7, False)  # proportional: 4 * 0.85 / 0.5
+    assert loadgen.next_clients({4: 0.65}, 4, low, high, 64) == (5, False)  # proportional: 4 * 0.8125 / 0.65
 
 
 def test_an_overshoot_comes_back_down_and_never_below_one():
@@ -62,10 +62,12 @@ def test_an_overshoot_comes_back_down_and_never_below_one():
     assert loadgen.next_clients({1: 3.0}, 1, low, high, 64) == (1, True)
 
 
-def test_between_a_count_under_the_band_and_one_over_it_holds_the_nearest():
+def test_between_a_count_under_the_band_and_one_over_it_holds_the_one_over():
     low, high = loadgen.band(0.75)
-    tried = {8: 0.78, 9: 0.95}
-    assert loadgen.next_clients(tried, 9, low, high, 64) == (8, True)
+    assert loadgen.next_clients({8: 0.7, 9: 0.95}, 9, low, high, 64) == (9, True)
+    assert loadgen.next_clients({7: 0.875, 6: 0.75}, 6, low, high, 64) == (7, True)  # the sample service's 8 slots
+    # One that times out the probes is no better than one under the band: the nearest then.
+    assert loadgen.next_clients({8: 0.7, 9: 1.2}, 9, low, high, 64) == (8, True)
 
 
 def test_a_server_that_never_queues_ends_at_the_cap_under_the_threshold():

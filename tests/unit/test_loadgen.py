@@ -67,7 +67,7 @@ def test_between_a_count_under_the_band_and_one_over_it_holds_the_one_over():
     assert loadgen.next_clients({8: 0.7, 9: 0.95}, 9, low, high, 64) == (9, True)
     assert loadgen.next_clients({7: 0.875, 6: 0.75}, 6, low, high, 64) == (7, True)  # the sample service's 8 slots
     # One that times out the probes is no better than one under the band: the nearest then.
-    assert loadgen.next_clients({8: 0.7, 9: 1.2}, 9, low, high, 64) == (8, True)
+    assert loadgen.next_clients({6: 0.7, 8: 1.05}, 8, low, high, 64) == (6, True)
 
 
 def test_a_server_that_never_queues_ends_at_the_cap_under_the_threshold():

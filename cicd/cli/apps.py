@@ -130,8 +130,11 @@ def scale(invocation: Invocation, app, replicas):
               help="crash/hang/leak/false-alarm: which replica (default: the first).")
 @click.option("--mb-per-s", type=click.FloatRange(min=0.1, max=1000), default=None,
               help="leak: how fast memory grows (default: the limit in 20 s).")
+@click.option("--path", default=None,
+              help="overload: what the load requests through the stable URL (default: the app's health "
+                   "path; /work on the sample service).")
 @pass_invocation
-def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_per_s):
+def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_per_s, path):
     """Break an app on purpose, for real.
 
     \b
@@ -139,7 +142,8 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_
     hang           SIGSTOP one replica: alive, answering nothing (healed by a restart)
     leak           one replica grows its memory toward the spec's memory_limit_mb
                    (the sample service does on request: POST /admin/leak)
-    overload       real traffic until measured utilization crosses the threshold
+    overload       real traffic through the stable URL: clients ramp up until the
+                   measured load crosses the threshold, then hold (--duration)
     false-alarm    one replica's probes fail for a moment (a 503 from the proxy, any
                    app), then pass: only the monitor's view blips
     slow-deploy    deploy the repo's cicd-inject/slow branch (starts slowly)
@@ -157,9 +161,12 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_
         click.echo(f"warning: the {settings.env} stack is not running, so nothing will heal this "
                    f"until `cicd up --env {settings.env}`", err=True)
     injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot, mb_per_s=mb_per_s,
-                             request_deploy=lambda name, ref, reason: plane.deploy(name, ref, reason))
-    details = ", ".join(f"{k}={v}" for k, v in injected.items() if k not in ("injected_at", "seq", "watch_after_seq"))
+                             path=path, request_deploy=lambda name, ref, reason: plane.deploy(name, ref, reason))
+    details = ", ".join(f"{k}={v}" for k, v in injected.items()
+                        if k not in ("injected_at", "seq", "watch_after_seq", "warning"))
     click.echo(f"FAILURE_INJECTED {kind} on {app} in {settings.env}: {details}")
+    if injected.get("warning"):
+        click.echo(f"warning: {injected['warning']}", err=True)
     if not wait:
         return
     start = injected["injected_at"]

@@ -36,14 +36,18 @@ from typing import Callable
 from cicd.config import Settings
 from cicd.core.names import is_app_name
 from cicd.delivery import appconfig, buildpack, onboarding
-from cicd.runtime import process, proxyfigures
+from cicd.runtime import loadgen, process, proxyfigures
 from cicd.runtime.endpoints import Endpoints, upstreams_of
 from cicd.runtime.base import ReplicaStatus, Runtime, RuntimeFailure
 
 OPS_KEPT = 500
 RELEASES_KEPT = 3
-# Overload = demand beyond capacity: a quarter more clients than the replicas have work slots.
-LOAD_DEMAND_FACTOR = 1.25
+# `cicd inject overload`: an app that reports its capacity (the sample service) gets its /work
+# route, which occupies one of its slots; any other app its health path (the probes then queue
+# behind the load, as they would behind real traffic), unless --path says what to load.
+SAMPLE_WORK_PATH = "/work?ms=100"
+LOAD_MAX_CLIENTS = 64
+LOAD_RAMP_TIMEOUT_S = 60.0
 VENV_DIR = Path(".cicd") / "venv"   # inside the release: removed with it, never the control plane's
 STEP_TIMEOUT_S = 900                # one build step: a cold pip install of a large app takes minutes
 # After the proxy stops sending a replica requests, the ones it already has get this long to finish
@@ -108,6 +112,17 @@ def _forget_cpu_samples() -> None:
     cutoff = time.monotonic() - CPU_SAMPLES_KEPT_S
     for key in [k for k, (when, _, _) in _cpu_samples.items() if when < cutoff]:
         _cpu_samples.pop(key, None)
+
+
+def load_path(option: str | None, capacity: int, health_path: str) -> str:
+    """What `cicd inject overload` requests: --path if given, /work on an app that reports a
+    capacity (the sample service), else the app's health path."""
+    if option:
+        if not option.startswith("/") or any(c.isspace() or ord(c) < 32 for c in option):
+            raise RuntimeFailure(f"overload --path {option!r}: must start with / and have no spaces or "
+                                 f"control characters")
+        return option
+    return SAMPLE_WORK_PATH if capacity else health_path or "/"
 
 
 class LocalRuntime(Runtime):
@@ -714,7 +729,7 @@ class LocalRuntime(Runtime):
         if kind == "leak":
             return self._start_leak(app, state, options)
         if kind == "overload":
-            return self._start_load(app, state, options.get("duration", 30.0))
+            return self._start_load(app, state, options)
         raise RuntimeFailure(f"fault kind {kind!r}: must be crash, hang, leak, overload or false-alarm")
 
     def _false_alarm(self, app: str, state: dict, slot: int | None) -> dict:
@@ -782,20 +797,49 @@ class LocalRuntime(Runtime):
         return {"kind": "leak", "slot": int(replica["slot"]), "pid": replica["pid"], "mb_per_s": mb_per_s,
                 "memory_limit_mb": limit}
 
-    def _start_load(self, app: str, state: dict, duration: float) -> dict:
+    def _start_load(self, app: str, state: dict, options: dict) -> dict:
         self.stop_load(app)
-        statuses = self._probe_replicas(state["spec"], list(state["replicas"].values()))
-        capacity = sum(s.capacity or 4 for s in statuses if s.alive)
-        if capacity == 0:
+        replicas = list(state["replicas"].values())
+        statuses = [s for s in self._probe_replicas(state["spec"], replicas) if s.alive]
+        if not statuses:
             raise RuntimeFailure(f"{app} has no live replica to load")
-        clients = math.ceil(LOAD_DEMAND_FACTOR * capacity)
+        health = (replicas[0].get("health_path") if replicas else None) or state["spec"].get("health_path") or "/"
+        capacity = sum(s.capacity or 0 for s in statuses)
+        path = load_path(options.get("path"), capacity, health)
+        url = self.endpoints.url(app) if self.endpoints.proxied() else None
+        duration = float(options.get("duration") or 30.0)
+        directory = self.app_dir(app)
+        report = directory / "load-report.json"
+        report.unlink(missing_ok=True)
+        # A first guess from the capacity it reports, else one client per replica and some: the
+        # ramp finds the real count either way.
+        start = math.ceil(sum(loadgen.band(self.settings.overload_threshold)) / 2 * capacity) if capacity \
+            else 2 * len(statuses)
         argv = [sys.executable, "-I", "-S", str(Path(__file__).with_name("loadgen.py")),
-                "--state", str(self.app_dir(app) / "state.json"), "--clients", str(clients),
-                "--duration", str(duration)]
-        pid, ticks = process.spawn_detached(argv, str(self.app_dir(app)), process.clean_env({}),
-                                            str(self.app_dir(app) / "logs" / "load.log"), record_exit=False)
-        (self.app_dir(app) / "load.json").write_text(json.dumps({"pid": pid, "ticks": ticks}))
-        return {"kind": "overload", "clients": clients, "capacity": capacity, "duration_s": duration, "pid": pid}
+                *(["--url", url] if url else []), "--state", str(directory / "state.json"),
+                "--path", path, "--probe-path", health,
+                "--probe-timeout", str(self.settings.probe_timeout_s),
+                "--threshold", str(self.settings.overload_threshold),
+                "--start-clients", str(start), "--max-clients", str(LOAD_MAX_CLIENTS),
+                "--ramp-timeout", str(LOAD_RAMP_TIMEOUT_S), "--duration", str(duration), "--report", str(report)]
+        log = directory / "logs" / "load.log"
+        pid, ticks = process.spawn_detached(argv, str(directory), process.clean_env({}), str(log), record_exit=False)
+        (directory / "load.json").write_text(json.dumps({"pid": pid, "ticks": ticks}))
+        # The ramp's outcome is part of the answer: an app this load cannot overload is said so now.
+        deadline = time.monotonic() + LOAD_RAMP_TIMEOUT_S + 10
+        while not report.exists():
+            if not process.is_alive(pid, ticks) or time.monotonic() > deadline:
+                self.stop_load(app)
+                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+                raise RuntimeFailure(f"the load generator for {app} ended before its ramp did: {tail.strip()}")
+            time.sleep(0.2)
+        ramp = json.loads(report.read_text())
+        detail = {"kind": "overload", "target": url or "replicas directly (no proxy running)", "path": path,
+                  "clients": ramp["clients"], "p50_ms": ramp["p50_ms"], "load": ramp["load"],
+                  "overloaded": ramp["overloaded"], "duration_s": duration, "pid": pid}
+        if not ramp["overloaded"]:
+            detail["warning"] = f"{app}: {ramp['why']}"
+        return detail
 
     def stop_load(self, app: str) -> bool:
         path = self.app_dir(app) / "load.json"

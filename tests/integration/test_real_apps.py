@@ -19,9 +19,12 @@ from tests.proxied import wait_for
 
 pytestmark = pytest.mark.integration
 
+# /slow holds its (single, sync) gunicorn worker for 30 ms, as a handler waiting on a database
+# does: requests queue behind it, health checks too (`cicd inject overload --path /slow`).
 FLASK_APP = {
-    "app.py": "from flask import Flask\n\napp = Flask(__name__)\n\n\n@app.get('/')\ndef index():\n"
-              "    return 'hello from flask'\n",
+    "app.py": "import time\n\nfrom flask import Flask\n\napp = Flask(__name__)\n\n\n@app.get('/')\ndef index():\n"
+              "    return 'hello from flask'\n\n\n@app.get('/slow')\ndef slow():\n"
+              "    time.sleep(0.03)\n    return 'slow hello from flask'\n",
     "requirements.txt": "flask>=3\ngunicorn>=21\n",
     "Procfile": "web: gunicorn --bind 127.0.0.1:$PORT --workers 1 app:app\n",
 }

@@ -3,7 +3,8 @@ gunicorn, a Django app with a release command and collected static files, and (w
 installed) an Express app started with `npm start`. Each is written here as a git repo, served
 over loopback HTTP, onboarded with `cicd onboard`, reached through its stable URL from
 `cicd status --json`, then crashed and hung with `cicd inject ... --wait`, which exits 0 only when
-the healing chain ended stable.
+the healing chain ended stable, and overloaded by real traffic through that URL until they are
+scaled out.
 
 Packages come from the real registries through the stack's shared caches, so only the first
 Python build is cold (Django's reuses gunicorn's wheel). Deploy times, cold and warm, and the
@@ -23,6 +24,7 @@ from cicd.delivery import examples
 from cicd.runtime import process
 from tests.integration.test_real_apps import FLASK_APP, git_repo
 from tests.integration.test_real_node_app import EXPRESS_APP
+from tests.proxied import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +54,12 @@ DJANGO_APP = {
     "site_hello/__init__.py": "",
     "site_hello/settings.py": DJANGO_SETTINGS,
     # The page counts users: it answers only if the release command (migrate) made the tables.
-    "site_hello/urls.py": "from django.contrib.auth.models import User\nfrom django.http import HttpResponse\n"
+    # /slow holds the single sync worker for 30 ms: requests queue (`cicd inject overload --path /slow`).
+    "site_hello/urls.py": "import time\n\nfrom django.contrib.auth.models import User\nfrom django.http import HttpResponse\n"
                           "from django.urls import path\n\n\ndef index(request):\n"
                           "    return HttpResponse(f'hello from django, {User.objects.count()} users')\n\n\n"
-                          "urlpatterns = [path('', index)]\n",
+                          "def slow(request):\n    time.sleep(0.03)\n    return HttpResponse('slow hello from django')\n\n\n"
+                          "urlpatterns = [path('', index), path('slow', slow)]\n",
     "site_hello/wsgi.py": "import os\n\nfrom django.core.wsgi import get_wsgi_application\n\n"
                           "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'site_hello.settings')\n"
                           "application = get_wsgi_application()\n",
@@ -164,6 +168,45 @@ def test_a_hang_heals_and_it_answers_again(stack, app):
     # The other replica: the crash restarted the first, and its restart backoff is not what this is about.
     TIMINGS[app]["hang_recover_s"] = inject(stack, "hang", app, which=1)
     assert get(stable_url(stack, app) + "/") == APPS[app][2]
+
+
+def test_an_overload_heals_by_scaling_out(stack, app, request):
+    """Real traffic through the stable URL on /slow (its one sync worker, or Node's one thread, is
+    held 30 ms a request): the clients ramp until the probes' latency is over the threshold, the
+    healing chain scales out, and the same clients on one more replica queue less."""
+    if app == "express-hello":
+        # Seen here: Node serves the proxy's kept-alive connections before a probe's new one, so
+        # the probes' latency jumps from under the threshold (10 clients) to timeouts (11; at a
+        # 10 ms handler, no answer at all): a blip or a hang to the detector, never a steady
+        # overload. Run, so a fix shows as XPASS.
+        request.applymarker(pytest.mark.xfail(reason="Node starves the probes' new connections behind "
+                                                     "the proxy's kept-alive ones", strict=False))
+    stack.wait_steady(app)
+    url = stable_url(stack, app)
+    before = stack.runtime.replica_count(app)
+    started = time.monotonic()
+    try:
+        out = stack.cicd("inject", "overload", app, "--path", "/slow", "--duration", "90", "--wait",
+                         "--timeout", "90", timeout=240)
+    finally:
+        stack.runtime.stop_load(app)
+    assert f"target={url}, path=/slow" in out.stdout and "overloaded=True" in out.stdout, out.stdout
+    assert re.search(r"overload -> scale_workers: stable; time to recover", out.stdout), out.stdout
+    incident = [i for i in json.loads(stack.cicd("incidents", "--json").stdout)
+                if i["app"] == app and i["kind"] == "overload"][0]
+    assert incident["status"] == "stable" and incident["action"] == "scale_workers", incident
+    executed = [r["payload"] for r in stack.events("ORCH_EXEC", incident_id=incident["id"])]
+    assert executed and executed[0]["action"] == "scale_workers", executed
+    assert executed[0]["result"]["from"] == before and executed[-1]["result"]["to"] > before, executed
+    assert stack.runtime.replica_count(app) == executed[-1]["result"]["to"]
+    TIMINGS[app]["overload_scaled"] = f"{before} -> {executed[-1]['result']['to']}"
+    assert get(url + "/") == APPS[app][2]
+    TIMINGS[app]["overload_recover_s"] = seconds_of(out.stdout, r"time to recover ([0-9.]+) s")
+    TIMINGS[app]["overload_wall_s"] = round(time.monotonic() - started, 1)
+    TIMINGS[app]["overload_load"] = re.search(r"clients=\d+, p50_ms=[0-9.]+", out.stdout).group(0)
+    # The load gone, it is scaled back in by the healing chain, as it was before.
+    wait_for(lambda: stack.runtime.replica_count(app) == before, timeout=90)
+    stack.wait_steady(app)
 
 
 def test_a_redeploy_of_the_same_dependencies_is_warm(stack, app):

@@ -27,6 +27,11 @@ EXPRESS_APP = {
                     '  "scripts": {"start": "node server.js"},\n  "dependencies": {"express": "^4.21.0"}\n}\n',
     "server.js": "const express = require('express');\nconst app = express();\n"
                  "app.get('/', (req, res) => res.send('hello from express'));\n"
+                 # Blocks the event loop for 30 ms, as synchronous work does, so requests queue
+                 # (a setTimeout never would). Atomics.wait sleeps without the CPU: a busy loop would
+                 # keep each replica's CPU at 100% under any closed-loop load, however many replicas.
+                 "const cell = new Int32Array(new SharedArrayBuffer(4));\n"
+                 "app.get('/slow', (req, res) => { Atomics.wait(cell, 0, 0, 30); res.send('slow hello from express'); });\n"
                  "app.listen(Number(process.env.PORT), process.env.HOST, () => console.log('listening'));\n",
 }
 

@@ -562,13 +562,8 @@ class LocalRuntime(Runtime):
                              utilization=utilization, capacity=capacity, latency_ms=round(latency, 2), **measured)
 
     def _ask(self, port: int, path: str) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self.settings.probe_timeout_s)
-        try:
-            conn.request("GET", path, headers={"Connection": "close"})
-            response = conn.getresponse()
-            return response.status, response.read(4096)
-        finally:
-            conn.close()
+        # The load generator's own request, so its sampler measures what the probes see.
+        return loadgen.request(("127.0.0.1", port), path, self.settings.probe_timeout_s)
 
     def _probe_replicas(self, spec: dict, replicas: list[dict]) -> list[ReplicaStatus]:
         if not replicas:

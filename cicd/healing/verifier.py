@@ -46,8 +46,12 @@ def check(settings: Settings, runtime: Runtime, execution: dict, stable_checks: 
             return "done", None  # already concluded by an earlier delivery of this task
         kind, app = incident.kind, incident.app
         widened = (incident.context or {}).get("widened")
-        outrun = widened if widened and widened.get("after_attempt", 0) >= execution["attempt"] else None
         awaiting, release = _awaited_release(conn, execution, incident)
+        # A deploy (a rollback, a retry) replaces every replica, the crashed one included: its
+        # verdict stands. Only an attempt on some replicas is outrun by a crash on others.
+        deploys = (execution.get("result") or {}).get("effect") == "deploy_requested"
+        outrun = (widened if widened and not deploys and widened.get("after_attempt", 0) >= execution["attempt"]
+                  else None)
         release_status = (release.number, release.status, release.detail) if release else None
         record = app_row(conn, settings.env, app) if awaiting else None
         if awaiting and record is None:  # removed meanwhile (the removal closes the incident too)

@@ -16,7 +16,7 @@ from cicd.config import Settings, signing_key
 from cicd.core.clock import ManualClock
 from cicd.core.events import iso
 from cicd.delivery import onboarding
-from cicd.healing import detector, loop, orchestrator, policy
+from cicd.healing import detector, loop, orchestrator, policy, verifier
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.signals import probes
 from cicd.store import Incident, proof, session_scope
@@ -159,3 +159,21 @@ def test_a_blip_or_load_while_an_incident_is_open_is_still_dropped(settings):
                                slots=[1])
     assert detector.open_incident(settings, blip) is None
     assert incident(settings, opened["incident_id"])[1:3] == ("crash", [0])
+
+
+def test_a_crash_during_a_rollback_does_not_end_the_rollbacks_attempt(settings):
+    """A bad release's replicas die one after the other: the rollback decided on the first crash
+    replaces every replica, the second one included, so that crash widens the incident but must
+    not end the attempt (its next one would roll back the rollback)."""
+    fleet = Fleet()
+    fleet.status[0] = "down"
+    opened = detector.open_incident(settings, watched_exit(settings, 0))
+    decision = policy.decide(settings, opened["incident_id"], 1)
+    execution = {"incident_id": opened["incident_id"], "attempt": 1, "action": "rollback_deployment",
+                 "status": "done", "result": {"effect": "deploy_requested", "request_id": "rollback-1"}}
+    settings.clock.advance(0.1)
+    fleet.status[1] = "down"
+    assert detector.open_incident(settings, watched_exit(settings, 1)) is None
+    assert incident(settings, opened["incident_id"])[1:3] == ("crash", [0, 1])
+    state, _ = verifier.check(settings, fleet, execution, 0, iso(settings.clock.now()))
+    assert decision["incident_id"] == opened["incident_id"] and state == "wait"  # the release's verdict decides

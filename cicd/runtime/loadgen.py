@@ -126,6 +126,16 @@ class Targets:
         return self.replica()
 
 
+def timed_request(target: tuple[str, int], path: str, timeout_s: float) -> tuple[int, bytes, float, float]:
+    """(status, body, started, ms) of one GET; status 0 when no answer came (refused, reset, timed out)."""
+    started = time.monotonic()
+    try:
+        status, body = request(target, path, timeout_s)
+    except (OSError, http.client.HTTPException):
+        status, body = 0, b""
+    return status, body, started, (time.monotonic() - started) * 1000
+
+
 def request(target: tuple[str, int], path: str, timeout_s: float) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(target[0], target[1], timeout=timeout_s)
     try:
@@ -159,14 +169,10 @@ class Load:
             if target is None:
                 self.stop.wait(0.1)
                 continue
-            started = time.monotonic()
-            try:
-                status, _ = request(target, self.args.path, self.args.request_timeout)
-            except (OSError, http.client.HTTPException):
-                status = 0
+            status, _, started, ms = timed_request(target, self.args.path, self.args.request_timeout)
             if status and status < 500:
                 with self.lock:
-                    self.latencies.append((started, (time.monotonic() - started) * 1000))
+                    self.latencies.append((started, ms))
             else:
                 with self.lock:
                     self.errors += 1
@@ -181,12 +187,7 @@ class Load:
             if target is None:
                 self.stop.wait(0.1)
                 continue
-            started = time.monotonic()
-            try:
-                status, body = request(target, self.args.probe_path, self.args.request_timeout)
-            except (OSError, http.client.HTTPException):
-                status, body = 0, b""
-            ms = (time.monotonic() - started) * 1000
+            status, body, started, ms = timed_request(target, self.args.probe_path, self.args.request_timeout)
             if status:  # an answer, even an error: its latency is what a probe would see
                 load = sample_load(ms, reported_utilization(body), self.args.probe_timeout)
                 with self.lock:

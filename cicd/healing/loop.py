@@ -57,9 +57,16 @@ def replica_load(settings: Settings, status: ReplicaStatus) -> float:
     return min(1.0, max(status.utilization, cpu, status.latency_ms / timeout_ms, status.proxy_latency_ms / timeout_ms))
 
 
+def saturated(status: ReplicaStatus) -> bool:
+    """A replica whose probe timed out while its process runs (alive, not stopped): its queue is
+    longer than the probe timeout, as loaded as a replica can be. Left out of the mean, it would
+    make an app read less loaded the more loaded it is. A stopped one (SIGSTOP) serves nothing."""
+    return status.status == "timeout" and status.alive and not status.stopped
+
+
 def mean_load(settings: Settings, statuses: list[ReplicaStatus]) -> float:
-    """Overload is judged on this: the mean load across the serving replicas."""
-    serving = [replica_load(settings, s) for s in statuses if s.healthy]
+    """Overload is judged on this: the mean load across the serving replicas, a saturated one at 1."""
+    serving = [1.0 if saturated(s) else replica_load(settings, s) for s in statuses if s.healthy or saturated(s)]
     return sum(serving) / len(serving) if serving else 0.0
 
 

@@ -7,8 +7,10 @@ every one of those checks timed out on a process that is still alive it is a han
 whose resident memory reaches `memory_restart_at` of its memory_limit_mb (the release's manifest's,
 else the spec's) is a leak, at once: memory does not come back by itself. High load (the most of
 a replica's own utilization, its CPU, its probe latency and its app's mean latency through the
-proxy: loop.replica_load) must last `overload_probes` probes, and low utilization with more
-replicas than the spec asks for `underload_probes` probes. Uptime per app is counted here.
+proxy: loop.replica_load; a replica whose probe timed out on a running process counts as fully
+loaded) must last `overload_probes` probes, and low utilization with more replicas than the spec
+asks for `underload_probes` probes. Timeouts on an app that is loaded are its queue, never a
+blip. Uptime per app is counted here.
 
 Written for fleets of thousands: the bookkeeping is a handful of bulk statements per cycle, and
 a replica has a row only while its health checks are failing.
@@ -82,6 +84,12 @@ def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[
             before, now) -> Observation:
     """One app's probe results against what earlier probes saw: new counters, and its signal."""
     down, unhealthy, hung, blips, failures = [], [], [], [], {}
+    utilization = mean_load(settings, statuses)
+    hot = (before.consecutive_hot if before else 0) + 1 if utilization > settings.overload_threshold else 0
+    # Probes that timed out on an app that is loaded now or was at the last probe were its queue,
+    # not a transient fault: a replica that answers again after them is not a blip (a false alarm
+    # would be opened for it, and the overload not judged while that is open).
+    loaded = hot > 0 or bool(before and before.consecutive_hot)
     for status in statuses:
         count, streak = failures_before.get(status.slot, (0, None))
         if status.status in GONE:
@@ -93,12 +101,10 @@ def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[
             failures[status.slot] = (count + 1, "timeout" if timed_out else "failing")
             if count + 1 >= settings.unhealthy_probes:
                 (hung if timed_out else unhealthy).append(status.slot)
-        elif status.healthy and 0 < count < settings.unhealthy_probes:
+        elif status.healthy and 0 < count < settings.unhealthy_probes and not (loaded and streak == "timeout"):
             blips.append(status.slot)
     leaking = [s.slot for s in statuses if s.status not in GONE and over_memory(settings, s)]
     healthy = sum(1 for s in statuses if s.healthy)
-    utilization = mean_load(settings, statuses)
-    hot = (before.consecutive_hot if before else 0) + 1 if utilization > settings.overload_threshold else 0
     # Idle only counts while there are more replicas than the spec asks for, all of them healthy.
     idle = healthy == len(statuses) > wanted_replicas and utilization < settings.underload_threshold
     cold = (before.consecutive_cold if before else 0) + 1 if idle else 0

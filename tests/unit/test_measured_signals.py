@@ -232,3 +232,47 @@ def test_one_saturated_replica_beside_an_idle_one_is_not_an_overload():
     # ...and once scaled out, the measured load is what the verifier judges as stable.
     assert loop.is_stable(settings, "overload", statuses, 2)
     assert not loop.is_stable(settings, "overload", statuses_with(cpu=0.9), 2)
+
+
+# -- a probe timeout under load is load ----------------------------------------------------------
+def hot_before(consecutive: int):
+    return type("Before", (), {"probes": 5, "up_probes": 5, "consecutive_hot": consecutive, "consecutive_cold": 0})()
+
+
+def test_a_replica_timing_out_under_load_counts_fully_loaded_not_absent():
+    settings = Settings(probe_timeout_s=0.5)
+    slow = ReplicaStatus(1, 2, 2, True, "ok", latency_ms=300.0)   # 0.6 of the timeout
+    timed_out = ReplicaStatus(0, 1, 1, True, "timeout")
+    assert loop.mean_load(settings, [timed_out, slow]) == pytest.approx(0.8)   # over the threshold
+    # Left out, as before, the app read 0.6: less loaded the more loaded it was.
+    stopped = ReplicaStatus(0, 1, 1, True, "timeout", stopped=True)
+    dead = ReplicaStatus(0, None, 1, False, "timeout")
+    assert loop.mean_load(settings, [stopped, slow]) == loop.mean_load(settings, [dead, slow]) == pytest.approx(0.6)
+
+
+def test_a_timeout_then_an_answer_on_a_loaded_app_is_load_not_a_blip():
+    settings = Settings(overload_probes=3, unhealthy_probes=3, probe_timeout_s=0.5)
+    now = datetime.now(timezone.utc)
+    loaded = [ReplicaStatus(0, 1, 1, True, "ok", latency_ms=420.0), ReplicaStatus(1, 2, 2, True, "ok", latency_ms=400.0)]
+    seen = monitor.observe(settings, APP, 2, loaded, {0: (1, "timeout")}, hot_before(1), now)
+    assert seen.signal is None and seen.health["consecutive_hot"] == 2   # on its way to an overload
+    seen = monitor.observe(settings, APP, 2, loaded, {}, hot_before(2), now)
+    assert seen.signal["kind"] == "replica_hot"
+
+
+@pytest.mark.parametrize("streak, before", [
+    ("timeout", None),        # a timeout on an idle app, then an answer: a blip, as ever
+    ("failing", hot_before(2)),  # an error answer (the proxy's injected 503) on a loaded app: a blip
+])
+def test_a_blip_is_still_a_blip_unless_it_was_a_timeout_under_load(streak, before):
+    settings = Settings(overload_probes=3, unhealthy_probes=3, probe_timeout_s=0.5)
+    statuses = [ReplicaStatus(0, 1, 1, True, "ok", latency_ms=5.0), ReplicaStatus(1, 2, 2, True, "ok", latency_ms=5.0)]
+    seen = monitor.observe(settings, APP, 2, statuses, {0: (1, streak)}, before, datetime.now(timezone.utc))
+    assert seen.signal["kind"] == "replica_blip" and seen.signal["slots"] == [0]
+
+
+def test_a_replica_that_keeps_timing_out_under_load_is_still_a_hang():
+    settings = Settings(overload_probes=3, unhealthy_probes=3, probe_timeout_s=0.5)
+    statuses = [ReplicaStatus(0, 1, 1, True, "timeout"), ReplicaStatus(1, 2, 2, True, "ok", latency_ms=420.0)]
+    seen = monitor.observe(settings, APP, 2, statuses, {0: (2, "timeout")}, hot_before(2), datetime.now(timezone.utc))
+    assert seen.signal["kind"] == "replica_hung"   # K timeouts in a row: a liveness failure first

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from cicd.config import Settings
 from cicd.core.events import Signal
 from cicd.healing.loop import FAILING, GONE, mean_load, mean_utilization, over_memory, replica_signal  # noqa: F401
-from cicd.healing.loop import widening
+from cicd.healing.loop import saturated, widening
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import health, session_scope
 
@@ -99,7 +99,10 @@ def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[
             # deadlocked one answers nothing). One answered with an error makes it unhealthy.
             timed_out = status.status == "timeout" and streak in (None, "timeout")
             failures[status.slot] = (count + 1, "timeout" if timed_out else "failing")
-            if count + 1 >= settings.unhealthy_probes:
+            # On an app loaded now, a running replica's timeouts are its queue: scaled out first (a
+            # restart there drops its queue and loads the others more); were it deadlocked, the
+            # app reads unloaded once scaled out, and it is a hang then.
+            if count + 1 >= settings.unhealthy_probes and not (timed_out and hot and saturated(status)):
                 (hung if timed_out else unhealthy).append(status.slot)
         elif status.healthy and 0 < count < settings.unhealthy_probes and not (loaded and streak == "timeout"):
             blips.append(status.slot)
@@ -122,7 +125,7 @@ def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[
     elif leaking:
         found = signal("replica_leak", leaking)
     elif hot >= settings.overload_probes:
-        found = signal("replica_hot", [s.slot for s in statuses if s.healthy])
+        found = signal("replica_hot", [s.slot for s in statuses if s.healthy or saturated(s)])
     elif blips:
         found = signal("replica_blip", blips)
     elif cold >= settings.underload_probes:

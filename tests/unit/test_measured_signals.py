@@ -271,8 +271,43 @@ def test_a_blip_is_still_a_blip_unless_it_was_a_timeout_under_load(streak, befor
     assert seen.signal["kind"] == "replica_blip" and seen.signal["slots"] == [0]
 
 
-def test_a_replica_that_keeps_timing_out_under_load_is_still_a_hang():
+def test_a_running_replica_timing_out_on_a_loaded_app_is_scaled_out_not_restarted():
+    # The liveness-restart-under-load trap (kubernetes/kubernetes#110083): K timeouts in a row on a
+    # replica whose peers are loaded too are its queue. A restart drops that queue onto the others.
     settings = Settings(overload_probes=3, unhealthy_probes=3, probe_timeout_s=0.5)
     statuses = [ReplicaStatus(0, 1, 1, True, "timeout"), ReplicaStatus(1, 2, 2, True, "ok", latency_ms=420.0)]
+    now = datetime.now(timezone.utc)
+    seen = monitor.observe(settings, APP, 2, statuses, {0: (2, "timeout")}, hot_before(1), now)
+    assert seen.signal is None and seen.failures[0] == (3, "timeout")   # counted, not acted on
+    seen = monitor.observe(settings, APP, 2, statuses, {0: (3, "timeout")}, hot_before(2), now)
+    assert seen.signal["kind"] == "replica_hot" and seen.signal["slots"] == [0, 1]
+
+
+def test_a_stopped_replica_on_a_loaded_app_is_still_a_hang():
+    settings = Settings(overload_probes=3, unhealthy_probes=3, probe_timeout_s=0.5)
+    statuses = [ReplicaStatus(0, 1, 1, True, "timeout", stopped=True), ReplicaStatus(1, 2, 2, True, "ok", latency_ms=420.0)]
     seen = monitor.observe(settings, APP, 2, statuses, {0: (2, "timeout")}, hot_before(2), datetime.now(timezone.utc))
-    assert seen.signal["kind"] == "replica_hung"   # K timeouts in a row: a liveness failure first
+    assert seen.signal["kind"] == "replica_hung" and seen.signal["slots"] == [0]
+
+
+def test_a_deadlocked_replica_reads_as_a_hang_once_the_app_is_not_loaded():
+    # A lone deadlocked replica reads fully loaded, so it is scaled out first; beside an idle new
+    # one the app is no longer loaded, and the timeouts it kept counting make it a hang at once.
+    settings = Settings(overload_probes=3, unhealthy_probes=3, probe_timeout_s=0.5)
+    alone = [ReplicaStatus(0, 1, 1, True, "timeout")]
+    now = datetime.now(timezone.utc)
+    assert monitor.observe(settings, APP, 1, alone, {0: (3, "timeout")}, hot_before(2), now).signal["kind"] == "replica_hot"
+    scaled = alone + [ReplicaStatus(1, 2, 2, True, "ok", latency_ms=3.0)]
+    seen = monitor.observe(settings, APP, 1, scaled, {0: (4, "timeout")}, hot_before(3), now)
+    assert seen.signal["kind"] == "replica_hung" and seen.signal["slots"] == [0]
+
+
+def test_an_overload_is_stable_on_the_mean_load_even_if_one_probe_timed_out():
+    settings = Settings(probe_timeout_s=0.5)
+    serving = [ReplicaStatus(slot, slot + 1, slot + 1, True, "ok", latency_ms=200.0) for slot in (1, 2, 3)]
+    timed_out = [ReplicaStatus(slot, 9 + slot, 9 + slot, True, "timeout") for slot in (0, 1, 2)]
+    assert loop.is_stable(settings, "overload", timed_out[:1] + serving, 4)         # mean 0.55
+    assert not loop.is_stable(settings, "crash", timed_out[:1] + serving, 4)        # any other kind: all healthy
+    assert not loop.is_stable(settings, "overload", timed_out + serving[2:], 4)     # mean 0.85: still overloaded
+    stopped = ReplicaStatus(0, 9, 9, True, "timeout", stopped=True)
+    assert not loop.is_stable(settings, "overload", [stopped] + serving, 4)         # a stopped one serves nothing

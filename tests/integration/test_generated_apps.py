@@ -41,7 +41,7 @@ def run(argv, cwd, timeout=300):
 
 
 @pytest.mark.skipif(shutil.which("npx") is None, reason="npm is not installed: the Express generator cannot run")
-def test_the_express_generators_app_deploys_and_heals_unchanged(stack, git_server, tmp_path):
+def test_the_express_generators_app_deploys_and_heals_a_crash_and_a_hang_unchanged(stack, git_server, tmp_path):
     name = "express-generated"
     run(["npx", "--yes", "express-generator@4", name], tmp_path)
     assert (tmp_path / name / "bin" / "www").is_file() and not (tmp_path / name / "Procfile").exists()
@@ -52,6 +52,8 @@ def test_the_express_generators_app_deploys_and_heals_unchanged(stack, git_serve
         stack.wait_steady(name)
         assert b"<title>Express</title>" in get(stable_url(stack, name) + "/")
         print(f"{name}: crash recovered in {inject(stack, 'crash', name, which=0)} s")
+        assert b"Welcome to Express" in get(stable_url(stack, name) + "/")
+        print(f"{name}: hang recovered in {inject(stack, 'hang', name, which=1)} s")
         assert b"Welcome to Express" in get(stable_url(stack, name) + "/")
     finally:
         stack.cicd("remove", name, "--yes", check=False)

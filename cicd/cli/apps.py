@@ -132,7 +132,8 @@ def scale(invocation: Invocation, app, replicas):
               help="leak: how fast memory grows (default: the limit in 20 s).")
 @click.option("--path", default=None,
               help="overload: what the load requests through the stable URL (default: the app's health "
-                   "path; /work on the sample service).")
+                   "path; /work on the sample service). Pick one that waits, as a database query does: "
+                   "a path answered in a millisecond may not overload from one machine (it says so).")
 @pass_invocation
 def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_per_s, path):
     """Break an app on purpose, for real.

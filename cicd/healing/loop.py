@@ -47,27 +47,35 @@ CAUSE_OF_SIGNAL = {"replica_down": "exited", "replica_unhealthy": "unhealthy", "
                    "replica_leak": "leak"}
 
 
+def saturated(status: ReplicaStatus) -> bool:
+    """A replica whose probe timed out while its process runs (alive, not stopped): its queue is
+    longer than the probe timeout, as loaded as a replica can be. A stopped one (SIGSTOP) serves
+    nothing."""
+    return status.status == "timeout" and status.alive and not status.stopped
+
+
+def serving(status: ReplicaStatus) -> bool:
+    """Answering its probes, or saturated: counted in the app's load (left out, a saturated one
+    would make an app read less loaded the more loaded it is)."""
+    return status.healthy or saturated(status)
+
+
 def replica_load(settings: Settings, status: ReplicaStatus) -> float:
     """How loaded one replica is, 0..1, from what the platform measures and what it says: the most
     of its own utilization (if it reports one), its CPU as a share of cpu_cores_per_replica, and
     its probe's latency and its app's mean latency through the proxy, each as a share of the probe
-    timeout (at 1 a probe would time out)."""
+    timeout (at 1 a probe would time out, so a saturated replica is at 1)."""
+    if saturated(status):
+        return 1.0
     cpu = status.cpu / settings.cpu_cores_per_replica
     timeout_ms = settings.probe_timeout_s * 1000.0
     return min(1.0, max(status.utilization, cpu, status.latency_ms / timeout_ms, status.proxy_latency_ms / timeout_ms))
 
 
-def saturated(status: ReplicaStatus) -> bool:
-    """A replica whose probe timed out while its process runs (alive, not stopped): its queue is
-    longer than the probe timeout, as loaded as a replica can be. Left out of the mean, it would
-    make an app read less loaded the more loaded it is. A stopped one (SIGSTOP) serves nothing."""
-    return status.status == "timeout" and status.alive and not status.stopped
-
-
 def mean_load(settings: Settings, statuses: list[ReplicaStatus]) -> float:
-    """Overload is judged on this: the mean load across the serving replicas, a saturated one at 1."""
-    serving = [1.0 if saturated(s) else replica_load(settings, s) for s in statuses if s.healthy or saturated(s)]
-    return sum(serving) / len(serving) if serving else 0.0
+    """Overload is judged on this: the mean load across the serving replicas."""
+    serving_loads = [replica_load(settings, s) for s in statuses if serving(s)]
+    return sum(serving_loads) / len(serving_loads) if serving_loads else 0.0
 
 
 def over_memory(settings: Settings, status: ReplicaStatus) -> bool:
@@ -76,8 +84,8 @@ def over_memory(settings: Settings, status: ReplicaStatus) -> bool:
 
 
 def mean_utilization(statuses: list[ReplicaStatus]) -> float:
-    serving = [s.utilization for s in statuses if s.healthy]
-    return sum(serving) / len(serving) if serving else 0.0
+    reported = [s.utilization for s in statuses if s.healthy]
+    return sum(reported) / len(reported) if reported else 0.0
 
 
 def slots_signalled(kind: str, statuses: list[ReplicaStatus]) -> list[int]:
@@ -225,8 +233,7 @@ def is_stable(settings: Settings, kind: str, statuses: list[ReplicaStatus], expe
         # Capacity is what an overload is about: judged on the mean load, where a probe that timed
         # out on a running replica counts fully loaded, not as a failure (on a busy machine one
         # does, now and then, in any queue). Were that replica hung, the detector says so next.
-        return all(s.healthy or saturated(s) for s in statuses) and \
-            mean_load(settings, statuses) <= settings.overload_threshold
+        return all(serving(s) for s in statuses) and mean_load(settings, statuses) <= settings.overload_threshold
     return all(s.healthy for s in statuses)
 
 

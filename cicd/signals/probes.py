@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from cicd.config import Settings
 from cicd.core.events import Signal
 from cicd.healing.loop import FAILING, GONE, mean_load, mean_utilization, over_memory, replica_signal  # noqa: F401
-from cicd.healing.loop import saturated, widening
+from cicd.healing.loop import saturated, serving, widening
 from cicd.runtime.base import ReplicaStatus, Runtime
 from cicd.store import health, session_scope
 
@@ -125,7 +125,7 @@ def observe(settings: Settings, name: str, wanted_replicas: int, statuses: list[
     elif leaking:
         found = signal("replica_leak", leaking)
     elif hot >= settings.overload_probes:
-        found = signal("replica_hot", [s.slot for s in statuses if s.healthy or saturated(s)])
+        found = signal("replica_hot", [s.slot for s in statuses if serving(s)])
     elif blips:
         found = signal("replica_blip", blips)
     elif cold >= settings.underload_probes:

@@ -202,6 +202,12 @@ def statuses_with(**values) -> list[ReplicaStatus]:
     return [ReplicaStatus(slot, slot + 1, 9000 + slot, True, "ok", **values) for slot in range(2)]
 
 
+def hot_before(consecutive: int, probes: int = 5):
+    """The app's health row as the last probe left it: `consecutive` hot probes so far."""
+    return type("Before", (), {"probes": probes, "up_probes": probes, "consecutive_hot": consecutive,
+                               "consecutive_cold": 0})()
+
+
 @pytest.mark.parametrize("values, hot", [
     ({"cpu": 0.95}, True),                   # CPU saturated across the replicas, nothing self-reported
     ({"latency_ms": 450.0}, True),           # probes near their timeout
@@ -214,8 +220,7 @@ def test_overload_from_measured_cpu_or_latency_needs_sustained_probes(values, ho
     now = datetime.now(timezone.utc)
     first = monitor.observe(settings, APP, 2, statuses_with(**values), {}, None, now)
     assert first.signal is None  # one probe is not sustained
-    before = type("Before", (), {"probes": 1, "up_probes": 1, "consecutive_hot": first.health["consecutive_hot"],
-                                 "consecutive_cold": 0})()
+    before = hot_before(first.health["consecutive_hot"], probes=1)
     second = monitor.observe(settings, APP, 2, statuses_with(**values), {}, before, now)
     if hot:
         assert second.signal["kind"] == "replica_hot" and second.signal["slots"] == [0, 1]
@@ -235,8 +240,6 @@ def test_one_saturated_replica_beside_an_idle_one_is_not_an_overload():
 
 
 # -- a probe timeout under load is load ----------------------------------------------------------
-def hot_before(consecutive: int):
-    return type("Before", (), {"probes": 5, "up_probes": 5, "consecutive_hot": consecutive, "consecutive_cold": 0})()
 
 
 def test_a_replica_timing_out_under_load_counts_fully_loaded_not_absent():

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench chaos down clean
+.PHONY: demo test test-docker bench chaos down clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cicd-heal needs Python 3.11 or newer; found " + sys.version.split()[0])'
@@ -16,8 +16,12 @@ demo: $(STAMP)  ## start the embedded stack, run the end-to-end demo, print the 
 	$(BIN)/cicd demo
 
 test: $(STAMP)  ## the whole test suite: unit, then integration (real Redis, real workers)
-	@sh .ci/install-test-tools || true  # chromium, docker-compose, postgresql: tests that need them skip without
+	@sh .ci/install-test-tools || true  # chromium, docker, postgresql...: tests that need them skip without
 	$(BIN)/python -m pytest
+
+test-docker: $(STAMP)  ## only the Docker tier: its own dockerd, the Docker runtime, the compose stack
+	@sh .ci/install-test-tools || true
+	$(BIN)/python -m pytest -m docker tests/docker
 
 bench: $(STAMP)  ## benchmarks: every figure beside its baseline, from one run (never timed assertions)
 	$(BIN)/cicd bench

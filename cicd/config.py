@@ -140,9 +140,11 @@ class Settings:
     approval_ttl_s: float = 3600.0
     # The policy's exploration rate; None: the environment's default (dev 0.10, prod 0.02, stage 0).
     exploration: float | None = None
-    # Where apps run: real processes ("local"), or the simulated fleet ("sim", seeded).
+    # Where apps run: real processes ("local"), containers ("docker"), or the simulated fleet ("sim", seeded).
     runtime: str = "local"
     sim_seed: int = 0
+    # The Docker runtime: the image an app without a Dockerfile of its own is built on.
+    docker_base_image: str = "python:3.11-slim"
     # Notice a replica's exit the moment it happens (Linux pidfds), not only at the next probe.
     watch_exits: bool = True
     # An open incident with no progress for this long has its chain sent on again (a message
@@ -187,7 +189,8 @@ class Settings:
             fresh_release_s=_env_float("CICD_FRESH_RELEASE", 120.0, 0.0),
             approval_ttl_s=_env_float("CICD_APPROVAL_TTL", 3600.0, 1.0),
             exploration=_env_probability("CICD_EXPLORATION"),
-            runtime=_env_choice("CICD_RUNTIME", ("local", "sim"), "local"),
+            runtime=_env_choice("CICD_RUNTIME", ("local", "docker", "sim"), "local"),
+            docker_base_image=os.environ.get("CICD_DOCKER_BASE_IMAGE") or "python:3.11-slim",
             sim_seed=_env_int("CICD_SIM_SEED", 0, 0),
             watch_exits=_env_bool("CICD_WATCH_EXITS", True),
             stall_after_s=_env_float("CICD_STALL_AFTER", 120.0, 5.0),

@@ -86,10 +86,11 @@ def down(invocation: Invocation, stop_apps):
 @click.command(hidden=True)
 @pass_invocation
 def watch(invocation: Invocation):
-    """(Started by `cicd up`.) Send a replica_down signal the moment a replica process exits."""
+    """(Started by `cicd up`.) Send a replica_down signal the moment a replica process exits
+    (pidfds; on the Docker runtime, the daemon's `die` events)."""
     from cicd.signals import watcher
     settings = invocation.settings
-    if not watcher.available():
+    if settings.runtime == "local" and not watcher.available():
         click.echo("pidfds are not available here: crashes are found by the probes alone")
         return
     plane = control_plane(settings)
@@ -99,7 +100,11 @@ def watch(invocation: Invocation):
     def send(signal):
         click.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {signal['app']} replica {signal['slots'][0]} exited")
         healing_chain(settings.env, signal).apply_async()
-    watcher.watch(settings, send)
+    if settings.runtime == "docker":
+        from cicd.runtime import docker
+        docker.watch(settings, send)
+    else:
+        watcher.watch(settings, send)
 
 
 @click.command()

@@ -8,9 +8,13 @@ __all__ = ["ReplicaStatus", "Runtime", "RuntimeFailure", "make_runtime"]
 
 
 def make_runtime(settings: Settings) -> Runtime:
-    """Real processes (the default), or the simulated fleet shared by all agents (CICD_RUNTIME=sim)."""
+    """Real processes (the default), containers (CICD_RUNTIME=docker), or the simulated fleet shared
+    by all agents (CICD_RUNTIME=sim)."""
     if settings.runtime == "sim":
         from cicd.runtime.sim import SharedSimRuntime
         return SharedSimRuntime(settings, settings.sim_seed)
+    if settings.runtime == "docker":
+        from cicd.runtime.docker import DockerRuntime
+        return DockerRuntime(settings)
     from cicd.runtime.local import LocalRuntime
     return LocalRuntime(settings)

@@ -386,6 +386,7 @@ class LocalRuntime(Runtime):
             raise RuntimeFailure(f"{what} failed (exit {done.returncode}): {output[-800:]}")
         return done.returncode
 
+    # -- one replica: what a runtime that runs them elsewhere (containers) does its own way -------
     @staticmethod
     def _stop_replica(replica: dict) -> bool:
         return process.stop(replica.get("pid"), replica.get("ticks"))
@@ -394,11 +395,55 @@ class LocalRuntime(Runtime):
     def _stop_replicas(replicas: list[dict]) -> int:
         return process.stop_all([(r.get("pid"), r.get("ticks")) for r in replicas])
 
+    @staticmethod
+    def _alive(replica: dict) -> bool:
+        return process.is_alive(replica.get("pid"), replica.get("ticks"))
+
+    @staticmethod
+    def _kill_replica(replica: dict) -> dict | None:
+        """A real crash (SIGKILL); what was done, or None if it was not running."""
+        if not process.kill(replica["pid"], replica.get("ticks")):
+            return None
+        return {"pid": replica["pid"], "signal": "SIGKILL"}
+
+    @staticmethod
+    def _suspend_replica(replica: dict) -> dict | None:
+        # SIGSTOP to its process group: alive to every process check, answering nothing, like a
+        # deadlock. Only the probes can tell, and a restart has to SIGCONT or SIGKILL it.
+        if not process.suspend(replica["pid"], replica.get("ticks")):
+            return None
+        return {"pid": replica["pid"], "signal": "SIGSTOP"}
+
+    @staticmethod
+    def _measured(replicas: list[dict]) -> list[dict | None]:
+        """What the platform measures of each replica (cpu in cores, rss_mb, stopped), in order;
+        None where it cannot be measured. One pass over /proc for the whole batch."""
+        usage = process.session_usage({r["pid"] for r in replicas if r.get("pid")})
+        out = []
+        for replica in replicas:
+            pid = replica.get("pid")
+            used = usage.get(pid)
+            if used is None or replica.get("ticks") not in (None, used.started_ticks):
+                out.append(None)
+                continue
+            out.append({"cpu": _cpu_cores(pid, used), "rss_mb": round(used.rss_bytes / 2**20, 1),
+                        "stopped": used.stopped})
+        return out
+
+    def _ended(self, app: str, replica: dict) -> dict:
+        """How a replica that is no longer running ended: exit, code, log_tail (see Runtime.exits)."""
+        pid, ticks = replica.get("pid"), replica.get("ticks")
+        log = self.replica_log(app, int(replica["slot"]))
+        ended = process.exit_of(log, pid, ticks)
+        # Without a known exit, the tail of the whole log is still the best clue there is.
+        return {"exit": process.describe_exit(ended), "code": (ended or {}).get("code"),
+                "log_tail": process.log_tail(log, (ended or {}).get("log_offset", 0))}
+
     # -- the stable endpoint -------------------------------------------------------------
     def _publish(self, state: dict) -> str | None:
         """Point the app's stable address at its live replicas (called under the app's lock, after
         each change, so the proxy sees the changes in order). None, or why the proxy did not take it."""
-        running = [r for r in state.get("replicas", {}).values() if process.is_alive(r.get("pid"), r.get("ticks"))]
+        running = [r for r in state.get("replicas", {}).values() if self._alive(r)]
         return self.endpoints.publish(state["app"], upstreams_of(running))
 
     @staticmethod
@@ -408,7 +453,7 @@ class LocalRuntime(Runtime):
     def _drain(self, replicas: list[dict]) -> None:
         # Only a replica still running has requests to finish: a crashed one is replaced at once
         # (draining it cost every crash restart DRAIN_S, `make bench`'s crash to healthy).
-        running = [r for r in replicas if process.is_alive(r.get("pid"), r.get("ticks"))]
+        running = [r for r in replicas if self._alive(r)]
         if running and self.endpoints.proxied():
             time.sleep(DRAIN_S)
 
@@ -477,15 +522,8 @@ class LocalRuntime(Runtime):
             replicas = state.get("replicas", {})
         out = []
         for replica in sorted((replicas or {}).values(), key=lambda r: int(r["slot"])):
-            pid, ticks = replica.get("pid"), replica.get("ticks")
-            if process.is_alive(pid, ticks):
-                continue
-            log = self.replica_log(app, int(replica["slot"]))
-            ended = process.exit_of(log, pid, ticks)
-            # Without a known exit, the tail of the whole log is still the best clue there is.
-            out.append({"slot": int(replica["slot"]), "exit": process.describe_exit(ended),
-                        "code": (ended or {}).get("code"),
-                        "log_tail": process.log_tail(log, (ended or {}).get("log_offset", 0))})
+            if not self._alive(replica):
+                out.append({"slot": int(replica["slot"]), **self._ended(app, replica)})
         return out
 
     def activate_release(self, app: str, number: int) -> dict:
@@ -532,14 +570,13 @@ class LocalRuntime(Runtime):
             self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=16), os.getpid()
         return self._pool
 
-    def _probe_one(self, spec: dict, replica: dict, usage: dict) -> ReplicaStatus:
+    def _probe_one(self, spec: dict, replica: dict, usage: dict | None) -> ReplicaStatus:
         slot, pid, port = int(replica["slot"]), replica.get("pid"), replica.get("port")
-        if not process.is_alive(pid, replica.get("ticks")):
+        if not self._alive(replica):
             return ReplicaStatus(slot, pid, port, alive=False, status="down")
         measured = {"cpu": 0.0, "rss_mb": 0.0, "stopped": False,
                     "memory_limit_mb": replica.get("memory_limit_mb") or buildpack.memory_limit_mb(None, spec)}
-        if (used := usage.get(pid)) is not None and replica.get("ticks") in (None, used.started_ticks):
-            measured.update(cpu=_cpu_cores(pid, used), rss_mb=round(used.rss_bytes / 2**20, 1), stopped=used.stopped)
+        measured.update(usage or {})
         path = replica.get("health_path") or spec.get("health_path", "/health")
         started = time.monotonic()
         try:
@@ -568,10 +605,10 @@ class LocalRuntime(Runtime):
     def _probe_replicas(self, spec: dict, replicas: list[dict]) -> list[ReplicaStatus]:
         if not replicas:
             return []
-        usage = process.session_usage({r["pid"] for r in replicas if r.get("pid")})
+        usage = self._measured(replicas)
         if len(replicas) == 1:
-            return [self._probe_one(spec, replicas[0], usage)]
-        return list(self._executor().map(lambda r: self._probe_one(spec, r, usage), replicas))
+            return [self._probe_one(spec, replicas[0], usage[0])]
+        return list(self._executor().map(lambda r, u: self._probe_one(spec, r, u), replicas, usage))
 
     def probe(self, apps: list[str]) -> dict[str, list[ReplicaStatus]]:
         jobs = []
@@ -579,10 +616,10 @@ class LocalRuntime(Runtime):
             state = self._read(app)
             for replica in state.get("replicas", {}).values():
                 jobs.append((app, state.get("spec", {}), replica))
-        # One pass over /proc for the whole batch, not one per replica.
-        usage = process.session_usage({job[2]["pid"] for job in jobs if job[2].get("pid")})
+        # Measured for the whole batch at once (one pass over /proc), not once per replica.
+        usage = self._measured([job[2] for job in jobs])
         results: dict[str, list[ReplicaStatus]] = {app: [] for app in apps}
-        statuses = self._executor().map(lambda job: self._probe_one(job[1], job[2], usage), jobs)
+        statuses = self._executor().map(lambda job, used: self._probe_one(job[1], job[2], used), jobs, usage)
         # One scrape of the proxy's figures per cycle, for every app (while the replicas answer).
         proxied = self._scrape_proxy() if jobs else {}
         for (app, _, _), status in zip(jobs, statuses):
@@ -698,7 +735,7 @@ class LocalRuntime(Runtime):
             if str(slot) not in replicas:
                 raise RuntimeFailure(f"replica {slot} does not exist (replicas: {', '.join(sorted(replicas))})")
             return replicas[str(slot)]
-        alive = [r for r in replicas.values() if process.is_alive(r["pid"], r.get("ticks"))]
+        alive = [r for r in replicas.values() if self._alive(r)]
         if not alive:
             raise RuntimeFailure(f"no replica of {state.get('app')} is running")
         return min(alive, key=lambda r: int(r["slot"]))
@@ -709,18 +746,16 @@ class LocalRuntime(Runtime):
             raise RuntimeFailure(f"{app} is not deployed in {self.settings.env}")
         if kind == "crash":
             replica = self._pick(state, options.get("slot"))
-            if not process.kill(replica["pid"], replica.get("ticks")):
+            if (done := self._kill_replica(replica)) is None:
                 raise RuntimeFailure(f"replica {replica['slot']} of {app} is not running")
-            return {"kind": kind, "slot": int(replica["slot"]), "pid": replica["pid"], "signal": "SIGKILL"}
+            return {"kind": kind, "slot": int(replica["slot"]), **done}
         if kind == "false-alarm":
             return self._false_alarm(app, state, options.get("slot"))
         if kind == "hang":
             replica = self._pick(state, options.get("slot"))
-            # SIGSTOP to its process group: alive to every process check, answering nothing, like a
-            # deadlock. Only the probes can tell, and a restart has to SIGCONT or SIGKILL it.
-            if not process.suspend(replica["pid"], replica.get("ticks")):
+            if (done := self._suspend_replica(replica)) is None:
                 raise RuntimeFailure(f"replica {replica['slot']} of {app} is not running")
-            return {"kind": kind, "slot": int(replica["slot"]), "pid": replica["pid"], "signal": "SIGSTOP"}
+            return {"kind": kind, "slot": int(replica["slot"]), **done}
         if kind == "leak":
             return self._start_leak(app, state, options)
         if kind == "overload":

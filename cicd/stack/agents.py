@@ -218,7 +218,7 @@ class Beat(EnvProcess):
 
 
 class Watcher(EnvProcess):
-    """`cicd watch`: a signal to the detect agent the moment a local replica exits (pidfds)."""
+    """`cicd watch`: a signal to the detect agent the moment a replica exits (pidfds, docker events)."""
     name = "watcher"
     requires = ("workers",)
     log_name = "watcher.log"
@@ -227,7 +227,7 @@ class Watcher(EnvProcess):
         return watcher_argv()
 
     def wanted(self, ctx: Context) -> bool:
-        return ctx.settings.runtime == "local" and ctx.settings.watch_exits
+        return ctx.settings.runtime in ("local", "docker") and ctx.settings.watch_exits
 
     def started_message(self, entry: dict) -> str:
         return f"watcher    pid {entry['pid']} (replica exits, as they happen)"

@@ -15,6 +15,7 @@ import pytest
 from cicd.stack import cluster
 from cicd.store import proof, reports
 from cicd.config import Settings
+from cicd.runtime import make_runtime
 from cicd.runtime.local import LocalRuntime
 
 CICD = Path(sys.executable).with_name("cicd")
@@ -34,7 +35,7 @@ class Stack:
 
     @property
     def runtime(self) -> LocalRuntime:
-        return LocalRuntime(self.settings)
+        return make_runtime(self.settings)   # the stack's own: local processes, or containers
 
     def cicd(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
         out = subprocess.run([str(CICD), *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
@@ -50,7 +51,7 @@ class Stack:
 
     def wait_steady(self, app: str, timeout: float = 60, env: str = "stage") -> None:
         settings = self.settings.for_env(env)
-        runtime = LocalRuntime(settings)
+        runtime = make_runtime(settings)
         deadline = time.monotonic() + timeout
         while not reports.steady(settings, runtime, app):
             if time.monotonic() > deadline:

@@ -224,3 +224,66 @@ def echo_removed(result: dict) -> None:
     click.echo(f"removed {result['app']} from {result['env']}: {result['stopped']} replicas stopped; "
                f"its proof log and release history are kept"
                + (f"; closed {', '.join(closed)}" if closed else ""))
+
+
+@click.command()
+@click.argument("containers", nargs=-1)
+@click.option("--app", "app", metavar="NAME", help="The app's name in cicd-heal (default: the first container's "
+              "name). 2-40 lowercase letters, digits and single hyphens.")
+@click.option("--port", type=int, help="A port the containers serve HTTP on, on this host: probed with GET "
+              "--health-path. Without it, the containers' own HEALTHCHECK is the probe (or, without one, "
+              "whether they run).")
+@click.option("--health-path", metavar="PATH", help="What the probes GET on --port (default /).")
+@click.option("--labelled", is_flag=True, help="Adopt every running container labelled cicd.heal=true instead, "
+              "grouped into apps by the label cicd.heal.app (else its name); cicd.heal.port and cicd.heal.path "
+              "give the HTTP check.")
+@env_option()
+@pass_invocation
+def adopt(invocation: Invocation, containers, app, port, health_path, labelled):
+    """Heal containers cicd-heal did not start: watch them, restart them in place when they fail.
+
+    Docker restarts a container that exits (by its restart policy) but not one its own health
+    check calls unhealthy, nor one that hangs. An adopted container is probed, its exit is seen
+    the moment it happens, and a failure opens an incident that ends in `docker restart`, through
+    the same gates, budgets, approvals and proof log as everything else. cicd-heal never stops,
+    removes, scales or redeploys an adopted container; `cicd remove APP` lets go of it.
+
+    \b
+    Examples:
+      cicd adopt legacy-api                          its HEALTHCHECK decides
+      cicd adopt web-1 web-2 --app web --port 8080 --health-path /healthz
+      cicd adopt --labelled                          docker run -l cicd.heal=true -l cicd.heal.app=web ...
+    Needs the environment's stack on the Docker runtime (CICD_RUNTIME=docker cicd up).
+    """
+    from cicd.delivery import adoption
+    settings = invocation.settings
+    require_stack(settings)
+    runtime = make_runtime(settings)
+    if labelled:
+        if containers or app or port or health_path:
+            raise click.UsageError("--labelled takes its containers, names, ports and paths from the labels: "
+                                   "give no CONTAINERS, --app, --port or --health-path with it")
+        if settings.runtime != "docker":
+            raise click.ClickException(f"{settings.env} runs apps on the {settings.runtime} runtime: adopting "
+                                       f"containers needs CICD_RUNTIME=docker (`CICD_RUNTIME=docker cicd up`)")
+        groups = adoption.labelled(runtime)
+        if not groups:
+            click.echo(f"no running container is labelled {adoption.ADOPT_LABEL}=true")
+            return
+    elif not containers:
+        raise click.UsageError("name the containers to adopt, or pass --labelled")
+    else:
+        groups = {app or containers[0]: {"containers": list(containers), "port": port, "health_path": health_path}}
+    refused = False
+    for name, group in groups.items():
+        result = adoption.adopt(settings, runtime, name, group["containers"], group["port"], group["health_path"])
+        if not result["ok"]:
+            refused = True
+            for refusal in result["refusals"]:
+                click.echo(f"refused {name}: {refusal['field']} ({refusal['rule']}): {refusal['message']}", err=True)
+            continue
+        spec = result["spec"]
+        click.echo(f"adopted {', '.join(spec['adopted'])} as {name} in {settings.env} (probe: {spec['probe']}"
+                   + (f" on port {spec['port']} {spec['health_path']}" if spec["port"] else "") + ")")
+    if refused:
+        sys.exit(2)

@@ -52,7 +52,7 @@ def main(ctx):
 
 for command in (
     stack.up, stack.down, stack.watch, stack.status,
-    apps.onboard, apps.deploy, apps.scale, apps.inject, apps.remove,
+    apps.onboard, apps.adopt, apps.deploy, apps.scale, apps.inject, apps.remove,
     logs.logs,
     config.config_group,
     incidents.incidents,

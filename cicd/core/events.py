@@ -21,6 +21,7 @@ PROOF_EVENTS = frozenset({
     "HEALTH_GATE_PASSED", "DEPLOY_SUCCEEDED", "DEPLOY_FAILED", "ROLLBACK", "SCALE_REQUESTED", "SCALED",
     "RELEASE_RESUMED",  # the reconciler took over a release its deploy stopped moving
     "APP_REMOVED", "APP_REMOVE_REFUSED",  # `cicd remove`
+    "APP_ADOPTED", "ADOPTION_REFUSED",  # `cicd adopt`: containers cicd-heal did not start
     "CONFIG_CHANGED",  # `cicd config set/unset`: key names and the new version, never a value
     # faults on purpose
     "FAILURE_INJECTED",

@@ -62,6 +62,9 @@ def start(settings: Settings, runtime: Runtime, app_name: str, request_id: str, 
         app = get_app(session, env, app_name)
         if app is None:
             raise DeployError(f"app {app_name!r} is not onboarded in {env}")
+        if app.spec.get("adopted"):
+            raise DeployError(f"{app_name} is adopted (containers cicd-heal did not start): it is restarted in place, "
+                              f"never deployed; deploy its new image where it was started, then `cicd adopt` it again")
         if not releases.take_lock(session, env, app_name, request_id, settings.clock.now(), LOCK_TTL_S):
             return {"app": app_name, "status": "busy"}
         if release is None:

@@ -17,11 +17,13 @@ the exit watcher reads the daemon's event stream (`die`) instead of pidfds.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import threading
 import time
@@ -32,7 +34,7 @@ from typing import Callable
 from cicd.config import Settings
 from cicd.delivery import buildpack
 from cicd.runtime import process
-from cicd.runtime.base import RuntimeFailure
+from cicd.runtime.base import ReplicaStatus, RuntimeFailure
 from cicd.runtime.local import RELEASES_KEPT, LocalRuntime, Progress, _substitute
 
 LABEL = "cicd"                 # labels: cicd.app, cicd.env, cicd.release, cicd.slot
@@ -445,6 +447,118 @@ class DockerRuntime(LocalRuntime):
             pass
         return {**describe(state), "log_tail": tail}
 
+    # -- adopted containers ----------------------------------------------------------------
+    # Containers cicd-heal did not start, brought under watch (`cicd adopt`): probed (their own
+    # HEALTHCHECK's status, or an HTTP check on a port they serve on the host), their exits seen,
+    # restarted in place (`docker restart`: the container keeps the configuration, volumes and
+    # ports cicd-heal never had). Never stopped, removed or scaled by cicd-heal: `cicd remove` and
+    # `cicd down --apps` only let go of them.
+    def adoptable(self, names: list[str]) -> list[dict]:
+        """The running containers named (names or ids), as adoption records; RuntimeFailure naming
+        any that does not exist, is not running, or is one of ours already."""
+        import docker
+        found = []
+        for name in names:
+            try:
+                container = self.docker.containers.get(name)
+            except docker.errors.NotFound:
+                raise RuntimeFailure(f"container {name!r}: no such container on {self._where()}") from None
+            except docker.errors.DockerException as exc:
+                raise RuntimeFailure(f"container {name!r}: the daemon did not answer: {exc}") from None
+            if container.status != "running":
+                raise RuntimeFailure(f"container {name!r} is {container.status}, not running: start it, then adopt it")
+            if f"{LABEL}.slot" in container.labels:
+                raise RuntimeFailure(f"container {name!r} is a replica cicd-heal started "
+                                     f"(app {container.labels.get(f'{LABEL}.app')}): it is watched already")
+            memory = (container.attrs.get("HostConfig") or {}).get("Memory") or 0
+            found.append({"container": container.id, "name": container.name,
+                          "image": (container.attrs.get("Config") or {}).get("Image"),
+                          "pid": container.attrs["State"].get("Pid") or None,
+                          "health_check": bool((container.attrs.get("Config") or {}).get("Healthcheck")),
+                          "memory_limit_mb": int(memory // 2**20)})
+        return found
+
+    def _where(self) -> str:
+        return os.environ.get("DOCKER_HOST") or "the local Docker daemon"
+
+    def adopt(self, app: str, spec: dict, found: list[dict], port: int | None, health_path: str | None) -> None:
+        with self._locked(app) as state:
+            if state.get("replicas"):
+                raise RuntimeFailure(f"{app} already has replicas in {self.settings.env}")
+            state.update(spec=spec, live=0, adopted=True, replicas={
+                str(slot): {**record, "slot": slot, "port": port, "health_path": health_path, "adopted": True,
+                            "started_at": time.time()}
+                for slot, record in enumerate(found)})
+
+    @staticmethod
+    def _is_adopted(state: dict) -> bool:
+        return bool(state.get("adopted"))
+
+    def _probe_one(self, spec: dict, replica: dict, usage: dict | None) -> ReplicaStatus:
+        if replica.get("adopted"):
+            state = self._container_state(replica)
+            if not state or not state.get("Running"):
+                return ReplicaStatus(int(replica["slot"]), replica.get("pid"), replica.get("port"), alive=False,
+                                     status="down")
+            if (status := adopted_status(int(replica["slot"]), state, replica)) is not None:
+                return dataclasses.replace(status, **{k: v for k, v in (usage or {}).items()
+                                                      if k in ("cpu", "rss_mb", "stopped")})
+            if not replica.get("port"):   # nothing to ask: running is all that can be known
+                return ReplicaStatus(int(replica["slot"]), state.get("Pid"), None, alive=True, status="ok",
+                                     memory_limit_mb=replica.get("memory_limit_mb") or 0, **(usage or {}))
+        return super()._probe_one(spec, replica, usage)
+
+    def restart(self, app: str, slots: list[int], op_key: str) -> dict:
+        if not self._is_adopted(self._read(app)):
+            return super().restart(app, slots, op_key)
+        import docker
+        with self._locked(app) as state:
+            if (done := self._done(state, op_key)) is not None:
+                return {**done, "deduplicated": True}
+            restarted, failed = [], []
+            for slot in slots:
+                replica = state["replicas"].get(str(slot))
+                if replica is None:
+                    continue
+                # Marked first: its die during the restart is on purpose (the watcher skips it).
+                replica["restarting"] = True
+                self._write(app, state)
+                try:
+                    container = self.docker.containers.get(replica["container"])
+                    was_running = container.status == "running"
+                    if container.status == "paused":
+                        container.unpause()
+                    container.restart(timeout=STOP_GRACE_S)
+                    container.reload()
+                except docker.errors.NotFound:
+                    failed.append(f"container {replica['name']} of {app} no longer exists: whoever runs it removed "
+                                  f"it; start it again and `cicd adopt` it")
+                    continue
+                except docker.errors.DockerException as exc:
+                    failed.append(f"container {replica['name']} of {app} did not restart: {exc}")
+                    continue
+                finally:
+                    replica.pop("restarting", None)
+                replica.update(pid=container.attrs["State"].get("Pid") or None, started_at=time.time())
+                restarted.append({"slot": slot, "container": replica["name"], "was_running": was_running})
+            result = self._record(state, op_key, {"effect": "restarted", "in_place": True, "replicas": restarted,
+                                                  "failed": failed})
+        if failed:
+            raise RuntimeFailure("; ".join(failed))
+        return result
+
+    def scale(self, app: str, replicas: int, op_key: str) -> dict:
+        if self._is_adopted(self._read(app)):
+            raise RuntimeFailure(f"{app} is adopted: cicd-heal restarts its containers in place but does not copy "
+                                 f"them (their ports, volumes and names are whoever started them's); scale it "
+                                 f"where it was started (docker compose up --scale)")
+        return super().scale(app, replicas, op_key)
+
+    def stop_app(self, app: str) -> int:
+        if self._is_adopted(self._read(app)):
+            return 0   # never stopped by us: they are someone else's
+        return super().stop_app(app)
+
     def _prune_releases(self, app: str, keep: int) -> None:
         """Release directories as the local runtime prunes them; images by what served: the images of
         the last RELEASES_KEPT live releases stay (the one a rollback goes back to among them, even
@@ -472,6 +586,10 @@ class DockerRuntime(LocalRuntime):
 
     def remove_app(self, app: str) -> int:
         import docker
+        if self._is_adopted(self._read(app)):
+            # Let go of them: the containers run on as they were, outside cicd-heal.
+            shutil.rmtree(self.app_dir(app), ignore_errors=True)
+            return 0
         stopped = super().remove_app(app)
         # Its containers that no state names any more (a crashed worker's half-started one) and its images.
         for container in self.docker.containers.list(all=True, filters={"label": [f"{LABEL}.env={self.settings.env}",
@@ -485,14 +603,26 @@ class DockerRuntime(LocalRuntime):
         return stopped
 
 
+def adopted_status(slot: int, state: dict, replica: dict) -> ReplicaStatus | None:
+    """An adopted replica's status from its container's own health check (None: it has none, or a
+    port to probe): healthy is ok, unhealthy is an error answer (a failing check, counted like an
+    HTTP error), starting is starting."""
+    health = (state.get("Health") or {}).get("Status")
+    if replica.get("port") or health is None:
+        return None
+    status = {"healthy": "ok", "unhealthy": "degraded", "starting": "starting"}.get(health, "degraded")
+    return ReplicaStatus(slot, state.get("Pid") or None, None, alive=True, status=status,
+                         memory_limit_mb=replica.get("memory_limit_mb") or 0)
+
+
 def watch(settings: Settings, send: Callable[[dict], None], keep_going: Callable[[], bool] = lambda: True,
           check_s: float = 0.5) -> None:
     """The exit watcher on the daemon's event stream: a replica_down signal for each container of a
     replica still counted as live that dies (one stopped on purpose is gone from the state first)."""
     from cicd.core.events import iso
     runtime = DockerRuntime(settings)
-    stream = runtime.docker.events(decode=True, filters={"type": "container", "event": "die",
-                                                         "label": f"{LABEL}.env={settings.env}"})
+    # Every die on the daemon: adopted containers carry none of our labels; ours are told apart by id.
+    stream = runtime.docker.events(decode=True, filters={"type": "container", "event": "die"})
     stop = threading.Event()
 
     def closer():
@@ -504,10 +634,13 @@ def watch(settings: Settings, send: Callable[[dict], None], keep_going: Callable
     try:
         for event in stream:
             attributes = (event.get("Actor") or {}).get("Attributes") or {}
-            app, container = attributes.get(f"{LABEL}.app"), event.get("id")
-            if not app or attributes.get(f"{LABEL}.slot") is None:
+            container = event.get("id")
+            owners = [(app, r) for app in runtime.apps() for r in runtime.replicas(app) if r.get("container") == container]
+            if not owners:
                 continue
-            counted = [r for r in runtime.replicas(app) if r.get("container") == container]
+            app, replica = owners[0]
+            # An adopted container restarted in place dies on purpose: not a crash.
+            counted = [] if replica.get("restarting") else [replica]
             if counted:
                 slot = counted[0]["slot"]
                 send({"env": settings.env, "app": app, "kind": "replica_down", "slots": [slot],

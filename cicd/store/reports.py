@@ -204,7 +204,9 @@ def steady(settings: Settings, runtime: Runtime, app: str) -> bool:
         if row["app"] == app:
             fresh = row["last_probe_at"] and (utcnow() - parse_iso(row["last_probe_at"])).total_seconds() < \
                 max(3.0, 3 * settings.probe_interval_s)
-            return bool(fresh and row["release"] is not None and row["replicas"] > 0
+            # An adopted app has no release of ours: its containers are all there is.
+            released = row["release"] is not None or row["runtime"] == "adopted"
+            return bool(fresh and released and row["replicas"] > 0
                         and row["healthy"] == row["replicas"] and row["open_incident"] is None
                         and row["attention"] is None)
     return False

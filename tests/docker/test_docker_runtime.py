@@ -6,7 +6,6 @@ stable endpoint, a broken revision, a release that dies after its gate."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.request
 
@@ -14,27 +13,10 @@ import pytest
 
 from cicd.runtime.docker import DockerRuntime, image_of
 from cicd.store import reports
-from tests.integration.conftest import started_stack
 
 APP = "box-api"
 CHAIN = ["INCIDENT_DETECTED", "RL_CONSUME", "RL_DECISION", "RL_INTAKE_VALIDATED", "EXECUTION_GATE_PASSED",
          "ORCH_EXEC", "SYSTEM_STABLE", "RL_UPDATE"]
-
-
-@pytest.fixture(scope="module")
-def stack(dockerd, tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("DOCKER_HOST", "CICD_RUNTIME", "CICD_DOCKER_BASE_IMAGE")}
-    os.environ.update({**dockerd.env, "CICD_RUNTIME": "docker", "CICD_DOCKER_BASE_IMAGE": dockerd.base_image()})
-    try:
-        with started_stack(tmp_path_factory.mktemp("docker-stack")) as running:
-            running.onboard(APP)
-            yield running
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def containers(dockerd, app: str = APP) -> list[dict]:
@@ -58,6 +40,11 @@ def run_fault(stack, kind: str, *extra: str) -> dict:
     incident_id = re.search(r"(inc-[0-9a-f]{12}) ", out.stdout).group(1)
     incident = [i for i in reports.incidents(stack.settings, 50) if i["id"] == incident_id][0]
     return {"incident": incident, "events": stack.events(incident_id=incident_id), "stdout": out.stdout}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def onboarded(stack):
+    stack.onboard(APP)
 
 
 def test_the_app_is_built_into_an_image_and_runs_as_labelled_containers_behind_its_stable_url(stack, dockerd):

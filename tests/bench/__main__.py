@@ -5,7 +5,7 @@
 1. chain: incidents through the full healing chain on the simulated fleet vs bare no-op Celery
    chains of the same hops, same queues, broker and workers;
 2. recover_real: SIGKILL a real replica, time until it is healthy again (probes alone, then with
-   exits watched);
+   exits watched); recover_container: the same on the Docker runtime, beside the local process;
 3. fanout: one probe cycle over 1,000 and 10,000 simulated apps;
 4. footprint: resident memory of the whole stack, idle and under the chain's burst;
 5. policy: one decision, in-process;
@@ -56,7 +56,7 @@ def run_in(home: Path, quick: bool) -> dict:
     incidents, kills = (60, 10) if quick else (200, 50)
     out = {"machine": machine(), "quick": quick}
     sim = {"CICD_RUNTIME": "sim", "CICD_PROBE_INTERVAL": "3600", "CICD_STABLE_CHECKS": "1"}
-    with terminal.progress("benchmarks", total=6) as underway:
+    with terminal.progress("benchmarks", total=7) as underway:
         underway.update(0, f"chain and footprint: {incidents} incidents on the simulated fleet")
         with Stack(home / "sim", **sim) as stack:
             time.sleep(2)
@@ -72,12 +72,37 @@ def run_in(home: Path, quick: bool) -> dict:
         underway.update(3, f"{kills} real kills, exits watched")
         watched = recover.run(home / "watched", kills, watch=True)
         out["recover_real"] = {**watched, "probes_only": probes}
-        underway.update(4, "policy decisions")
+        underway.update(4, f"{max(20, kills // 2)} kills of a container (the Docker runtime)")
+        out["recover_container"] = recover_container(home / "container", max(20, kills // 2))
+        underway.update(5, "policy decisions")
         out["policy"] = {"decision_us": policy_bench(["--json", "--decisions", "20000"], quiet=True)["decision_us"]}
-        underway.update(5, "zero downtime: load on a stable URL through Caddy")
+        underway.update(6, "zero downtime: load on a stable URL through Caddy")
         out["zero_downtime"] = zero_downtime.run(home / "zero-downtime", rounds=1 if quick else 3)
-        underway.update(6)
+        underway.update(7)
     return out
+
+
+def recover_container(home: Path, kills: int) -> dict:
+    """recover.run on the Docker runtime, against a daemon of its own (tests/dockerd.py); where
+    none can start, why."""
+    from tests import dockerd
+    try:
+        daemon = dockerd.Dockerd().start()
+    except dockerd.Unavailable as why:
+        return {"skipped": str(why)}
+    saved = os.environ.get("DOCKER_HOST")
+    try:
+        base = daemon.base_image()
+        os.environ["DOCKER_HOST"] = daemon.host   # this process's runtime reads the daemon too
+        return recover.run(home, kills, watch=True, docker={"DOCKER_HOST": daemon.host, "CICD_DOCKER_BASE_IMAGE": base})
+    except dockerd.Unavailable as why:
+        return {"skipped": str(why)}
+    finally:
+        if saved is None:
+            os.environ.pop("DOCKER_HOST", None)
+        else:
+            os.environ["DOCKER_HOST"] = saved
+        daemon.stop()
 
 
 def figure(result: dict, path: str):
@@ -103,6 +128,7 @@ def rows(result: dict) -> list[dict]:
          f"{r['p95_s'] / r['probes_only']['p95_s']:.2f}", ""),
         ("real crash to healthy p99 (s)", f"{r['p99_s']:.3f}", f"{r['probes_only']['p99_s']:.3f}",
          f"{r['p99_s'] / r['probes_only']['p99_s']:.2f}", GOALS["recover_real.p99_s"]),
+        *container_rows(result.get("recover_container") or {}, r),
         ("probe cycle, 1,000 apps (s wall / CPU)", f"{f['1000']['wall_s']:.3f} / {f['1000']['cpu_s']:.3f}",
          f"{f['1000']['broker_round_trips']} broker round trip", "", ""),
         ("probe cycle, 10,000 apps (s wall / CPU)", f"{f['10000']['wall_s']:.3f} / {f['10000']['cpu_s']:.3f}",
@@ -117,6 +143,15 @@ def rows(result: dict) -> list[dict]:
          f"{result['policy']['decision_us'] / 100:.2f}", GOALS["policy.decision_us"]),
     ]
     return [dict(zip(COLUMNS, row)) for row in cells]
+
+
+def container_rows(k: dict, local: dict) -> list[tuple]:
+    if "skipped" in k or not k:
+        return [("container crash to healthy", "not measured", k.get("skipped", "not run"), "", "")]
+    return [(f"container crash to healthy p50 (s), {k['kills']} kills", f"{k['p50_s']:.3f}",
+             f"{local['p50_s']:.3f} a local process", f"{k['p50_s'] / local['p50_s']:.2f}", ""),
+            ("container crash to healthy p95 (s)", f"{k['p95_s']:.3f}", f"{local['p95_s']:.3f}",
+             f"{k['p95_s'] / local['p95_s']:.2f}", "")]
 
 
 COLUMNS = ("figure", "measured", "baseline", "ratio", "goal")

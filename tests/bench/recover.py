@@ -19,17 +19,21 @@ from .stacks import Stack, wait_for
 APP = "recover-api"
 
 
-def run(home: Path, kills: int, watch: bool) -> dict:
+def run(home: Path, kills: int, watch: bool, docker: dict | None = None) -> dict:
+    """docker: the variables of a Docker daemon and base image (DOCKER_HOST, CICD_DOCKER_BASE_IMAGE)
+    to run the app's replicas as containers there (CICD_RUNTIME=docker); a kill is then SIGKILL to
+    the container's init, which ends the container, as `docker kill` does."""
     variables = {"CICD_WATCH_EXITS": "true" if watch else "false", "CICD_BACKOFF_BASE": "0",
-                 "CICD_RESTART_BUDGET": "100000", "CICD_SCALE_BUDGET": "100000"}
+                 "CICD_RESTART_BUDGET": "100000", "CICD_SCALE_BUDGET": "100000",
+                 **({"CICD_RUNTIME": "docker", **docker} if docker else {})}
     with Stack(home, **variables) as stack:
         from cicd.stack import cluster
         from cicd.store import reports
-        from cicd.runtime.local import LocalRuntime
+        from cicd.runtime import make_runtime
         settings = stack.settings()
         url = cluster.example_git_server(settings, [APP])
         stack.cicd("onboard", APP, "--repo", f"{url}/{APP}.git", "--runtime", "backend")
-        runtime = LocalRuntime(settings)
+        runtime = make_runtime(settings)
 
         def all_healthy():
             statuses = runtime.probe([APP])[APP]
@@ -57,6 +61,7 @@ def run(home: Path, kills: int, watch: bool) -> dict:
             wait_for(all_healthy, timeout=120, poll=0.01, what=f"{what} healthy again", state=state)
             times.append(time.monotonic() - started)
         return {"kills": kills, "probe_interval_s": settings.probe_interval_s, "watch_exits": watch,
+                "runtime": settings.runtime,
                 "p50_s": statistics.median(times), "p95_s": percentile(times, 0.95), "p99_s": percentile(times, 0.99),
                 "max_s": max(times)}
 

@@ -49,6 +49,12 @@ def logs(invocation: Invocation, app, replica, follow, lines):
         raise click.ClickException(f"--replica {replica}: {app} in {settings.env} has no replica {replica} "
                                    f"(replicas: {', '.join(map(str, slots)) or 'none'})")
     shown = files()
+    if settings.runtime == "docker" and not any(app_logs.replica_slot(p) is not None for p in shown):
+        # The Docker runtime leaves a replica's output to Docker's own log driver.
+        names = [r.get("name") for r in runtime.replicas(app) if r.get("name")]
+        if names and (replica is None or replica in {r["slot"] for r in runtime.replicas(app)}):
+            click.echo(f"{app} runs as containers: their output is in Docker's logs "
+                       f"(docker logs -f {names[0]}; its replicas: {', '.join(names)})", err=True)
     if not shown and not follow:
         click.echo(f"{app} has no logs in {settings.env} yet", err=True)
         return

@@ -260,7 +260,7 @@ class DockerRuntime(LocalRuntime):
                                                    forcerm=True, decode=True, labels=labels, network_mode="host",
                                                    timeout=BUILD_TIMEOUT_S):
                     text = chunk.get("stream") or chunk.get("status") or ""
-                    if text:
+                    if text.strip():
                         out.write(text if text.endswith("\n") else text + "\n")
                         if text.startswith("Step ") and " : RUN " in text:
                             step(text.split(" : ", 1)[1].strip()[:120])

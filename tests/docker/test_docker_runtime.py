@@ -57,6 +57,9 @@ def test_the_app_is_built_into_an_image_and_runs_as_labelled_containers_behind_i
         assert labels["cicd.env"] == "stage" and labels["cicd.release"] == str(live)
         assert container["Image"] == image_of(stack.settings, APP, live)
     assert {c["ID"] for c in running} == {cid[:12] for cid in by_slot(stack).values()}
+    logs = stack.cicd("logs", APP, "-n", "200")
+    assert "build-1 | --> building image cicd-heal/stage-box-api:1" in logs.stdout, logs.stdout
+    assert "docker logs -f cicd-stage-box-api-r1-s" in logs.stderr, logs.stderr
     url = stack.runtime.endpoint(APP)
     with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
         assert answer.status == 200 and json.loads(answer.read())["status"] == "ok"

@@ -72,7 +72,7 @@ def test_the_cicd_command_has_that_root():
 # -- --env, declared once ------------------------------------------------------------------------
 # Each command that takes --env, with its default (None: $CICD_ENV, else stage).
 ENV_DEFAULTS = {
-    ("up",): None, ("down",): None, ("status",): None, ("onboard",): None, ("deploy",): None, ("scale",): None,
+    ("up",): None, ("down",): None, ("status",): None, ("onboard",): None, ("adopt",): None, ("deploy",): None, ("scale",): None,
     ("inject",): None, ("remove",): None, ("logs",): None, ("incidents",): None, ("dashboard",): None, ("approvals",): None, ("replay",): None,
     ("rl", "train"): "dev", ("rl", "eval"): "dev", ("rl", "show"): "dev",
     ("dlq", "list"): None, ("dlq", "show"): None, ("dlq", "retry"): None, ("dlq", "purge"): None,

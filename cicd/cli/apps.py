@@ -19,9 +19,12 @@ from cicd.runtime import make_runtime
 @click.option("--runtime", "runtime_kind", required=True, metavar="backend|frontend|fullstack",
               help="Which template generates the spec (port, build and start commands, health path).")
 @env_option()
+@click.option("--host", "host", default=None, metavar="NAME",
+              help="Place the app on this host agent's machine (`cicd host-agent` there): it is built, run and "
+                   "acted on there, and probed over the network. Default: this machine.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the first deploy to finish.")
 @pass_invocation
-def onboard(invocation: Invocation, name, repo, runtime_kind, wait):
+def onboard(invocation: Invocation, name, repo, runtime_kind, host, wait):
     """Onboard an app: validate, generate its spec from the runtime's template, deploy it.
 
     NAME is 2-40 lowercase letters, digits and single hyphens, unique in the environment.
@@ -31,10 +34,10 @@ def onboard(invocation: Invocation, name, repo, runtime_kind, wait):
     if settings.env == "prod":
         # Prod refuses every onboarding, so no agent is needed to say so (and the prod stack may be
         # down): the same domain call logs the refusal in prod's proof chain.
-        result = onboarding.register(settings, name, repo, runtime_kind)
+        result = onboarding.register(settings, name, repo, runtime_kind, host=host)
     else:
         require_stack(settings)
-        result = control_plane(settings).onboard(name, repo, runtime_kind)
+        result = control_plane(settings).onboard(name, repo, runtime_kind, host=host)
     if not result["ok"]:
         for refusal in result["refusals"]:
             click.echo(f"refused: {refusal['field']} ({refusal['rule']}): {refusal['message']}", err=True)

@@ -56,6 +56,11 @@ class ControlPlane:
         return self._call("cicd.onboard.register", "onboard", timeout, name=name, repo=repo, runtime=runtime,
                           **placement)
 
+    def host_inject(self, host: str, app: str, kind: str, options: dict, timeout: float = 90) -> dict:
+        """A fault on an app placed on a host, made there by the host's agent."""
+        return self._call("cicd.host.inject", f"host {host}", timeout, app=app, kind=kind, options=options,
+                          host=host)
+
     def deploy(self, app: str, ref: str = "HEAD", reason: str = "", kind: str = "deploy", sha: str | None = None,
                request_id: str | None = None) -> str:
         """Ask the deploy agent for a new release of ref (or exactly sha); returns the request id."""

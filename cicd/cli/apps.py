@@ -159,6 +159,8 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_
     settings = invocation.settings
     runtime = make_runtime(settings)
     plane = control_plane(settings)
+    if hasattr(runtime, "ask_host"):
+        runtime.ask_host = plane.host_inject  # a placed app's fault is made by its host's agent
     if wait:
         require_stack(settings)  # before breaking anything: with --wait we promise to follow the healing
     elif not cluster.is_up(settings):

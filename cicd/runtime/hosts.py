@@ -56,7 +56,11 @@ class HostRuntime(LocalRuntime):
 
 
 class PlacedRuntime(LocalRuntime):
-    """The control plane's runtime: local apps as LocalRuntime has them, placed apps over the network."""
+    """The control plane's runtime: local apps as LocalRuntime has them, placed apps over the network.
+
+    ask_host(host, app, kind, options) -> dict, if a command sets it, makes a fault on a placed app
+    through its host's agent (`cicd inject`); without it, that is refused here."""
+    ask_host = None
 
     def _placed(self, apps: list[str]) -> dict[str, dict]:
         from cicd.store import placements
@@ -120,6 +124,12 @@ class PlacedRuntime(LocalRuntime):
         return super().scale(app, replicas, op_key)
 
     def inject(self, app: str, kind: str, **options) -> dict:
+        placed = self._placed([app]).get(app)
+        if placed and self.ask_host is not None:
+            answer = dict(self.ask_host(placed["host"], app, kind, options))
+            if not answer.pop("ok", False):
+                raise RuntimeFailure(answer.get("error") or f"host {placed['host']} did not make the fault")
+            return {**answer, "host": placed["host"]}
         self._refuse_placed(app, "fault injection")
         return super().inject(app, kind, **options)
 

@@ -50,6 +50,13 @@ def deploy(env: str, **kwargs):
     return celery_app.signature("cicd.deploy.release", kwargs={**kwargs, "env": env})
 
 
+def deploy_requester(env: str):
+    """Deploy actions hand the deploy to the deploy agent, under the execution's key."""
+    def request_deploy(app, request_id, kind, ref, sha, reason):
+        deploy(env, app=app, request_id=request_id, kind=kind, ref=ref, sha=sha, reason=reason).apply_async()
+    return request_deploy
+
+
 def _after_decision(env: str):
     return (_step("cicd.orchestrate.execute", env=env), *_verify_and_learn(env))
 

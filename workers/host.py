@@ -9,7 +9,7 @@ from celery.exceptions import Ignore
 from cicd.healing import orchestrator
 
 from .app import celery_app, runtime, settings_for
-from .orchestrate import deploy_requester
+from .chains import deploy_requester
 
 
 @celery_app.task(name="cicd.host.act", bind=True)

@@ -4,14 +4,7 @@ from celery.exceptions import Ignore
 from cicd.healing import orchestrator
 
 from .app import celery_app, runtime, settings_for
-
-
-def deploy_requester(env: str):
-    """Deploy actions hand the deploy to the deploy agent, under the execution's key."""
-    def request_deploy(app, request_id, kind, ref, sha, reason):
-        from .chains import deploy
-        deploy(env, app=app, request_id=request_id, kind=kind, ref=ref, sha=sha, reason=reason).apply_async()
-    return request_deploy
+from .chains import deploy_requester
 
 
 def _to_host(task, execution: dict, env: str):

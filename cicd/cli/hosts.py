@@ -57,10 +57,11 @@ def host_agent(invocation: Invocation, name, address, no_watch):
     queue = settings.host_queue(name)
     click.echo(f"host agent {name} ({address}) of {settings.env}: queue {queue}, broker "
                f"{redact_url(settings.broker_url)}, apps under {settings.apps_dir}", err=True)
+    from cicd.stack.cluster import host_node
     from workers.app import celery_app
     if not no_watch:
         _start_watcher(settings)
-    celery_app.worker_main(host_worker_args(queue, f"{settings.env}-host-{name}@{os.uname().nodename}"))
+    celery_app.worker_main(host_worker_args(queue, host_node(settings.env, name)))
 
 
 def _start_watcher(settings) -> None:

@@ -31,6 +31,17 @@ def elsewhere(settings: Settings, app: str) -> str:
     return host if host and host != settings.host_name else ""
 
 
+def hosts(settings: Settings) -> dict[str, list[str]]:
+    """Each host apps are placed on, with those apps (from the registry's specs)."""
+    with transaction(settings, readonly=True) as conn:
+        rows = conn.execute(select(App.name, App.spec).where(App.env == settings.env)).all()
+    out: dict[str, list[str]] = {}
+    for name, spec in rows:
+        if (spec or {}).get("host"):
+            out.setdefault(spec["host"], []).append(name)
+    return {host: sorted(apps) for host, apps in sorted(out.items())}
+
+
 def publish(settings: Settings, app: str, live: int | None, replicas: list[dict]) -> None:
     """This host's view of the app's live replicas, replacing the last one (an upsert)."""
     values = {"env": settings.env, "app": app, "host": settings.host_name, "address": settings.host_address,

@@ -236,7 +236,7 @@ def test_an_app_on_host_b_is_healed_by_the_control_plane_on_host_a_and_waits_whi
         assert [r["payload"]["host"] for r in executed] == [HOST], executed
         injected = events(settings, "FAILURE_INJECTED")[-1]
         stable = events(settings, "SYSTEM_STABLE", first[0].id)[-1]
-        crash_to_healthy = _seconds(injected["ts"], stable["ts"])
+        crash_to_healthy = _seconds(injected["payload"]["at"], stable["ts"])  # as `cicd inject --wait` counts
 
         # 2. B's agent dies (SIGKILL: its worker and its watcher), then a replica on B crashes.
         hosts.kill_agent()
@@ -261,6 +261,10 @@ def test_an_app_on_host_b_is_healed_by_the_control_plane_on_host_a_and_waits_whi
             claim = session.scalar(select(Execution).where(Execution.incident_id == waiting.id))
             assert claim is not None and claim.status == "started", claim and claim.status
         assert not process.is_alive(replica["pid"], replica["ticks"])
+        # ...and its restart is in B's queue, where it stays while nobody takes it.
+        [host_b] = json.loads(hosts.on_a("status", "--json").stdout)["stack"]["hosts"]
+        assert (host_b["host"], host_b["queue"], host_b["alive"], host_b["apps"]) == (HOST, "stage.host.b", False, APP)
+        assert host_b["depth"] >= 1, host_b
         assert sorted(r["pid"] for r in placed_replicas(hosts)) == before, "nothing restarted it meanwhile"
         waited_s = time.monotonic() - killed_at
 
@@ -271,6 +275,8 @@ def test_an_app_on_host_b_is_healed_by_the_control_plane_on_host_a_and_waits_whi
                  lambda: events(settings, "SYSTEM_STABLE", waiting.id),
                  lambda: [r["event_name"] for r in events(settings, incident_id=waiting.id)], 45)
         resume_to_stable = time.monotonic() - back_at
+        [host_b] = json.loads(hosts.on_a("status", "--json").stdout)["stack"]["hosts"]
+        assert host_b["alive"] is True and host_b["depth"] == 0, host_b
         wait_for("healthy again by A's probes", lambda: healthy(hosts), lambda: placed_replicas(hosts), 30)
 
         # Nothing lost, nothing twice: every incident closed and stable, one execution per attempt,
@@ -289,10 +295,15 @@ def test_an_app_on_host_b_is_healed_by_the_control_plane_on_host_a_and_waits_whi
             dead = session.scalars(select(DeadLetter).where(DeadLetter.env == "stage")).all()
             assert not dead, [(d.task, d.reason) for d in dead]
         assert hosts.on_a("proof", "verify").returncode == 0
+        # An operator's scaling of a placed app is its host's too (the command waits for the answer).
+        scaled = hosts.on_a("scale", APP, "3")
+        assert f"{APP}: 2 -> 3 replicas" in scaled.stdout, scaled.stdout
+        assert len(placed_replicas(hosts)) == len(LocalRuntime(hosts.settings_b).replicas(APP)) == 3
 
+        status = hosts.on_a("status").stdout
         figures = {"crash_to_healthy_s": round(crash_to_healthy, 2), "waited_while_b_down_s": round(waited_s, 2),
                    "agent_back_to_stable_s": round(resume_to_stable, 2)}
-        print(f"\n{onboarded.stdout}{crash.stdout}figures: {json.dumps(figures)}")
+        print(f"\n{onboarded.stdout}{crash.stdout}figures: {json.dumps(figures)}\n{status}")
     finally:
         if hosts.agent is not None and hosts.agent.poll() is None:
             hosts.kill_agent()

@@ -33,6 +33,7 @@ import pytest
 from sqlalchemy import select
 
 from cicd.config import Settings
+from cicd.core.events import iso, utcnow
 from cicd.delivery import examples
 from cicd.runtime import process
 from cicd.runtime.local import LocalRuntime
@@ -265,11 +266,13 @@ def test_an_app_on_host_b_is_healed_by_the_control_plane_on_host_a_and_waits_whi
         [host_b] = json.loads(hosts.on_a("status", "--json").stdout)["stack"]["hosts"]
         assert (host_b["host"], host_b["queue"], host_b["alive"], host_b["apps"]) == (HOST, "stage.host.b", False, APP)
         assert host_b["depth"] >= 1, host_b
+        while_down = dict(host_b)
         assert sorted(r["pid"] for r in placed_replicas(hosts)) == before, "nothing restarted it meanwhile"
         waited_s = time.monotonic() - killed_at
 
         # 3. B's agent is back: the waiting restart runs (once), the incident heals.
         back_at = time.monotonic()
+        back_ts = iso(utcnow())
         hosts.start_agent()
         wait_for("the waiting incident healed once B's agent is back",
                  lambda: events(settings, "SYSTEM_STABLE", waiting.id),
@@ -301,9 +304,14 @@ def test_an_app_on_host_b_is_healed_by_the_control_plane_on_host_a_and_waits_whi
         assert len(placed_replicas(hosts)) == len(LocalRuntime(hosts.settings_b).replicas(APP)) == 3
 
         status = hosts.on_a("status").stdout
+        first_ts = events(settings, incident_id=waiting.id)[0]["ts"]
+        timeline = "\n".join(f"  +{_seconds(first_ts, r['ts']):7.3f} s  {r['event_name']}"
+                             for r in events(settings, incident_id=waiting.id))
         figures = {"crash_to_healthy_s": round(crash_to_healthy, 2), "waited_while_b_down_s": round(waited_s, 2),
                    "agent_back_to_stable_s": round(resume_to_stable, 2)}
-        print(f"\n{onboarded.stdout}{crash.stdout}figures: {json.dumps(figures)}\n{status}")
+        print(f"\n{onboarded.stdout}{crash.stdout}\nwhile B's agent was down: {json.dumps(while_down)}\n"
+              f"the waiting incident {waiting.id} (B's agent started again at +{_seconds(first_ts, back_ts):.3f} s):\n"
+              f"{timeline}\nfigures: {json.dumps(figures)}\n\n{status}")
     finally:
         if hosts.agent is not None and hosts.agent.poll() is None:
             hosts.kill_agent()

@@ -8,7 +8,7 @@ import time
 import click
 
 from cicd.cli.context import Invocation, env_option, pass_invocation
-from cicd.config import ConfigError, check_host_name, redact_url
+from cicd.config import ConfigError, Settings, check_host_name, redact_url
 
 
 def host_worker_args(queue: str, node: str) -> list[str]:
@@ -50,8 +50,7 @@ def host_agent(invocation: Invocation, name, address, no_watch):
     os.environ.update({"CICD_HOST_NAME": name, "CICD_HOST_ADDRESS": address, "CICD_AGENT": "host"})
     if invocation.env:
         os.environ["CICD_ENV"] = invocation.env
-    invocation._settings.clear()
-    settings = invocation.settings
+    settings = Settings.load(invocation.env)  # with the host's name and address just set
     from cicd.stack.broker import require_broker
     require_broker(settings)
     queue = settings.host_queue(name)

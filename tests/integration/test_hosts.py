@@ -104,6 +104,8 @@ class Hosts:
                 except (ProcessLookupError, ValueError):
                     pass
             _ip("netns", "del", ns, check=False)
+        # A pair that never left this namespace (a setup that failed half-way) goes too.
+        _ip("link", "del", self.veth_a, check=False)
 
     # -- environments ------------------------------------------------------------------------
     def env_a(self) -> dict:
@@ -251,7 +253,7 @@ def test_an_app_on_host_b_is_healed_by_the_control_plane_on_host_a_and_waits_whi
             found = [i for i in incidents_of(settings) if i.id != first[0].id]
             return found[0] if found and events(settings, "HOST_DISPATCHED", found[0].id) else None
         waiting = wait_for("the second crash found by A's network probes and dispatched to B's queue",
-                           second_incident, lambda: [(i.id, i.status) for i in incidents_of(settings)], 30)
+                           second_incident, lambda: [(i.id, i.status) for i in incidents_of(settings)], 45)
         # It waits: a few probe cycles and housekeeping rounds later, still open, nothing executed.
         time.sleep(4.0)
         now = next(i for i in incidents_of(settings) if i.id == waiting.id)

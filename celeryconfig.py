@@ -25,12 +25,24 @@ def agent_of(task_name: str) -> str | None:
     return parts[1] if len(parts) == 3 and parts[0] == "cicd" and parts[1] in AGENTS else None
 
 
+# The tasks of a host agent ({env}.host.{name}): its own (workers/host.py), and the deploy agent's,
+# which it runs for the apps placed on its host (a release is built where it will run).
+HOST_AGENT = "host"
+HOST_AGENT_IMPORTS = ("workers.host", "workers.deploy")
+
+
 def route_task(name, args, kwargs, options, task=None, default_env: str | None = None, **kw):
     """One place maps tasks to agents: the queue of the task's agent in the message's environment
-    (its `env` argument), else in the environment of the process that sends it (default_env)."""
+    (its `env` argument), else in the environment of the process that sends it (default_env).
+    A task sent with a `host` argument goes to that host's agent instead: {env}.host.{host}."""
+    kwargs = kwargs or {}
+    env = kwargs.get("env") or default_env
+    if env is None:
+        return None
+    if kwargs.get("host") and name.startswith("cicd."):
+        return {"queue": f"{env}.host.{kwargs['host']}"}
     agent = agent_of(name)
-    env = (kwargs or {}).get("env") or default_env
-    if agent is None or env is None:
+    if agent is None:
         return None
     return {"queue": f"{env}.{agent}"}
 
@@ -41,14 +53,16 @@ def celery_config(settings: Settings, agent: str = "", bench_tasks: bool = False
     # A worker loads its own agent's tasks (CICD_AGENT, set by `cicd up` and the compose file) and
     # so only the domain code it needs. Everything else (commands, beat) sends tasks by name and
     # loads none: every task sent anywhere is named in workers/chains.py or by its caller.
-    imports = (f"workers.{agent}",) if agent in AGENTS else ()
+    imports = (f"workers.{agent}",) if agent in AGENTS else HOST_AGENT_IMPORTS if agent == HOST_AGENT else ()
     if imports and bench_tasks:
         imports += (BENCH_TASKS,)
+    # A host agent's bookkeeping keys are its own host's: it restores only what it was handed.
+    keys_of = f"host.{settings.host_name}" if agent == HOST_AGENT else agent or "any"
     # Redis re-delivers a message a dead worker held once its visibility timeout runs out. It must be
     # longer than any task and any countdown, or a slow task runs twice at once; it should be short, or
     # a killed worker's work waits. So per agent, each with its own bookkeeping keys (a worker only
     # ever restores its own agent's messages): deploys may take minutes, everything else seconds.
-    long_running = agent in ("deploy", "")  # "": the CLI and beat publish only; they restore nothing
+    long_running = agent in ("deploy", HOST_AGENT, "")  # "": the CLI and beat publish only; they restore nothing
     time_limit = 600 if long_running else 30
     return {
         # -- broker and results ----------------------------------------------------------------
@@ -85,9 +99,9 @@ def celery_config(settings: Settings, agent: str = "", bench_tasks: bool = False
         "broker_transport_options": {
             # Longer than the task's time limit: a message is only re-delivered once its task is over.
             "visibility_timeout": time_limit + 60,
-            "unacked_key": f"unacked:{agent or 'any'}",
-            "unacked_index_key": f"unacked_index:{agent or 'any'}",
-            "unacked_mutex_key": f"unacked_mutex:{agent or 'any'}",
+            "unacked_key": f"unacked:{keys_of}",
+            "unacked_index_key": f"unacked_index:{keys_of}",
+            "unacked_mutex_key": f"unacked_mutex:{keys_of}",
         },
         # The broker may come up after the workers (compose, restarts): keep trying, loudly, at start-up.
         "broker_connection_retry_on_startup": True,

@@ -6,6 +6,7 @@ started by `cicd up` and a `cicd` command typed in another shell agree on where 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -90,6 +91,26 @@ def _env_bool(name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r}: must be true or false")
 
 
+HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+
+
+def check_host_name(name: str, what: str = "host") -> str:
+    """A host's name: 1-32 lowercase letters, digits and inner hyphens (it is part of a queue's name)."""
+    if name and not HOST_NAME.fullmatch(name):
+        raise ConfigError(f"{what} {name!r}: must be 1-32 lowercase letters, digits and hyphens, "
+                          f"starting and ending with a letter or digit")
+    return name
+
+
+def _env_address(name: str) -> str:
+    raw = os.environ.get(name) or "127.0.0.1"
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: must be an IP address (the one other machines reach this one at)") from None
+    return raw
+
+
 def check_env_name(env: str) -> str:
     if env not in ENVIRONMENTS:
         raise ConfigError(f"environment {env!r}: must be one of {', '.join(ENVIRONMENTS)}")
@@ -153,6 +174,12 @@ class Settings:
     # What the domain steps take the time from: the system's, or a test's manual clock. Carried
     # here because every step already takes the settings (not compared: it is not configuration).
     clock: Clock = field(default=SYSTEM_CLOCK, compare=False, repr=False)
+    # Host agents (`cicd host-agent`): this machine's name, "" on the control plane's own machine
+    # (its apps run under its own workers), and the address the others reach its apps at. An app
+    # placed on a host (its spec's "host") has its runtime actions done by that host's agent, on
+    # the queue {env}.host.{name}; its replicas listen on host_address, where the monitor probes.
+    host_name: str = ""
+    host_address: str = "127.0.0.1"
 
     @classmethod
     def load(cls, env: str | None = None) -> "Settings":
@@ -194,6 +221,8 @@ class Settings:
             sim_seed=_env_int("CICD_SIM_SEED", 0, 0),
             watch_exits=_env_bool("CICD_WATCH_EXITS", True),
             stall_after_s=_env_float("CICD_STALL_AFTER", 120.0, 5.0),
+            host_name=check_host_name(os.environ.get("CICD_HOST_NAME") or "", "CICD_HOST_NAME"),
+            host_address=_env_address("CICD_HOST_ADDRESS"),
         )
 
     def __post_init__(self):
@@ -263,6 +292,12 @@ class Settings:
             scheme, rest = url.split("//", 1)
             url = f"{scheme}//:{password}@{rest}"
         return url
+
+    def host_queue(self, host: str) -> str:
+        """The queue of a host's agent: runtime actions for the apps placed on that host."""
+        if not host:
+            raise ConfigError("a host queue needs a host name")
+        return f"{self.env}.host.{check_host_name(host)}"
 
     def queue(self, agent: str) -> str:
         if agent not in AGENTS:

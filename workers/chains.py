@@ -38,9 +38,23 @@ def approved_chain(env: str, approval_id: str):
     return chain(_step("cicd.orchestrate.execute_approved", approval_id, env=env), *_verify_and_learn(env))
 
 
+def host_act(env: str, execution: dict):
+    """The claimed action of an execution, for the agent of the host its app runs on."""
+    return celery_app.signature("cicd.host.act", kwargs={
+        "incident_id": execution["incident_id"], "attempt": execution["attempt"], "env": env,
+        "host": execution["host"]})
+
+
 def deploy(env: str, **kwargs):
     """A deploy, for the agents that ask the deploy agent for one."""
     return celery_app.signature("cicd.deploy.release", kwargs={**kwargs, "env": env})
+
+
+def deploy_requester(env: str):
+    """Deploy actions hand the deploy to the deploy agent, under the execution's key."""
+    def request_deploy(app, request_id, kind, ref, sha, reason):
+        deploy(env, app=app, request_id=request_id, kind=kind, ref=ref, sha=sha, reason=reason).apply_async()
+    return request_deploy
 
 
 def _after_decision(env: str):

@@ -51,8 +51,15 @@ class ControlPlane:
         finally:
             result.forget()
 
-    def onboard(self, name: str, repo: str, runtime: str, timeout: float = 60) -> dict:
-        return self._call("cicd.onboard.register", "onboard", timeout, name=name, repo=repo, runtime=runtime)
+    def onboard(self, name: str, repo: str, runtime: str, timeout: float = 60, host: str | None = None) -> dict:
+        placement = {"place_on": host} if host else {}
+        return self._call("cicd.onboard.register", "onboard", timeout, name=name, repo=repo, runtime=runtime,
+                          **placement)
+
+    def host_inject(self, host: str, app: str, kind: str, options: dict, timeout: float = 90) -> dict:
+        """A fault on an app placed on a host, made there by the host's agent."""
+        return self._call("cicd.host.inject", f"host {host}", timeout, app=app, kind=kind, options=options,
+                          host=host)
 
     def deploy(self, app: str, ref: str = "HEAD", reason: str = "", kind: str = "deploy", sha: str | None = None,
                request_id: str | None = None) -> str:

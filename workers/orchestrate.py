@@ -4,20 +4,24 @@ from celery.exceptions import Ignore
 from cicd.healing import orchestrator
 
 from .app import celery_app, runtime, settings_for
+from .chains import deploy_requester
 
 
-def deploy_requester(env: str):
-    """Deploy actions hand the deploy to the deploy agent, under the execution's key."""
-    def request_deploy(app, request_id, kind, ref, sha, reason):
-        from .chains import deploy
-        deploy(env, app=app, request_id=request_id, kind=kind, ref=ref, sha=sha, reason=reason).apply_async()
-    return request_deploy
+def _to_host(task, execution: dict, env: str):
+    """A claimed action for an app placed on a host: this task is replaced by the host agent's, and
+    the rest of the chain (verify, learn) follows that one. The message waits in the host's queue
+    while its agent is down (acks late): the incident waits with it, then resumes."""
+    from .chains import host_act
+    raise task.replace(host_act(env, execution))
 
 
 @celery_app.task(name="cicd.orchestrate.execute", bind=True)
 def execute(self, decision, env):
     settings = settings_for(self, env)
-    return orchestrator.execute(settings, runtime(), decision, deploy_requester(env))
+    execution = orchestrator.execute(settings, runtime(), decision, deploy_requester(env))
+    if execution.get("host"):
+        _to_host(self, execution, env)
+    return execution
 
 
 @celery_app.task(name="cicd.orchestrate.execute_approved", bind=True)
@@ -26,4 +30,6 @@ def execute_approved(self, approval_id, env):
     execution = orchestrator.execute_approved(settings, runtime(), approval_id, deploy_requester(env))
     if execution is None:
         raise Ignore()  # not a granted action approval (or already carried out): nothing follows
+    if execution.get("host"):
+        _to_host(self, execution, env)
     return execution

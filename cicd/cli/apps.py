@@ -19,9 +19,12 @@ from cicd.runtime import make_runtime
 @click.option("--runtime", "runtime_kind", required=True, metavar="backend|frontend|fullstack",
               help="Which template generates the spec (port, build and start commands, health path).")
 @env_option()
+@click.option("--host", "host", default=None, metavar="NAME",
+              help="Place the app on this host agent's machine (`cicd host-agent` there): it is built, run and "
+                   "acted on there, and probed over the network. Default: this machine.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the first deploy to finish.")
 @pass_invocation
-def onboard(invocation: Invocation, name, repo, runtime_kind, wait):
+def onboard(invocation: Invocation, name, repo, runtime_kind, host, wait):
     """Onboard an app: validate, generate its spec from the runtime's template, deploy it.
 
     NAME is 2-40 lowercase letters, digits and single hyphens, unique in the environment.
@@ -31,10 +34,10 @@ def onboard(invocation: Invocation, name, repo, runtime_kind, wait):
     if settings.env == "prod":
         # Prod refuses every onboarding, so no agent is needed to say so (and the prod stack may be
         # down): the same domain call logs the refusal in prod's proof chain.
-        result = onboarding.register(settings, name, repo, runtime_kind)
+        result = onboarding.register(settings, name, repo, runtime_kind, host=host)
     else:
         require_stack(settings)
-        result = control_plane(settings).onboard(name, repo, runtime_kind)
+        result = control_plane(settings).onboard(name, repo, runtime_kind, host=host)
     if not result["ok"]:
         for refusal in result["refusals"]:
             click.echo(f"refused: {refusal['field']} ({refusal['rule']}): {refusal['message']}", err=True)
@@ -156,6 +159,8 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_
     settings = invocation.settings
     runtime = make_runtime(settings)
     plane = control_plane(settings)
+    if hasattr(runtime, "ask_host"):
+        runtime.ask_host = plane.host_inject  # a placed app's fault is made by its host's agent
     if wait:
         require_stack(settings)  # before breaking anything: with --wait we promise to follow the healing
     elif not cluster.is_up(settings):

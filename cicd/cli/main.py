@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from cicd.cli import apps, approvals, bench, config, dashboard, demo, dlq, incidents, logs, proof, rl, stack
+from cicd.cli import apps, approvals, bench, config, dashboard, demo, dlq, hosts, incidents, logs, proof, rl, stack
 from cicd.cli.context import Invocation
 from cicd.errors import CicdError
 
@@ -51,7 +51,7 @@ def main(ctx):
 
 
 for command in (
-    stack.up, stack.down, stack.watch, stack.status,
+    stack.up, stack.down, stack.watch, stack.status, hosts.host_agent,
     apps.onboard, apps.adopt, apps.deploy, apps.scale, apps.inject, apps.remove,
     logs.logs,
     config.config_group,

@@ -116,7 +116,9 @@ def status(invocation: Invocation, as_json):
     from cicd.stack import cluster
     from cicd.store import reports
     settings = invocation.settings
+    from cicd.store import placements
     state = cluster.status(settings, control_plane(settings).ping)
+    state["hosts"] = cluster.host_agents(settings, placements.hosts(settings), control_plane(settings).ping)
     apps = reports.apps(settings, make_runtime(settings))
     if as_json:
         echo_json({"stack": state, "apps": apps, "env": settings.env})
@@ -141,6 +143,10 @@ def status(invocation: Invocation, as_json):
                       f", up since {section['started_at']}")
         terminal.print_table(section["agents"], [("agent", "agent"), ("queue", "queue"), ("replicas", "replicas"),
                                                  ("alive", "alive"), ("depth", "queue depth")])
+    if state["hosts"]:
+        click.echo(f"\nhost agents of {settings.env}:")
+        terminal.print_table([{**h, "alive": "yes" if h["alive"] else "DOWN"} for h in state["hosts"]], [("host", "host"), ("queue", "queue"), ("alive", "alive"),
+                                              ("depth", "queue depth"), ("apps", "apps")])
     click.echo(f"\napps in {settings.env}:")
     if not apps:
         click.echo("  none onboarded: `cicd onboard NAME --repo URL --runtime backend`")

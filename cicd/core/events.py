@@ -32,6 +32,7 @@ PROOF_EVENTS = frozenset({
     "ORCH_EXEC", "ORCH_REFUSE", "EXECUTION_DEDUPLICATED", "REFUSAL_EMIT_SUCCESS",
     "SYSTEM_STABLE", "ATTEMPT_FAILED", "ESCALATED", "INCIDENT_REFUSED", "RL_UPDATE", "RL_TRAINED",
     "INCIDENT_RESUMED",
+    "HOST_DISPATCHED",  # an action handed to the agent of the host that runs the app ({env}.host.{name})
     "INCIDENT_WIDENED",  # a crash found while the incident was open, folded into it (the detector)
     # specific refusals, one per gate
     "INTAKE_REFUSED", "UNSAFE_ACTION_REFUSED", "ACTION_NOT_ALLOWED", "DEMO_MODE_BLOCK",

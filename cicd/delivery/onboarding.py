@@ -12,7 +12,7 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from cicd.config import ENVIRONMENTS
+from cicd.config import ENVIRONMENTS, HOST_NAME
 from cicd.core.names import NAME_MAX, NAME_MIN, NAME_PATTERN
 from cicd.errors import CicdError
 
@@ -155,15 +155,27 @@ def memory_limit_mb(spec: dict) -> int:
     return value
 
 
-def validate(name, repo, runtime, env) -> list[Refusal]:
+def check_host(host) -> list[Refusal]:
+    """Where the app is placed: "" (the control plane's machine) or a host agent's name."""
+    if host in ("", None):
+        return []
+    if not isinstance(host, str) or not HOST_NAME.fullmatch(host):
+        return [Refusal("host", "format", "must be a host agent's name: 1-32 lowercase letters, digits and "
+                                          "hyphens, starting and ending with a letter or digit")]
+    return []
+
+
+def validate(name, repo, runtime, env, host=None) -> list[Refusal]:
     """Every rule that the input breaks; an empty list means it may be onboarded."""
-    return check_name(name) + check_repo(repo) + check_runtime(runtime) + check_env(env)
+    return check_name(name) + check_repo(repo) + check_runtime(runtime) + check_env(env) + check_host(host)
 
 
-def generate_spec(name: str, repo: str, runtime: str, env: str) -> dict:
-    """The AppSpec: the template for the runtime, with the app's identity. Nothing else."""
+def generate_spec(name: str, repo: str, runtime: str, env: str, host: str | None = None) -> dict:
+    """The AppSpec: the template for the runtime, with the app's identity, and its host if it is
+    placed on one (its runtime actions then go to that host's agent). Nothing else."""
     template = json.loads(json.dumps(TEMPLATES[runtime]))  # a deep copy that stays plain JSON
-    return {"name": name, "env": env, "runtime": runtime, "repo": repo, **template}
+    return {"name": name, "env": env, "runtime": runtime, "repo": repo, **({"host": host} if host else {}),
+            **template}
 
 
 def _loggable(value) -> str:
@@ -180,7 +192,7 @@ def redact_credentials(url: str) -> str:
     return re.sub(r"//.*@", "//***@", url, flags=re.DOTALL)
 
 
-def register(settings, name, repo, runtime) -> dict:
+def register(settings, name, repo, runtime, host=None) -> dict:
     """Validate, generate the spec, store it and export it; returns {"ok", "spec" | "refusals"}.
 
     Proof events and the registry row commit in one transaction, so a refusal is always logged
@@ -192,10 +204,11 @@ def register(settings, name, repo, runtime) -> dict:
     env = settings.env
     # Redact first, then bound: a cut could otherwise drop the "@" that marks the password.
     request = {"name": _loggable(name), "runtime": _loggable(runtime),
-               "repo": _loggable(redact_credentials(repo) if isinstance(repo, str) else repo)}
+               "repo": _loggable(redact_credentials(repo) if isinstance(repo, str) else repo),
+               **({"host": _loggable(host)} if host else {})}
     with session_scope(settings) as session:
         proof.append(session, env, "ONBOARDING_STARTED", app=request["name"][:40], payload=request)
-        refusals = validate(name, repo, runtime, env)
+        refusals = validate(name, repo, runtime, env, host)
         if not refusals and get_app(session, env, name) is not None:
             refusals = [Refusal("name", "unique", f"an app named {name!r} is already onboarded in {env}")]
         if refusals:
@@ -203,7 +216,7 @@ def register(settings, name, repo, runtime) -> dict:
                          payload={"refusals": [r.to_dict() for r in refusals]})
             return {"ok": False, "refusals": [r.to_dict() for r in refusals]}
         proof.append(session, env, "ONBOARDING_VALIDATION_PASSED", app=name, payload=request)
-        spec = generate_spec(name, repo, runtime, env)
+        spec = generate_spec(name, repo, runtime, env, host)
         session.add(App(env=env, name=name, runtime=runtime, repo=repo, spec=spec))
         proof.append(session, env, "SPEC_GENERATED", app=name, payload={"template": runtime, "spec": spec})
         proof.append(session, env, "DEPLOYMENT_TRIGGERED", app=name, payload={"reason": "onboarded"})

@@ -7,6 +7,7 @@ the environment gate holds back waits, claimed, for a human (`cicd approve`), th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from cicd.core import actions, gates
@@ -21,6 +22,9 @@ from cicd.runtime.base import Runtime, RuntimeFailure
 from cicd.store import app_row, connection_of, incident_row, session_scope, transaction
 
 GATE_NAMES = ("intake", "blocklist", "allowlist", "environment", "budget")
+# What a host's agent does for an app placed on that host: its replicas are there. (A deploy action
+# asks the deploy agent, which hands the deploy to the host itself; noop acts nowhere.)
+HOST_ACTIONS = ("restart_service", "scale_workers")
 
 
 def summary(ex, **extra) -> dict:
@@ -91,6 +95,7 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
             incident = None
         acted = executions.recent_actions(conn, env, app_name) if app_name else []
         verdict, decision = gates.evaluate(raw, _gate_context(settings, conn, runtime, app_name, acted))
+        host = _host_acting(settings, conn, decision) if verdict.allowed else ""
     names_open_incident = (incident is not None and decision is not None and incident.app == decision.app
                            and incident.status == IncidentStatus.OPEN)
     if (verdict.allowed or verdict.approval) and not names_open_incident:
@@ -126,7 +131,52 @@ def execute(settings: Settings, runtime: Runtime, raw: dict, request_deploy) -> 
         else:
             claim_id = claim.id
             executions.set_status(conn, claim_id, transition(claim.status, ExecutionStatus.STARTED))
+        if host:
+            return _dispatch(conn, settings, claim_id, decision, host)
     return _act(settings, runtime, request_deploy, claim_id, decision)
+
+
+def _host_acting(settings: Settings, conn, decision: Decision | None) -> str:
+    """The host whose agent must run the decision's action ("": this process runs it)."""
+    if decision is None or decision.action not in HOST_ACTIONS:
+        return ""
+    app = app_row(conn, settings.env, decision.app)
+    host = str(((app.spec if app else None) or {}).get("host") or "")
+    return host if host != settings.host_name else ""
+
+
+def _dispatch(conn, settings: Settings, claim_id: int, decision: Decision, host: str) -> dict:
+    """The claim is started; its action is the host agent's (the caller sends it to {env}.host.{host}).
+    If that agent is down, the message waits in its queue, and the incident with it: nothing runs
+    until the agent is back, and then exactly once (the op key)."""
+    proof.append(conn, settings.env, "HOST_DISPATCHED", incident_id=decision.incident_id, app=decision.app,
+                 payload={"attempt": decision.attempt, "action": decision.action, "host": host,
+                          "queue": settings.host_queue(host)})
+    return summary(executions.claim_row_by_id(conn, claim_id), host=host)
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """What acting needs of a decision, as its claim recorded it (the claim is the authority)."""
+    incident_id: str
+    attempt: int
+    app: str
+    action: str
+    params: dict
+
+
+def act_dispatched(settings: Settings, runtime: Runtime, incident_id: str, attempt: int, request_deploy) -> dict | None:
+    """On the host agent: run the started claim (incident_id, attempt) by its key. A claim that is
+    no longer started (done by an earlier delivery) is reported as it is, nothing done twice;
+    None if there is no such claim."""
+    with transaction(settings, readonly=True) as conn:
+        claim = executions.claim_row(conn, incident_id, attempt)
+    if claim is None:
+        return None
+    if claim.status != ExecutionStatus.STARTED:
+        return summary(claim, deduplicated=True)
+    decision = _Claimed(incident_id, attempt, claim.app, claim.action, dict(claim.params or {}))
+    return _act(settings, runtime, request_deploy, claim.id, decision, host=settings.host_name)
 
 
 def _defer(conn, settings: Settings, decision: Decision, claim, wait: float) -> dict:
@@ -189,6 +239,10 @@ def execute_approved(settings: Settings, runtime: Runtime, approval_id: str, req
                      payload={"attempt": decision.attempt, "action": decision.action, "params": decision.params,
                               "approval": approval_id, "approved_by": approval.decided_by})
         claim.status = transition(claim.status, ExecutionStatus.STARTED)
+        host = _host_acting(settings, conn, decision)
+        if host:
+            session.flush()
+            return _dispatch(conn, settings, claim.id, decision, host)
     return _act(settings, runtime, request_deploy, claim.id, decision, approval=approval_id)
 
 

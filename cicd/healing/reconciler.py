@@ -53,8 +53,11 @@ def finish_stalled_releases(settings: Settings, runtime: Runtime) -> list[dict]:
     """Releases under way whose deploy's lease lapsed (its worker died mid-deploy), finished or
     rolled back by deployer.resume; their states (with the incident signal a failed deploy
     raises, as the deploy agent's own would)."""
+    from cicd.store import placements
     out = []
     for app, number in deployer.unattended(settings):
+        if placements.elsewhere(settings, app):
+            continue  # its replicas are on its host: only that host's runtime can finish the release
         state = deployer.resume(settings, runtime, app, number)
         if state is not None:
             out.append(state)

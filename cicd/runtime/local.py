@@ -133,6 +133,9 @@ class LocalRuntime(Runtime):
         self._pool_pid = None
         self.endpoints = Endpoints(settings)
         self.proxy_figures_of = proxyfigures.Recorder(settings)
+        # Where the replicas listen and are probed: loopback, or on a host agent the address the
+        # control plane reaches this machine at (CICD_HOST_ADDRESS).
+        self.address = settings.host_address
 
     # -- state ---------------------------------------------------------------------------
     def app_dir(self, app: str) -> Path:
@@ -231,7 +234,7 @@ class LocalRuntime(Runtime):
         if plan and plan.get("npm_install"):
             env.update(self._npm_env())
             env.setdefault("NODE_ENV", "production")  # what the Node buildpacks set for the app
-        env.setdefault("HOST", "127.0.0.1")
+        env.setdefault("HOST", self.address)
         return env
 
     def _npm_env(self) -> dict:
@@ -600,7 +603,7 @@ class LocalRuntime(Runtime):
 
     def _ask(self, port: int, path: str) -> tuple[int, bytes]:
         # The load generator's own request, so its sampler measures what the probes see.
-        return loadgen.request(("127.0.0.1", port), path, self.settings.probe_timeout_s)
+        return loadgen.request((self.address, port), path, self.settings.probe_timeout_s)
 
     def _probe_replicas(self, spec: dict, replicas: list[dict]) -> list[ReplicaStatus]:
         if not replicas:

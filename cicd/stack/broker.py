@@ -79,10 +79,13 @@ def start_redis(settings: Settings, say: Say, previous_port: int | None) -> dict
     if not password_file.exists():
         write_secret_file(password_file, secrets.token_urlsafe(24))
     password = read_secret_file(password_file, "redis password")
+    # Loopback only, unless host agents on other machines must reach it: CICD_REDIS_BIND lists the
+    # addresses to listen on as well (the password is what stands between them and the broker).
+    bind = " ".join(["127.0.0.1", *[a for a in (os.environ.get("CICD_REDIS_BIND") or "").split() if a != "127.0.0.1"]])
     conf = data_dir / "redis.conf"
     conf.unlink(missing_ok=True)
     write_secret_file(conf, "\n".join([
-        f"port {port}", "bind 127.0.0.1", "protected-mode yes", f"dir {data_dir}", f"requirepass {password}",
+        f"port {port}", f"bind {bind}", "protected-mode yes", f"dir {data_dir}", f"requirepass {password}",
         "appendonly yes", "appendfsync everysec", "maxmemory-policy noeviction", 'save ""', "daemonize no", ""]))
     pid, ticks = process.spawn_detached([binary, str(conf)], str(data_dir), dict(os.environ),
                                         str(data_dir / "redis.log"), record_exit=False)

@@ -25,7 +25,7 @@ from cicd.stack.supervisor import Supervisor
 # What other code uses of the stack; the components' own modules hold the rest.
 __all__ = ["StackDown", "StackError", "beat_args", "broker_url_for", "components", "down", "example_git_server",
            "flower_args", "is_up", "prepare", "queue_depths", "read_stack", "require_broker", "running_demo_mode",
-           "status", "supervise", "supervise_once", "up", "worker_args"]
+           "status", "supervise", "supervise_once", "up", "worker_args", "host_agents", "host_node"]
 
 def components(scale: dict[str, int] | None = None, flower: bool | None = None,
                flower_port: int | None = None) -> list[Component]:
@@ -137,6 +137,28 @@ def status(settings: Settings, ping: Ping) -> dict:
                              "proxy": ({"admin": f"127.0.0.1:{proxy['admin_port']}", "alive": alive(proxy),
                                         "pid": proxy["pid"]} if proxy.get("pid") else None)}
     return out
+
+
+def host_node(env: str, host: str) -> str:
+    """A host agent's Celery node name: its host's name, not its machine's, so that the control
+    plane can ask for it by name."""
+    return f"{env}-host-{host}@{host}"
+
+
+def host_agents(settings: Settings, hosts: dict[str, list[str]], ping: Ping) -> list[dict]:
+    """Each host that apps are placed on: its agent's queue, whether the agent answers, how many
+    messages wait for it (while it is down, its apps' actions wait there), and its apps."""
+    if not hosts:
+        return []
+    broker_url = broker_url_for(settings, read_stack(settings))
+    queues = {host: settings.host_queue(host) for host in hosts}
+    depths = queue_depths(broker_url, list(queues.values())) if broker_url else {}
+    try:
+        answered = ping([host_node(settings.env, h) for h in hosts], 1.5)
+    except StackDown:
+        answered = set()
+    return [{"host": host, "queue": queues[host], "alive": host_node(settings.env, host) in answered,
+             "depth": depths.get(queues[host]), "apps": ", ".join(apps)} for host, apps in hosts.items()]
 
 
 if __name__ == "__main__":

@@ -217,3 +217,19 @@ class DeadLetter(Base):
     retries: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     retried_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class PlacedReplicas(Base):
+    """The replicas of an app placed on a host (its spec's "host"), as that host's agent last
+    published them: where the monitor, elsewhere, probes them (address:port of each), and what
+    the gates count. Written by the host agent after every change it makes to the app; an app
+    without a row runs on the control plane's own machine."""
+    __tablename__ = "placed_replicas"
+    env: Mapped[str] = mapped_column(String(10), primary_key=True)
+    app: Mapped[str] = mapped_column(String(40), primary_key=True)
+    host: Mapped[str] = mapped_column(String(32))
+    address: Mapped[str] = mapped_column(String(64))
+    # [{slot, pid, ticks, port, release, started_at, health_path, memory_limit_mb}], the live ones
+    replicas: Mapped[list] = mapped_column(JSON)
+    live: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

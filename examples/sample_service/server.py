@@ -176,10 +176,12 @@ def main():
     if crash_after:
         threading.Timer(crash_after, lambda: os._exit(70)).start()
     service = Service(args.role, args.slots)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(service))
+    # HOST as the platform sets it: loopback, or the machine's address under a host agent.
+    host = os.environ.get("HOST") or "127.0.0.1"
+    server = ThreadingHTTPServer((host, args.port), make_handler(service))
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    print(f"{args.role} listening on 127.0.0.1:{args.port} pid {os.getpid()}", flush=True)
+    print(f"{args.role} listening on {host}:{args.port} pid {os.getpid()}", flush=True)
     server.serve_forever(poll_interval=0.2)
 
 

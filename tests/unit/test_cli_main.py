@@ -74,6 +74,7 @@ def test_the_cicd_command_has_that_root():
 ENV_DEFAULTS = {
     ("up",): None, ("down",): None, ("status",): None, ("onboard",): None, ("adopt",): None, ("deploy",): None, ("scale",): None,
     ("inject",): None, ("remove",): None, ("logs",): None, ("incidents",): None, ("dashboard",): None, ("approvals",): None, ("replay",): None,
+    ("host-agent",): None,
     ("rl", "train"): "dev", ("rl", "eval"): "dev", ("rl", "show"): "dev",
     ("dlq", "list"): None, ("dlq", "show"): None, ("dlq", "retry"): None, ("dlq", "purge"): None,
     ("proof", "tail"): None, ("proof", "verify"): None, ("proof", "export"): None,

@@ -300,7 +300,7 @@ class DockerRuntime(LocalRuntime):
         # create request, never a command line.
         env = {k: str(v) for k, v in config.items()}
         env.update({k: str(v) for k, v in extra.items()})
-        env.setdefault("HOST", "127.0.0.1")
+        env.setdefault("HOST", self.address)
         return env
 
     def _start_replica(self, state: dict, release: int, slot: int) -> dict:

@@ -224,6 +224,14 @@ def _run_the_stack(stack: Stack, repo: str) -> None:
     timing["app whole again after the kill"] = time.monotonic() - started
     timing["second crash healed"] = _crash_and_heal(stack)
 
+    # It all went through the PostgreSQL container: the incidents (two injected, and the kill's) are
+    # rows there, every one stable. psql gets the password in its environment, from the container's.
+    query = stack.compose("exec", "-T", "postgres", "sh", "-c",
+                          'PGPASSWORD="$POSTGRES_PASSWORD" psql -h 127.0.0.1 -U cicd -d cicd_stage -Atc '
+                          f"\"select status, count(*) from incidents where app = '{APP}' group by status\"")
+    counts = dict(line.split("|") for line in query.stdout.split())
+    assert set(counts) == {"stable"} and int(counts["stable"]) >= 3, query.stdout
+
 
 def _crash_and_heal(stack: Stack) -> float:
     """`cicd inject crash --wait` from the monitor's container: a real SIGKILL of a replica, which

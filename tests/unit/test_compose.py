@@ -234,7 +234,8 @@ def test_the_host_override_runs_everything_on_the_hosts_network_bound_to_loopbac
         if service.get("image") == "cicd-heal:latest" and name != "redis":
             assert env["CICD_BROKER_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@127.0.0.1:21001/0", name
             assert env["CICD_DATABASE_URL"].endswith("@127.0.0.1:21002/cicd_{env}"), name
-            assert service.get("pid") == "host" or name == "bootstrap", name
+        # Only the agents' workers act on app processes; nothing else sees the host's processes.
+        assert (service.get("pid") == "host") == name.startswith("worker-"), name
     redis = " ".join(running["redis"]["command"])
     assert 'requirepass "$REDIS_PASSWORD"' in redis and "bind 127.0.0.1" in redis and "port 21001" in redis
     assert "--address=127.0.0.1" in running["flower-host"]["command"]

@@ -24,6 +24,7 @@ BASE_PACKAGES = ("python3", "python3-venv", "tini", "ca-certificates")
 BASE_IMAGE = "cicd-test-base:bookworm"
 INSTALL_HINT = "apt-get install docker.io mmdebstrap (as root)"
 READY_WITHIN_S = 30.0
+LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 
 class Unavailable(Exception):
@@ -89,7 +90,23 @@ class Dockerd:
                           env={**os.environ, **self.env}).returncode == 0:
             return BASE_IMAGE
         tarball = base_tarball()
-        self.docker("import", "--change", 'CMD ["/bin/sh"]', str(tarball), BASE_IMAGE, timeout=300)
+        certs = sorted(LOCAL_CA_DIR.glob("*.crt"))
+        if not certs:
+            self.docker("import", "--change", 'CMD ["/bin/sh"]', str(tarball), BASE_IMAGE, timeout=300)
+            return BASE_IMAGE
+        # This machine's own certificate authorities (a TLS-inspecting egress proxy signs what pip
+        # fetches with one): a base made here trusts what this machine trusts, or no build in it
+        # could reach PyPI. pip's own bundle (certifi) ignores the system's, hence PIP_CERT.
+        self.docker("import", "--change", 'CMD ["/bin/sh"]', str(tarball), BASE_IMAGE + "-imported", timeout=300)
+        with tempfile.TemporaryDirectory(prefix="cicd-base-") as context:
+            for cert in certs:
+                shutil.copy(cert, context)
+            Path(context, "Dockerfile").write_text(
+                f"FROM {BASE_IMAGE}-imported\n"
+                "COPY *.crt /usr/local/share/ca-certificates/\n"
+                "RUN update-ca-certificates >/dev/null\n"
+                "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt\n")
+            self.docker("build", "-q", "-t", BASE_IMAGE, context, timeout=300)
         return BASE_IMAGE
 
     def stop(self) -> None:

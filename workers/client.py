@@ -41,6 +41,11 @@ class ControlPlane:
         replies = self._sender().control.ping(destination=nodes, timeout=timeout) or []
         return {node for reply in replies for node in reply}
 
+    def answering(self, timeout: float) -> set[str]:
+        """Every worker on the broker that answers a broadcast ping within timeout, by node name."""
+        replies = self._sender().control.ping(timeout=timeout) or []
+        return {node for reply in replies for node in reply}
+
     def _call(self, task_name: str, agent: str, timeout: float, **kwargs) -> dict:
         result = self._sender().send_task(task_name, kwargs={**kwargs, "env": self.settings.env})
         try:

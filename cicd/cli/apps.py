@@ -6,7 +6,7 @@ import sys
 import click
 
 from cicd.cli import terminal
-from cicd.cli.context import Invocation, control_plane, env_option, pass_invocation, require_stack, whoami
+from cicd.cli.context import Invocation, control_plane, env_option, pass_invocation, require_stack, stack_is_up, whoami
 from cicd.config import Settings
 from cicd.core.lifecycle import IncidentStatus, ReleaseStatus
 from cicd.delivery import faults, gitsource, onboarding
@@ -154,7 +154,6 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_
     failed-deploy  deploy the repo's cicd-inject/broken branch (does not build)
     bad-release    deploy the repo's cicd-inject/crashy branch (passes its gate, then dies)
     """
-    from cicd.stack import cluster
     from cicd.store import reports
     settings = invocation.settings
     runtime = make_runtime(settings)
@@ -163,7 +162,7 @@ def inject(invocation: Invocation, kind, app, wait, timeout, duration, slot, mb_
         runtime.ask_host = plane.host_inject  # a placed app's fault is made by its host's agent
     if wait:
         require_stack(settings)  # before breaking anything: with --wait we promise to follow the healing
-    elif not cluster.is_up(settings):
+    elif not stack_is_up(settings):
         click.echo(f"warning: the {settings.env} stack is not running, so nothing will heal this "
                    f"until `cicd up --env {settings.env}`", err=True)
     injected = faults.inject(settings, runtime, app, kind, duration=duration, slot=slot, mb_per_s=mb_per_s,

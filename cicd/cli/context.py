@@ -63,9 +63,25 @@ def control_plane(settings: Settings):
     return ControlPlane(settings)
 
 
+def stack_is_up(settings: Settings) -> bool:
+    """Is the environment's stack running: one `cicd up` recorded here (var/stack.json), or, with
+    CICD_BROKER_URL set, one this machine did not start (docker-compose, agents on other hosts),
+    which is in no record here: then a worker of the environment that answers a ping is enough."""
+    from cicd.stack import cluster
+    if cluster.is_up(settings):
+        return True
+    if not settings.broker_url_override:
+        return False
+    try:
+        nodes = control_plane(settings).answering(timeout=1.0)
+    except cluster.StackError:
+        return False  # its broker does not answer
+    return any(node.startswith(f"{settings.env}-") for node in nodes)
+
+
 def require_stack(settings: Settings) -> None:
     from cicd.stack import cluster
-    if not cluster.is_up(settings):
+    if not stack_is_up(settings):
         raise cluster.StackDown(settings.env)
 
 

@@ -87,7 +87,34 @@ def export(mirror: Path, sha: str, dest: Path) -> None:
     archive = _git(["--git-dir", str(mirror), "archive", "--format=tar", sha]).stdout
     dest.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(dest, filter="data")  # refuses absolute paths, '..' and device files
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")  # refuses absolute paths, '..' and device files
+        else:
+            # Pythons without extraction filters (PEP 706: 3.11.4 and later have them; Debian 12's
+            # python3 is 3.11.2): the same refusals, checked here before anything is written.
+            tar.extractall(dest, members=_data_members(tar, dest))
+
+
+def _data_members(tar: tarfile.TarFile, dest: Path) -> list[tarfile.TarInfo]:
+    """The archive's members if each is what the "data" filter lets through: regular files,
+    directories and symlinks, all inside dest (no absolute name, no '..' out, no link out), without
+    set-uid, set-gid or sticky bits; else SourceError naming the first one that is not."""
+    root = dest.resolve()
+    members = tar.getmembers()
+    for member in members:
+        target = (root / member.name).resolve()
+        if os.path.isabs(member.name) or not target.is_relative_to(root):
+            raise SourceError(f"the archive's {member.name!r} would land outside the release")
+        if not (member.isfile() or member.isdir() or member.issym()):
+            raise SourceError(f"the archive's {member.name!r} is not a regular file, directory or symlink")
+        if member.issym():
+            link = (target.parent / member.linkname).resolve()
+            if os.path.isabs(member.linkname) or not link.is_relative_to(root):
+                raise SourceError(f"the archive's symlink {member.name!r} points outside the release")
+        member.mode &= 0o777
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+    return members
 
 
 def remote_has(repo_url: str, ref: str) -> bool:

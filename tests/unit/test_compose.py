@@ -203,3 +203,57 @@ def test_compose_refuses_a_missing_password_by_name():
     for missing in SECRETS:
         out = compose_config(**{k: v for k, v in VARIABLES.items() if k != missing})
         assert out.returncode != 0 and f"set {missing}" in out.stderr, (missing, out.stderr)
+
+
+# docker/compose.host.yml: the override for a Docker host without a bridge (the Docker tier runs it).
+HOST_OVERRIDE = ROOT / "docker" / "compose.host.yml"
+HOST_PORTS = {"CICD_REDIS_PORT": "21001", "CICD_POSTGRES_PORT": "21002", "CICD_FLOWER_PORT": "21003",
+              "CICD_DASHBOARD_PORT": "21004"}
+
+
+@pytest.fixture(scope="module")
+def host_services() -> dict:
+    if COMPOSE is None:
+        pytest.skip(NO_COMPOSE)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CICD_", "FLOWER_", "COMPOSE_")) and k not in SECRETS}
+    env.update(VARIABLES, **HOST_PORTS)
+    out = subprocess.run([*COMPOSE, "-f", str(COMPOSE_FILE), "-f", str(HOST_OVERRIDE), "config"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"compose refuses the override:\n{out.stderr}"
+    return yaml.safe_load(out.stdout.replace("$$", "$"))["services"]
+
+
+def test_the_host_override_runs_everything_on_the_hosts_network_bound_to_loopback(host_services):
+    running = {name: s for name, s in host_services.items() if "bridge-only" not in (s.get("profiles") or [])}
+    assert {"flower-host", "dashboard-host"} <= set(running) and not {"flower", "dashboard"} & set(running)
+    for name, service in running.items():
+        assert service.get("network_mode") == "host", name
+        assert not service.get("ports"), name  # host networking refuses published ports
+        env = service.get("environment") or {}
+        if service.get("image") == "cicd-heal:latest" and name != "redis":
+            assert env["CICD_BROKER_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@127.0.0.1:21001/0", name
+            assert env["CICD_DATABASE_URL"].endswith("@127.0.0.1:21002/cicd_{env}"), name
+        # Only the agents' workers act on app processes; nothing else sees the host's processes.
+        assert (service.get("pid") == "host") == name.startswith("worker-"), name
+    redis = " ".join(running["redis"]["command"])
+    assert 'requirepass "$REDIS_PASSWORD"' in redis and "bind 127.0.0.1" in redis and "port 21001" in redis
+    assert "--address=127.0.0.1" in running["flower-host"]["command"]
+    assert running["dashboard-host"]["command"][-3:] == ["127.0.0.1", "--port", "21004"]
+    argv = " ".join(" ".join(s.get("command") or []) for s in running.values())
+    for variable, secret in SECRETS.items():
+        assert secret not in argv, variable
+
+
+@pytest.mark.parametrize("agent", AGENTS)
+def test_the_host_override_workers_run_what_cicd_up_runs_under_a_name_of_their_own(host_services, agent):
+    service = host_services[f"worker-{agent}"]
+    # docker/host-worker.sh adds `-m celery -A ... worker -n <a name with a random part>`.
+    expected = cluster.worker_args("stage", agent, "NAME")
+    at = expected.index("-n")
+    assert expected[:5] == ["-m", "celery", "-A", "workers.app:celery_app", "worker"]
+    assert service["command"] == ["sh", "/usr/local/bin/host-worker", agent, *expected[5:at], *expected[at + 2:]]
+    assert service["environment"]["CICD_AGENT"] == agent
+    assert "/tmp/celery-node" in " ".join(service["healthcheck"]["test"])
+    script = (ROOT / "docker" / "host-worker.sh").read_text()
+    assert 'exec python -m celery -A workers.app:celery_app worker -n "$node" "$@"' in script

@@ -1,6 +1,10 @@
 """Fetching code over git: real repositories served over loopback HTTP (git's dumb protocol)."""
 from __future__ import annotations
 
+import io
+import os
+import tarfile
+
 import pytest
 
 from cicd.delivery import examples, gitsource
@@ -70,3 +74,41 @@ def test_a_missing_repository_is_a_clear_error(served, tmp_path):
     with pytest.raises(gitsource.SourceError, match="git clone failed"):
         gitsource.fetch(f"{served}/missing.git", tmp_path / "m.git")
     assert not (tmp_path / "m.git").exists()  # no half-made mirror left behind
+
+
+def _tar_of(*members: tuple[str, str, str]) -> tarfile.TarFile:
+    """An archive of (name, kind, data-or-link) members, read back for extraction."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size, info.mode = len(data), 0o4755  # a set-uid bit the extraction must drop
+                tar.addfile(info, io.BytesIO(data.encode()))
+            else:
+                info.type = {"symlink": tarfile.SYMTYPE, "device": tarfile.CHRTYPE}[kind]
+                info.linkname = data
+                tar.addfile(info)
+    buffer.seek(0)
+    return tarfile.open(fileobj=buffer)
+
+
+@pytest.mark.parametrize("members", [
+    [("../escape.txt", "file", "x")],
+    [("/etc/abs.txt", "file", "x")],
+    [("link", "symlink", "/etc/passwd")],
+    [("link", "symlink", "../../outside")],
+    [("null", "device", "")],
+])
+def test_without_extraction_filters_an_archive_that_would_write_outside_is_refused(tmp_path, members):
+    # What gitsource.export checks itself on Pythons older than 3.11.4 (Debian 12's 3.11.2).
+    with _tar_of(*members) as tar, pytest.raises(gitsource.SourceError):
+        gitsource._data_members(tar, tmp_path)
+
+
+def test_without_extraction_filters_a_plain_tree_extracts_without_special_bits(tmp_path):
+    with _tar_of(("app/server.py", "file", "print('hi')"), ("app/link", "symlink", "server.py")) as tar:
+        tar.extractall(tmp_path, members=gitsource._data_members(tar, tmp_path))
+    assert (tmp_path / "app" / "server.py").read_text() == "print('hi')"
+    assert (tmp_path / "app" / "server.py").stat().st_mode & 0o7777 == 0o755
+    assert os.readlink(tmp_path / "app" / "link") == "server.py"

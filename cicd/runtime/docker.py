@@ -190,8 +190,6 @@ class DockerRuntime(LocalRuntime):
                progress: Progress | None = None) -> dict:
         app = spec["name"]
         logs = self.app_dir(app) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        build_log = logs / f"build-{number}.log"
         own = (release_dir / "Dockerfile").is_file()
         try:
             # The image's toolchain is the image's: every interpreter and npm are taken to exist,
@@ -201,14 +199,7 @@ class DockerRuntime(LocalRuntime):
             if not own:
                 raise RuntimeFailure(f"build of release {number}: {exc}") from None
             plan = buildpack.BuildPlan(python="python3")
-        build_log.write_text("".join(f"note: {n}\n" for n in plan.notes))
-
-        def step(text: str) -> None:
-            with open(build_log, "a") as out:
-                out.write(f"--> {text}\n")
-            if progress is not None:
-                progress(text)
-
+        build_log, step = self._build_log(app, number, plan, progress)
         image = image_of(self.settings, app, number)
         if own:
             dockerfile = "Dockerfile"

@@ -273,16 +273,7 @@ class LocalRuntime(Runtime):
         except buildpack.BuildpackError as exc:
             raise RuntimeFailure(f"build of release {number}: {exc}") from None
         logs = self.app_dir(app) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        build_log = logs / f"build-{number}.log"
-        build_log.write_text("".join(f"note: {n}\n" for n in plan.notes))
-
-        def step(text: str) -> None:
-            with open(build_log, "a") as out:
-                out.write(f"--> {text}\n")
-            if progress is not None:
-                progress(text)
-
+        build_log, step = self._build_log(app, number, plan, progress)
         venv = release_dir / VENV_DIR
         python = str(venv / "bin" / "python")
         # The template's step first (compileall), so it compiles the app and not the virtualenv.
@@ -326,6 +317,22 @@ class LocalRuntime(Runtime):
             self._step(f"release command of release {number} ({shlex_join(plan.release)})", argv,
                        release_dir, app_env, logs / f"release-{number}.log")
         return build_plan
+
+    def _build_log(self, app: str, number: int, plan: buildpack.BuildPlan,
+                   progress: Progress | None) -> tuple[Path, Progress]:
+        """logs/build-N.log begun with the plan's notes, and the step announcer: each step as it
+        begins, as a `--> ` line there and to progress."""
+        logs = self.app_dir(app) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        build_log = logs / f"build-{number}.log"
+        build_log.write_text("".join(f"note: {n}\n" for n in plan.notes))
+
+        def step(text: str) -> None:
+            with open(build_log, "a") as out:
+                out.write(f"--> {text}\n")
+            if progress is not None:
+                progress(text)
+        return build_log, step
 
     def _node(self, number: int, plan: buildpack.BuildPlan, release_dir: Path, log: Path,
               step: Progress) -> None:

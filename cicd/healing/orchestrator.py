@@ -29,7 +29,11 @@ HOST_ACTIONS = ("restart_service", "scale_workers")
 
 def summary(ex, **extra) -> dict:
     """An execution (row or dict) as the chain passes it on."""
-    ex = ex._mapping if hasattr(ex, "_mapping") else ex
+    if hasattr(ex, "_mapping"):       # a Core row
+        ex = ex._mapping
+    elif not isinstance(ex, dict):    # an ORM Execution (the reconciler's)
+        ex = {name: getattr(ex, name, None) for name in
+              ("env", "incident_id", "attempt", "app", "action", "params", "status", "gate", "reason", "result")}
     return {"env": ex["env"], "incident_id": ex["incident_id"], "attempt": ex["attempt"], "app": ex["app"],
             "action": ex["action"], "params": ex["params"], "status": ex["status"], "gate": ex.get("gate", ""),
             "reason": ex.get("reason", ""), "result": ex.get("result") or {}, **extra}

@@ -17,6 +17,7 @@ import fcntl
 import http.client
 import json
 import os
+import threading
 
 from cicd.config import Settings
 from cicd.runtime import process
@@ -128,7 +129,7 @@ class Endpoints:
             try:
                 state = self.read()
                 yield state
-                tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+                tmp = self.path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
                 tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
                 tmp.replace(self.path)
             finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import threading
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -126,7 +127,7 @@ class Recorder:
         interval = round(now - record["at"], 3) if record else None
         # Written whole and replaced: two processes scraping at once both write a valid delta.
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps({"at": now, "at_iso": iso(utcnow()), "interval_s": interval,
                                    "totals": current, "apps": apps}))
         tmp.replace(self.path)

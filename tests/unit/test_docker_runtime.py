@@ -87,3 +87,4 @@ def test_an_adopted_container_without_a_memory_limit_is_never_restarted_for_its_
     spec = adoption.spec_of(S, "a", found, None, None)
     assert spec["memory_limit_mb"] == 0 and spec["probe"] == "docker health check" and spec["port"] is None
     assert adoption.spec_of(S, "a", found, 8080, None)["health_path"] == "/"
+

@@ -99,3 +99,15 @@ DECISION_1 = {"attempt": 1, "action": "restart_service"}
 ])
 def test_next_step(status, attempt, decision, execution, expected):
     assert next_step(status, attempt, decision, execution) is expected
+
+
+def test_an_execution_row_of_the_orm_is_summarised_like_a_core_row():
+    # The reconciler resends a stalled verification with the ORM's Execution: summary() took only
+    # Core rows and dicts, and housekeeping failed on it every time (TypeError), for ever.
+    from cicd.healing.orchestrator import summary
+    from cicd.store.models import Execution
+    row = Execution(env="stage", app="a", incident_id="inc-1", attempt=2, action="restart_service",
+                    params={"slots": [0]}, status="done", gate="", reason="", result={"effect": "restarted"})
+    assert summary(row) == {"env": "stage", "incident_id": "inc-1", "attempt": 2, "app": "a",
+                            "action": "restart_service", "params": {"slots": [0]}, "status": "done", "gate": "",
+                            "reason": "", "result": {"effect": "restarted"}}

@@ -74,3 +74,29 @@ def test_the_record_tells_an_app_without_a_request_from_one_without_an_interval(
                              '"apps": {"cart": {"requests": 3, "failed": 1, "latency_ms": 5.0}}}')
     assert recorder.of("cart") == {"requests": 3, "failed": 1, "latency_ms": 5.0, "interval_s": 1.0, "at": "t2"}
     assert recorder.of("shop") == {"requests": 0, "failed": 0, "latency_ms": 0.0, "interval_s": 1.0, "at": "t2"}
+
+
+def test_threads_of_one_process_scraping_at_once_never_collide_on_the_record(tmp_path, monkeypatch):
+    # The monitor's two threads (a probe cycle and a verification) scrape at the same moment: each
+    # writes its own temporary file. With one per process, one's rename found the other's gone
+    # (FileNotFoundError), and the verification it was part of died.
+    import threading
+    from cicd.config import Settings
+    recorder = proxyfigures.Recorder(Settings(env="stage", home=tmp_path))
+    monkeypatch.setattr(proxyfigures, "scrape", lambda admin, timeout: "")
+    monkeypatch.setattr(proxyfigures, "MIN_INTERVAL_S", -1.0)   # every call scrapes and writes
+    errors, start = [], threading.Barrier(8)
+
+    def scrape_many():
+        start.wait()
+        for _ in range(200):
+            try:
+                recorder.update("127.0.0.1:1")
+            except OSError as exc:
+                errors.append(exc)
+    threads = [threading.Thread(target=scrape_many) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and recorder.read()["apps"] == {}

@@ -145,9 +145,15 @@ def test_overload_raises_measured_utilization_and_scaling_lowers_it(runtime, liv
     threshold = runtime.settings.overload_threshold
     runtime.inject(live_app, "overload", duration=20)
     try:
-        wait_for(lambda: min(s.utilization for s in statuses(runtime, live_app)) > threshold, timeout=10)
+        # The app's mean, as the detector judges it (mean_load), not its least loaded replica's: the
+        # load generator holds the app just over the threshold, and on a busy machine one replica
+        # of two can read under it for a while. Generous deadlines: they end as soon as it is true.
+        def mean_utilization():
+            found = statuses(runtime, live_app)
+            return sum(s.utilization for s in found) / len(found)
+        wait_for(lambda: mean_utilization() > threshold, timeout=30)
         runtime.scale(live_app, 5, op_key="relief")
-        wait_for(lambda: max(s.utilization for s in statuses(runtime, live_app)) < threshold, timeout=10)
+        wait_for(lambda: max(s.utilization for s in statuses(runtime, live_app)) < threshold, timeout=30)
     finally:
         assert runtime.stop_load(live_app) is True
 

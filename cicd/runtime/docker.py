@@ -269,7 +269,7 @@ class DockerRuntime(LocalRuntime):
         """The Procfile's release command, once, in a container of the new image with the app's settings."""
         import docker
         container = self.docker.containers.create(
-            image, command=argv, environment=self._environment(app, {}, config), network_mode="host", init=True,
+            image, command=argv, environment=self._environment({}, config), network_mode="host", init=True,
             labels=self._labels(app, release=number, role="release"))
         try:
             container.start()
@@ -285,7 +285,7 @@ class DockerRuntime(LocalRuntime):
                                  f"(exit {code}): {output[-800:]}")
 
     # -- replicas ----------------------------------------------------------------------------
-    def _environment(self, app: str, extra: dict, config: dict) -> dict:
+    def _environment(self, extra: dict, config: dict) -> dict:
         # What the app gets is the local runtime's (its settings, then the platform's values, which
         # win), without the host's PATH or HOME: the image has its own. They reach the daemon in the
         # create request, never a command line.
@@ -302,7 +302,7 @@ class DockerRuntime(LocalRuntime):
         image = plan.get("image") or image_of(self.settings, app, release)
         port = process.free_port()
         _, config = appconfig.read_snapshot(self._config_snapshot(app, release))
-        env = self._environment(app, {"PORT": port, "CICD_APP": app, "CICD_REPLICA": slot, "CICD_RELEASE": release,
+        env = self._environment({"PORT": port, "CICD_APP": app, "CICD_REPLICA": slot, "CICD_RELEASE": release,
                                       "CICD_ENV": self.settings.env}, config)
         if plan.get("own_dockerfile"):
             command = None   # the image's own CMD, told its port by $PORT
@@ -626,18 +626,16 @@ def watch(settings: Settings, send: Callable[[dict], None], keep_going: Callable
         for event in stream:
             attributes = (event.get("Actor") or {}).get("Attributes") or {}
             container = event.get("id")
-            owners = [(app, r) for app in runtime.apps() for r in runtime.replicas(app) if r.get("container") == container]
-            if not owners:
+            owner = next(((app, r) for app in runtime.apps() for r in runtime.replicas(app)
+                          if r.get("container") == container), None)
+            # Not ours, or an adopted container restarted in place (it dies on purpose: not a crash).
+            if owner is None or owner[1].get("restarting"):
                 continue
-            app, replica = owners[0]
-            # An adopted container restarted in place dies on purpose: not a crash.
-            counted = [] if replica.get("restarting") else [replica]
-            if counted:
-                slot = counted[0]["slot"]
-                send({"env": settings.env, "app": app, "kind": "replica_down", "slots": [slot],
-                      "observed_at": iso(settings.clock.now()), "replicas_total": runtime.replica_count(app),
-                      "detail": f"{slot}:exited (container {attributes.get('name')}, exit code "
-                                f"{attributes.get('exitCode')})"})
+            app, slot = owner[0], owner[1]["slot"]
+            send({"env": settings.env, "app": app, "kind": "replica_down", "slots": [slot],
+                  "observed_at": iso(settings.clock.now()), "replicas_total": runtime.replica_count(app),
+                  "detail": f"{slot}:exited (container {attributes.get('name')}, exit code "
+                            f"{attributes.get('exitCode')})"})
     except Exception:
         if keep_going():
             raise
